@@ -1,0 +1,337 @@
+"""Run options: what is trained, how, at which size. Frozen dataclasses plus one resolve function.
+
+Precedence when resolving (``resolve_setup``): dataclass defaults < TOML file < explicit overrides (CLI flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Regime(str, Enum):
+    """How weights, gradients and optimizer states are stored (design.md, precision regimes)."""
+
+    fp32 = "fp32"    # everything fp32
+    pure = "pure"    # model.to(half) + torch optimizer: weights, grads, states all in the half dtype
+    amp = "amp"      # fp32 params/grads/states, autocast runs matmuls in half and caches half weight copies
+    mixed = "mixed"  # ZeRO-paper mixed precision: half weights + fp32 master, half grads, fp32 states (16 B/param)
+
+
+# --dtype alone picks a regime. fp16 -> amp: pure fp16 updates underflow without fp32 master weights, and
+# HF Trainer(fp16=True) / accelerate --mixed_precision fp16 run autocast. bf16 -> pure: what model.to(bf16) +
+# torch AdamW does, torchtune's default and peft's own benchmarks.
+DEFAULT_REGIME = {Dtype.fp32: Regime.fp32, Dtype.bf16: Regime.pure, Dtype.fp16: Regime.amp}
+
+
+class Method(str, Enum):
+    full = "full"
+    lora = "lora"
+    qlora = "qlora"
+    adapter = "adapter"   # bottleneck adapters (Houlsby / Pfeiffer), memprof's own modules
+    bitfit = "bitfit"
+    ia3 = "ia3"
+    prefix = "prefix"
+    prompt = "prompt"
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    adamw_8bit = "adamw-8bit"
+    sgd = "sgd"
+    sgd_momentum = "sgd-momentum"
+    adafactor = "adafactor"
+    lion = "lion"
+
+
+class AttnImpl(str, Enum):
+    eager = "eager"  # explicit b*a*s*s scores, softmax and dropout mask kept for backward
+    sdpa = "sdpa"    # torch scaled_dot_product_attention; on CUDA a flash / mem-efficient kernel (no s^2 tensors)
+
+
+class Device(str, Enum):
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class AdapterVariant(str, Enum):
+    houlsby = "houlsby"    # after attention output and after FFN output (Houlsby et al. 2019)
+    pfeiffer = "pfeiffer"  # after FFN output only (Pfeiffer et al. 2020)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 8                              # rank; adds r*(d_in+d_out) params per adapted linear
+    alpha: int = 8                          # peft default lora_alpha
+    dropout: float = 0.0                    # > 0 keeps one dropout output per adapted linear for backward
+    targets: tuple[str, ...] | None = None  # None = peft's default for the model type; ("all-linear",) = every linear
+    bias: str = "none"                      # none | all | lora_only (which biases train)
+    modules_to_save: tuple[str, ...] | None = None  # None = peft's task default (classifier/score for seq-cls)
+
+    def __post_init__(self) -> None:
+        _check_int("lora r", self.r, 1, 65536)
+        _check_int("lora alpha", self.alpha, 1, 10**6)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"lora bias '{self.bias}' is not supported; choose one of: none, all, lora_only")
+        if self.targets is not None and not self.targets:
+            raise ConfigError("lora targets must name at least one module (or 'all-linear')")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """bitsandbytes 4-bit storage of the frozen base linears (QLoRA, Dettmers et al. 2023)."""
+
+    quant_type: str = "nf4"     # nf4 | fp4; both store 0.5 byte per weight
+    double_quant: bool = True   # quantize the fp32 absmax constants to 8 bit (saves ~0.37 bit/param)
+    blocksize: int = 64         # weights per absmax constant
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ConfigError(f"quant type '{self.quant_type}' is not supported; choose one of: nf4, fp4")
+        if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+            raise ConfigError(f"quant blocksize must be a power of two in 64..4096, got {self.blocksize}")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    variant: AdapterVariant = AdapterVariant.houlsby
+    bottleneck: int | None = 64        # r: hidden -> r -> hidden; None = hidden_size // reduction_factor
+    reduction_factor: int | None = None
+    activation: str = "relu"           # relu | gelu
+    train_norms: bool = False          # also train the LayerNorm/RMSNorm weights (Houlsby trains them)
+
+    def __post_init__(self) -> None:
+        if (self.bottleneck is None) == (self.reduction_factor is None):
+            raise ConfigError("give exactly one of adapter bottleneck size or reduction factor")
+        if self.bottleneck is not None:
+            _check_int("adapter bottleneck", self.bottleneck, 1, 65536)
+        if self.reduction_factor is not None:
+            _check_int("adapter reduction factor", self.reduction_factor, 1, 65536)
+        if self.activation not in ("relu", "gelu"):
+            raise ConfigError(f"adapter activation '{self.activation}' is not supported; choose one of: relu, gelu")
+
+    def bottleneck_size(self, hidden_size: int) -> int:
+        if self.bottleneck is not None:
+            return self.bottleneck
+        return max(1, hidden_size // self.reduction_factor)  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class IA3Spec:
+    targets: tuple[str, ...] | None = None       # None = peft's default for the model type
+    feedforward: tuple[str, ...] | None = None   # targets whose *input* is scaled; None = peft default
+
+
+@dataclass(frozen=True)
+class PromptLearningSpec:
+    """Prefix tuning (Li & Liang 2021) or prompt tuning (Lester et al. 2021), as peft builds them."""
+
+    num_virtual_tokens: int = 20
+    projection: bool = False                 # prefix only: reparameterise through a 2-layer MLP
+    projection_hidden: int | None = None     # prefix projection width; None = token_dim (peft default)
+
+    def __post_init__(self) -> None:
+        _check_int("num virtual tokens", self.num_virtual_tokens, 1, 65536)
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Memory outside tensors. Defaults are typical values; measure yours with `memprof measure` on the GPU."""
+
+    cuda_context_bytes: int = 500 * 2**20  # CUDA context + cuBLAS/cuDNN handles: 0.3-1.4 GiB by GPU/driver
+    allocator_reserve_frac: float = 0.05   # reserved minus allocated (caching allocator fragmentation), of peak
+    cublas_workspace_bytes: int = 8 * 2**20  # per stream; allocated on the first matmul and kept
+
+    def __post_init__(self) -> None:
+        if self.cuda_context_bytes < 0 or self.cublas_workspace_bytes < 0:
+            raise ConfigError("overhead sizes must be >= 0 bytes")
+        if not 0.0 <= self.allocator_reserve_frac <= 1.0:
+            raise ConfigError(f"allocator reserve fraction must be in [0, 1], got {self.allocator_reserve_frac}")
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """One training step's configuration (everything except the model's architecture)."""
+
+    method: Method = Method.full
+    batch_size: int = 1                 # sequences per micro-batch (b)
+    seq_len: int = 512                  # tokens per sequence (s)
+    dtype: Dtype = Dtype.bf16           # compute dtype; storage follows the regime
+    regime: Regime | None = None        # None = DEFAULT_REGIME[dtype]
+    optimizer: Optimizer = Optimizer.adamw
+    attn_impl: AttnImpl = AttnImpl.sdpa  # eager keeps b*a*s*s scores; sdpa on CUDA keeps none
+    device: Device = Device.cuda        # decides dropout-mask bytes and the optimizer's foreach temporaries
+    grad_checkpointing: bool = False    # True keeps one input per layer, recomputes the layer in backward
+    dropout: bool = True                # False = train with every dropout probability set to 0
+    lora: LoraSpec | None = None        # method options; the method's own spec is filled in by resolve_setup
+    quant: QuantSpec | None = None
+    adapter: AdapterSpec | None = None
+    ia3: IA3Spec | None = None
+    prompt: PromptLearningSpec | None = None
+    overheads: Overheads = field(default_factory=Overheads)
+
+    def __post_init__(self) -> None:
+        _check_int("batch size", self.batch_size, 1, 1 << 20)
+        _check_int("sequence length", self.seq_len, 1, 1 << 22)
+        if self.regime is Regime.fp32 and self.dtype is not Dtype.fp32:
+            raise ConfigError(f"regime fp32 needs --dtype fp32, got {self.dtype.value}")
+        if self.regime in (Regime.pure, Regime.amp, Regime.mixed) and self.dtype is Dtype.fp32:
+            raise ConfigError(f"regime {self.regime.value} needs a half dtype (bf16 or fp16), got fp32")
+        allowed = METHOD_OPTIONS[self.method]
+        for name in ("lora", "quant", "adapter", "ia3", "prompt"):
+            if getattr(self, name) is not None and name not in allowed:
+                raise ConfigError(
+                    f"{name} options do not apply to method '{self.method.value}'"
+                    f" (they apply to: {', '.join(m.value for m, o in METHOD_OPTIONS.items() if name in o)})"
+                )
+
+    @property
+    def effective_regime(self) -> Regime:
+        return self.regime if self.regime is not None else DEFAULT_REGIME[self.dtype]
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+# Which option groups each method reads; resolve_setup fills in the defaults for them.
+METHOD_OPTIONS: dict[Method, tuple[str, ...]] = {
+    Method.full: (),
+    Method.lora: ("lora",),
+    Method.qlora: ("lora", "quant"),
+    Method.adapter: ("adapter",),
+    Method.bitfit: (),
+    Method.ia3: ("ia3",),
+    Method.prefix: ("prompt",),
+    Method.prompt: ("prompt",),
+}
+_DEFAULT_OPTIONS = {"lora": LoraSpec, "quant": QuantSpec, "adapter": AdapterSpec, "ia3": IA3Spec,
+                    "prompt": PromptLearningSpec}
+
+
+def with_method_defaults(setup: RunSetup) -> RunSetup:
+    """Fill the option groups the method reads with their defaults (an unset LoraSpec for LoRA, ...)."""
+    missing = {name: _DEFAULT_OPTIONS[name]() for name in METHOD_OPTIONS[setup.method]
+               if getattr(setup, name) is None}
+    return dataclasses.replace(setup, **missing) if missing else setup
+
+
+def _check_int(what: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{what} must be between {lo} and {hi}, got {value}")
+
+
+_ENUM_FIELDS: dict[str, type[Enum]] = {
+    "method": Method, "dtype": Dtype, "regime": Regime, "optimizer": Optimizer,
+    "attn_impl": AttnImpl, "device": Device,
+}
+_GROUP_FIELDS: dict[str, type] = {
+    "lora": LoraSpec, "quant": QuantSpec, "adapter": AdapterSpec, "ia3": IA3Spec, "prompt": PromptLearningSpec,
+    "overheads": Overheads,
+}
+
+
+def parse_enum(enum: type[Enum], value: Any, what: str) -> Any:
+    """Turn a string into an enum member or raise ConfigError listing the allowed values."""
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(str(value).lower().replace("_", "-") if enum is Optimizer else str(value).lower())
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum)  # type: ignore[attr-defined]
+        raise ConfigError(f"{what} '{value}' is not supported; choose one of: {allowed}") from None
+
+
+def _build_group(cls: type, name: str, values: Mapping[str, Any], problems: list[str]) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, val in values.items():
+        if key not in known:
+            problems.append(f"unknown option '{name}.{key}'; known: {', '.join(known)}")
+            continue
+        if key == "variant":
+            val = parse_enum(AdapterVariant, val, "adapter variant")
+        elif key in ("targets", "feedforward", "modules_to_save") and isinstance(val, (list, str)):
+            val = tuple(v.strip() for v in (val.split(",") if isinstance(val, str) else val) if v.strip())
+        kwargs[key] = val
+    try:
+        return cls(**kwargs)
+    except (ConfigError, TypeError) as exc:
+        problems.append(str(exc))
+        return None
+
+
+def resolve_setup(file: Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunSetup:
+    """Build a RunSetup from defaults < TOML file < overrides, then fill in the method's option defaults.
+
+    Args:
+        file: optional TOML file with top-level RunSetup keys and tables ``[lora]``, ``[adapter]``, ...
+        overrides: keys of RunSetup (CLI flags); ``None`` values mean "not given" and are skipped.
+            Option groups may be given as mappings (``{"lora": {"r": 16}}``).
+
+    Returns:
+        A validated RunSetup.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type or invalid value found.
+    """
+    merged: dict[str, Any] = {}
+    if file is not None:
+        try:
+            merged.update(tomllib.loads(Path(file).read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    for key, val in (overrides or {}).items():
+        if val is None:
+            continue
+        if key in _GROUP_FIELDS and isinstance(val, Mapping):
+            group = dict(merged.get(key) or {})
+            group.update({k: v for k, v in val.items() if v is not None})
+            if group:
+                merged[key] = group
+        else:
+            merged[key] = val
+
+    problems: list[str] = []
+    kwargs: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(RunSetup)}
+    for key, val in merged.items():
+        if key not in known:
+            problems.append(f"unknown option '{key}'; known: {', '.join(sorted(known))}")
+        elif key in _ENUM_FIELDS:
+            try:
+                kwargs[key] = parse_enum(_ENUM_FIELDS[key], val, key.replace("_", " "))
+            except ConfigError as exc:
+                problems.append(str(exc))
+        elif key in _GROUP_FIELDS:
+            if isinstance(val, Mapping):
+                kwargs[key] = _build_group(_GROUP_FIELDS[key], key, val, problems)
+            else:
+                kwargs[key] = val
+        else:
+            kwargs[key] = val
+    if problems:
+        raise ConfigError("; ".join(problems))
+    try:
+        setup = RunSetup(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+    return with_method_defaults(setup)

@@ -1,0 +1,165 @@
+"""The modules of a ModelSpec with their Hugging Face names and shapes (pure).
+
+Names are exactly what ``model.named_modules()`` yields for the transformers class memprof builds
+(``BertForSequenceClassification``, ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...), so that LoRA/IA3 target
+matching follows peft's rules (``check_target_module_exists``: exact name or ``.<target>`` suffix).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..spec import Family, ModelSpec, Task
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str        # relative to the layer prefix for layer modules, full name otherwise
+    kind: str        # linear | conv1d | embedding | norm
+    d_in: int        # linear/conv1d: in_features; embedding: num_embeddings; norm: normalized size
+    d_out: int       # linear/conv1d: out_features; embedding: embedding_dim; norm: same as d_in
+    bias: bool
+    role: str        # qkv | attn_out | mlp_in | mlp_out | norm | embed | head | pooler | classifier
+
+    @property
+    def weight_params(self) -> int:
+        return self.d_in if self.kind == "norm" else self.d_in * self.d_out
+
+    @property
+    def bias_params(self) -> int:
+        if not self.bias:
+            return 0
+        return self.d_in if self.kind == "norm" else self.d_out
+
+    @property
+    def params(self) -> int:
+        return self.weight_params + self.bias_params
+
+    @property
+    def is_linear(self) -> bool:
+        return self.kind in ("linear", "conv1d")
+
+
+def _lin(name: str, d_in: int, d_out: int, bias: bool, role: str, kind: str = "linear") -> Module:
+    return Module(name, kind, d_in, d_out, bias, role)
+
+
+def _norm(name: str, size: int, bias: bool) -> Module:
+    return Module(name, "norm", size, size, bias, "norm")
+
+
+def layer_prefix(spec: ModelSpec) -> str:
+    """Module-name prefix of decoder/encoder block i, with '{i}' standing for the index."""
+    return {
+        Family.bert: f"{spec.model_type}.encoder.layer.{{i}}.",
+        Family.gpt2: "transformer.h.{i}.",
+        Family.llama: "model.layers.{i}.",
+    }[spec.family]
+
+
+@functools.cache
+def layer_modules(spec: ModelSpec) -> tuple[Module, ...]:
+    """The modules of one transformer block (all blocks are identical), in forward order."""
+    h, inter = spec.hidden_size, spec.intermediate_size
+    if spec.family is Family.bert:
+        return (
+            _lin("attention.self.query", h, h, True, "qkv"),
+            _lin("attention.self.key", h, h, True, "qkv"),
+            _lin("attention.self.value", h, h, True, "qkv"),
+            _lin("attention.output.dense", h, h, True, "attn_out"),
+            _norm("attention.output.LayerNorm", h, True),
+            _lin("intermediate.dense", h, inter, True, "mlp_in"),
+            _lin("output.dense", inter, h, True, "mlp_out"),
+            _norm("output.LayerNorm", h, True),
+        )
+    if spec.family is Family.gpt2:
+        return (
+            _norm("ln_1", h, True),
+            _lin("attn.c_attn", h, 3 * h, True, "qkv", "conv1d"),
+            _lin("attn.c_proj", h, h, True, "attn_out", "conv1d"),
+            _norm("ln_2", h, True),
+            _lin("mlp.c_fc", h, inter, True, "mlp_in", "conv1d"),
+            _lin("mlp.c_proj", inter, h, True, "mlp_out", "conv1d"),
+        )
+    q, kv = spec.q_dim, spec.kv_dim
+    mods: list[Module] = [_norm("input_layernorm", h, False)]
+    if spec.fused_qkv:
+        mods.append(_lin("self_attn.qkv_proj", h, q + 2 * kv, spec.qkv_bias, "qkv"))
+    else:
+        mods += [_lin("self_attn.q_proj", h, q, spec.qkv_bias, "qkv"),
+                 _lin("self_attn.k_proj", h, kv, spec.qkv_bias, "qkv"),
+                 _lin("self_attn.v_proj", h, kv, spec.qkv_bias, "qkv")]
+    if spec.qk_norm:
+        mods += [_norm("self_attn.q_norm", spec.head_dim, False), _norm("self_attn.k_norm", spec.head_dim, False)]
+    mods.append(_lin("self_attn.o_proj", q, h, spec.o_bias, "attn_out"))
+    mods.append(_norm("post_attention_layernorm", h, False))
+    if spec.sandwich_norm:
+        mods.append(_norm("pre_feedforward_layernorm", h, False))
+    if spec.fused_qkv:
+        mods.append(_lin("mlp.gate_up_proj", h, 2 * inter, spec.mlp_bias, "mlp_in"))
+    else:
+        mods += [_lin("mlp.gate_proj", h, inter, spec.mlp_bias, "mlp_in"),
+                 _lin("mlp.up_proj", h, inter, spec.mlp_bias, "mlp_in")]
+    mods.append(_lin("mlp.down_proj", inter, h, spec.mlp_bias, "mlp_out"))
+    if spec.sandwich_norm:
+        mods.append(_norm("post_feedforward_layernorm", h, False))
+    return tuple(mods)
+
+
+@functools.cache
+def global_modules(spec: ModelSpec) -> tuple[Module, ...]:
+    """Modules outside the blocks (embeddings, final norm, pooler, heads) with full names.
+
+    The tied LM head is listed with ``d_in * d_out`` weights but counted once (see ``tied_head``).
+    """
+    h, V = spec.hidden_size, spec.vocab_size
+    labels = spec.num_labels
+    if spec.family is Family.bert:
+        p = spec.model_type
+        mods = [
+            Module(f"{p}.embeddings.word_embeddings", "embedding", V, h, False, "embed"),
+            Module(f"{p}.embeddings.position_embeddings", "embedding", spec.max_positions, h, False, "embed"),
+            Module(f"{p}.embeddings.token_type_embeddings", "embedding", spec.type_vocab_size, h, False, "embed"),
+            _norm(f"{p}.embeddings.LayerNorm", h, True),
+        ]
+        if spec.model_type == "roberta":  # RobertaForSequenceClassification: no pooler, a 2-layer head
+            mods += [_lin("classifier.dense", h, h, True, "classifier"),
+                     _lin("classifier.out_proj", h, labels, True, "classifier")]
+        else:
+            mods += [_lin(f"{p}.pooler.dense", h, h, True, "pooler"),
+                     _lin("classifier", h, labels, True, "classifier")]
+        return tuple(mods)
+    if spec.family is Family.gpt2:
+        mods = [Module("transformer.wte", "embedding", V, h, False, "embed"),
+                Module("transformer.wpe", "embedding", spec.max_positions, h, False, "embed"),
+                _norm("transformer.ln_f", h, True)]
+    else:
+        mods = [Module("model.embed_tokens", "embedding", V, h, False, "embed"), _norm("model.norm", h, False)]
+    if spec.task is Task.causal_lm:
+        mods.append(_lin("lm_head", h, V, False, "head"))
+    else:
+        mods.append(_lin("score", h, labels, False, "classifier"))
+    return tuple(mods)
+
+
+def tied_head(spec: ModelSpec) -> bool:
+    """The LM head's weight is the input embedding matrix (one tensor, counted once)."""
+    return spec.task is Task.causal_lm and spec.tie_embeddings
+
+
+def classifier_module_names(spec: ModelSpec) -> tuple[str, ...]:
+    """Top-level head module peft's SEQ_CLS task saves as trainable (``modules_to_save``)."""
+    if spec.task is not Task.seq_cls:
+        return ()
+    return ("score",) if spec.family is not Family.bert else ("classifier",)
+
+
+def all_module_names(spec: ModelSpec) -> list[tuple[str, Module]]:
+    """(full name, module) for every module of the model, blocks expanded."""
+    prefix = layer_prefix(spec)
+    out = [(m.name, m) for m in global_modules(spec)]
+    for i in range(spec.num_layers):
+        p = prefix.format(i=i)
+        out += [(p + m.name, m) for m in layer_modules(spec)]
+    return out

@@ -1,0 +1,329 @@
+"""Build what a training step needs: the model with its fine-tuning method, the optimizer, a synthetic batch.
+
+Shared by the measurement harness (real tensors) and the traced estimator (meta -> fake tensors), so a trace,
+a measurement and the estimator's parameter counts describe the same model. Imports the torch stack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..config import Dtype, LoraSpec, Method, Optimizer, Regime, RunSetup
+from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError
+from ..spec import Family, ModelSpec, Task
+from .adapters import add_bottleneck_adapters, is_norm_module
+
+TORCH_DTYPE = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def storage_dtype(setup: RunSetup) -> torch.dtype:
+    """dtype the base weights are stored in: half for pure/mixed/qlora, fp32 for fp32 and AMP."""
+    regime = setup.effective_regime
+    if regime in (Regime.pure, Regime.mixed):
+        return TORCH_DTYPE[setup.dtype]
+    return torch.float32
+
+
+def autocast_dtype(setup: RunSetup) -> torch.dtype | None:
+    return TORCH_DTYPE[setup.dtype] if setup.effective_regime is Regime.amp else None
+
+
+def hf_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (transformers.PretrainedConfig)
+    """The transformers config object for ``spec``: task head, labels, dropout switch, attention kernel."""
+    from transformers import AutoConfig
+
+    cfg = spec.to_hf_config()
+    model_type = cfg.pop("model_type")
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    if not setup.dropout:
+        for key, value in list(cfg.items()):
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                cfg[key] = 0.0
+    if spec.task is Task.seq_cls:
+        cfg["num_labels"] = spec.num_labels
+        cfg.pop("id2label", None)
+        cfg.pop("label2id", None)
+        if cfg.get("pad_token_id") is None and spec.family is not Family.bert:
+            # decoders pick the last non-pad token; with no pad id they refuse batches > 1
+            cfg["pad_token_id"] = cfg.get("eos_token_id") if isinstance(cfg.get("eos_token_id"), int) else 0
+    cfg["use_cache"] = False
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"transformers cannot build model_type '{model_type}': {exc}") from None
+    config._attn_implementation = setup.attn_impl.value
+    return config
+
+
+def build_base_model(spec: ModelSpec, setup: RunSetup, device: str | torch.device = "meta",
+                     pretrained: str | None = None) -> nn.Module:
+    """The transformers model with its task head, in the regime's storage dtype, on ``device``.
+
+    ``pretrained`` loads real weights (local path or hub cache); otherwise weights are random (memory and
+    time do not depend on weight values).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = hf_config_for(spec, setup)
+    auto = AutoModelForSequenceClassification if spec.task is Task.seq_cls else AutoModelForCausalLM
+    dtype = storage_dtype(setup)
+    if setup.method is Method.qlora:
+        dtype = TORCH_DTYPE[setup.dtype]
+    if pretrained is not None:
+        try:
+            model = auto.from_pretrained(pretrained, config=config, dtype=dtype,
+                                         attn_implementation=setup.attn_impl.value)
+        except OSError as exc:
+            raise ConfigError(f"cannot load pretrained weights from '{pretrained}': {exc}") from None
+        return model.to(device)
+    with torch.device(device):
+        try:
+            model = auto.from_config(config, dtype=dtype, attn_implementation=setup.attn_impl.value)
+        except ValueError as exc:
+            raise ConfigError(f"transformers cannot build {spec.name}: {exc}") from None
+    return model
+
+
+def _peft_task(spec: ModelSpec) -> str:
+    return "SEQ_CLS" if spec.task is Task.seq_cls else "CAUSAL_LM"
+
+
+def peft_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (peft.PeftConfig)
+    """The peft config memprof uses for a peft-backed method (LoRA, QLoRA, IA3, prefix, prompt)."""
+    import peft
+
+    task = _peft_task(spec)
+    method = setup.method
+    if method in (Method.lora, Method.qlora):
+        lora = setup.lora or LoraSpec()
+        targets: Any = list(lora.targets) if lora.targets else None
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        return peft.LoraConfig(
+            task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+            bias=lora.bias, modules_to_save=list(lora.modules_to_save) if lora.modules_to_save is not None else None,
+        )
+    if method is Method.ia3:
+        ia3 = setup.ia3
+        return peft.IA3Config(
+            task_type=task,
+            target_modules=list(ia3.targets) if ia3 and ia3.targets else None,
+            feedforward_modules=list(ia3.feedforward) if ia3 and ia3.feedforward else None,
+        )
+    if method is Method.prefix:
+        p = setup.prompt
+        assert p is not None
+        return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens,
+                                       prefix_projection=p.projection, encoder_hidden_size=p.projection_hidden)
+    if method is Method.prompt:
+        p = setup.prompt
+        assert p is not None
+        return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens)
+    raise ConfigError(f"method '{method.value}' is not built with peft")
+
+
+def load_peft_config(path: str | Path):  # noqa: ANN201
+    """A peft config from a JSON file (as ``PeftConfig.save_pretrained`` writes it)."""
+    import peft
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read peft config {path}: {exc}") from None
+    peft_type = str(data.get("peft_type", "")).upper()
+    mapping = peft.PEFT_TYPE_TO_CONFIG_MAPPING
+    if peft_type not in mapping:
+        raise ConfigError(f"peft config {path}: peft_type '{data.get('peft_type')}' is not one of: "
+                          f"{', '.join(sorted(mapping))}")
+    try:
+        return mapping[peft_type].from_peft_type(**data) if hasattr(mapping[peft_type], "from_peft_type") \
+            else mapping[peft_type](**{k: v for k, v in data.items() if k != "peft_type"})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"peft config {path} is invalid: {exc}") from None
+
+
+def _freeze_all_but(model: nn.Module, keep: Iterable[str], spec: ModelSpec) -> None:
+    heads = tuple(SEQ_CLS_HEADS) if spec.task is Task.seq_cls else ()
+    keep = tuple(keep)
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        p.requires_grad_(any(k in name for k in keep) or top in heads)
+
+
+def apply_method(model: nn.Module, spec: ModelSpec, setup: RunSetup, peft_config: Any = None) -> nn.Module:
+    """Apply ``setup.method`` to ``model`` (works on meta, CPU and CUDA models).
+
+    Raises:
+        ConfigError: peft rejects the config (targets match nothing, ...) or the method trains nothing.
+    """
+    method = setup.method
+    if peft_config is not None or method in (Method.lora, Method.qlora, Method.ia3, Method.prefix, Method.prompt):
+        import peft
+
+        config = peft_config if peft_config is not None else peft_config_for(spec, setup)
+        try:
+            model = peft.get_peft_model(model, config)
+        except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as exc:
+            raise ConfigError(f"peft cannot apply {type(config).__name__} to {spec.name}: {exc}") from None
+        return model
+    if method is Method.adapter:
+        ad = setup.adapter
+        assert ad is not None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        add_bottleneck_adapters(model, spec.model_type, spec.hidden_size, ad, dtype=torch.float32)
+        for name, p in model.named_parameters():
+            if "memprof_adapters" in name or (spec.task is Task.seq_cls and name.split(".")[0] in SEQ_CLS_HEADS):
+                p.requires_grad_(True)
+        if ad.train_norms:
+            for module in model.modules():
+                if is_norm_module(module):
+                    for p in module.parameters(recurse=False):
+                        p.requires_grad_(True)
+        return model
+    if method is Method.bitfit:
+        _freeze_all_but(model, ("bias",), spec)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"BitFit trains nothing on {spec.name}: it has no bias parameters and no task head "
+                              "(LLaMA-style models have no biases); choose another method")
+        return model
+    return model  # full fine-tuning
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) as peft's get_nb_trainable_parameters counts them (4-bit weights unpacked x2)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, arXiv:2302.06675, Alg. 2): one momentum state, sign update. Not in torch."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                exp_avg = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                update = exp_avg.mul(beta1).add_(p.grad, alpha=1 - beta1).sign_()
+                p.add_(update, alpha=-group["lr"])
+                exp_avg.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+        return None
+
+
+def build_optimizer(params: list[torch.nn.Parameter], setup: RunSetup, device_type: str) -> torch.optim.Optimizer:
+    """The optimizer of ``setup``. foreach is explicit (CUDA: on, CPU: off, torch's defaults) so that fake
+    CUDA tensors in a trace take the same code path as a real CUDA run.
+
+    Raises:
+        ConfigError: nothing to train.
+        DependencyMissingError / DeviceUnavailableError: 8-bit AdamW without bitsandbytes or CUDA.
+    """
+    if not params:
+        raise ConfigError("nothing to train: the method left no parameter with requires_grad=True")
+    foreach = device_type == "cuda"
+    opt = setup.optimizer
+    if opt is Optimizer.adamw:
+        return torch.optim.AdamW(params, lr=1e-5, foreach=foreach)
+    if opt is Optimizer.sgd:
+        return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
+    if opt is Optimizer.sgd_momentum:
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
+    if opt is Optimizer.adafactor:
+        return torch.optim.Adafactor(params, lr=1e-3, foreach=foreach)
+    if opt is Optimizer.lion:
+        return Lion(params)
+    if opt is Optimizer.adamw_8bit:
+        if device_type != "cuda":
+            raise DeviceUnavailableError("adamw-8bit (bitsandbytes) runs on CUDA only; use --optimizer adamw on CPU")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise DependencyMissingError("adamw-8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, lr=1e-5)
+    raise ConfigError(f"optimizer {opt.value} is not supported")
+
+
+class MasterWeightOptimizer:
+    """The 'mixed' regime (Rajbhandari et al. 2020, Sec. 3.1): half weights and grads, fp32 master weights
+    and optimizer states. After backward the half grads are upcast into the masters' .grad, the inner
+    optimizer steps the masters and the result is copied back into the half weights.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], setup: RunSetup, device_type: str) -> None:
+        self.params = params
+        self.masters = [p.detach().float().requires_grad_(True) for p in params]
+        self.inner = build_optimizer(self.masters, setup, device_type)
+        self.state = self.inner.state
+        self.param_groups = self.inner.param_groups
+
+    def step(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        self.inner.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters):
+                p.copy_(m)
+                m.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def make_optimizer(model: nn.Module, setup: RunSetup, device_type: str):  # noqa: ANN201
+    params = [p for p in model.parameters() if p.requires_grad]
+    if setup.effective_regime is Regime.mixed:
+        return MasterWeightOptimizer(params, setup, device_type)
+    return build_optimizer(params, setup, device_type)
+
+
+def synthetic_batch(spec: ModelSpec, setup: RunSetup, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """Random token ids of the task's shape: (b, s) inputs; seq-cls labels (b,), causal-LM labels = inputs.
+
+    No attention mask: every token is real, so no padding mask is materialised (a padded batch adds one
+    b x s x s mask shared by all layers). Works under FakeTensorMode (device="cuda" on a CPU build).
+    """
+    b, s = setup.batch_size, setup.seq_len
+    ids = torch.randint(0, spec.vocab_size, (b, s), device=device)
+    if spec.task is Task.seq_cls:
+        return {"input_ids": ids, "labels": torch.randint(0, spec.num_labels, (b,), device=device)}
+    return {"input_ids": ids, "labels": ids}
+
+
+def check_positions(spec: ModelSpec, setup: RunSetup) -> None:
+    """Learned position tables cap the sequence length (BERT 512, GPT-2 1024)."""
+    limit = spec.max_positions - (2 if spec.model_type == "roberta" else 0)  # roberta offsets positions by pad id + 1
+    if spec.family in (Family.bert, Family.gpt2):
+        extra = setup.prompt.num_virtual_tokens if setup.method is Method.prompt and setup.prompt else 0
+        if setup.seq_len + extra > limit:
+            raise ConfigError(f"sequence length {setup.seq_len + extra} exceeds {spec.name}'s {limit} learned positions")
+
+
+def nan_to_none(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

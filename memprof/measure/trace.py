@@ -1,0 +1,171 @@
+"""The traced estimator: the real model and method, run as fake tensors under the categorised tracker.
+
+Build on the meta device -> apply the method (peft or memprof's own) -> materialise as fake tensors ->
+warm-up step (allocates optimizer state) -> steady-state step, every phase tracked. No real memory is used.
+For deep models a few depths are traced and each phase's breakdown extrapolated linearly in the number of
+blocks (blocks are identical); ``trace(..., layers="full")`` traces every block.
+
+``device="cuda"`` (the default target) runs fake CPU tensors under ``CudaEmulation`` (see emulate.py) and
+rounds every storage to the CUDA caching allocator's 512-byte blocks.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..config import Device, RunSetup
+from ..errors import ConfigError
+from ..records import Category, DeviceTotals, Estimate, MemoryBreakdown, Phase
+from ..spec import ModelSpec
+from .build import apply_method, build_base_model, check_positions, count_trainable, make_optimizer, synthetic_batch
+from .emulate import CudaEmulation
+from .step import BACKWARD_HEAD, BACKWARD_TAIL, backward_markers, backward_layer_phase, run_step
+from .tracker import MemoryTracker
+
+CUDA_BLOCK_BYTES = 512
+TRACE_DEPTHS = (2, 3)  # depths traced before extrapolating; both > 1 so the first block's special case is seen
+
+
+@dataclass(frozen=True)
+class DepthTrace:
+    depth: int
+    total_params: int
+    trainable_params: int
+    first: dict[str, MemoryBreakdown]   # sub-phase -> breakdown at that sub-phase's peak, warm-up step
+    steady: dict[str, MemoryBreakdown]  # same, steady-state step
+    steady_bytes: int                   # live between steps
+
+
+def _normalise(peaks: dict[str, tuple[int, MemoryBreakdown]], depth: int) -> dict[str, MemoryBreakdown]:
+    """Keep the sub-phases that extrapolate: forward, backward head/top/bottom/tail, optimizer."""
+    out: dict[str, MemoryBreakdown] = {}
+    for name, (_, bd) in peaks.items():
+        if name == backward_layer_phase(depth - 1):
+            out["backward.top"] = bd
+        elif name == backward_layer_phase(0):
+            out["backward.bottom"] = bd
+        elif name in (Phase.forward.value, Phase.optimizer.value, BACKWARD_HEAD, BACKWARD_TAIL):
+            out[name] = bd
+    if depth == 1 and "backward.top" in out:
+        out["backward.bottom"] = out["backward.top"]
+    return out
+
+
+def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft_config=None) -> DepthTrace:  # noqa: ANN001
+    """Trace two steps of ``spec`` cut to ``depth`` blocks on fake tensors."""
+    if depth is not None and depth != spec.num_layers:
+        spec = spec.with_layers(depth)
+    check_positions(spec, setup)
+    cuda = setup.device is Device.cuda
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_base_model(spec, setup, "meta")
+        model = apply_method(model, spec, setup, peft_config)
+        if setup.grad_checkpointing:
+            model.gradient_checkpointing_enable()
+        trainable, total = count_trainable(model)
+        emulation = CudaEmulation() if cuda else None
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = model.to_empty(device="cpu")
+            model.train()
+            optimizer = make_optimizer(model, setup, "cuda" if cuda else "cpu")
+            batch = synthetic_batch(spec, setup, "cpu")
+            tracker = MemoryTracker(round_bytes=CUDA_BLOCK_BYTES if cuda else 1)
+            tracker.register_module(model)
+            tracker.register(batch.values(), Category.inputs)
+            results = []
+            with tracker, backward_markers(model, tracker):
+                ctx = emulation if emulation is not None else _null()
+                with ctx:
+                    for _ in range(2):
+                        tracker.reset_peak()
+                        run_step(model, batch, optimizer, setup, "cuda" if cuda else "cpu", tracker=tracker,
+                                 emulation=emulation)
+                        results.append(_normalise(tracker.phase_peaks(), spec.num_layers))
+                steady = tracker.current_bytes
+    return DepthTrace(spec.num_layers, total, trainable, results[0], results[1], steady)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _lerp(a: MemoryBreakdown, b: MemoryBreakdown, da: int, db: int, depth: int) -> MemoryBreakdown:
+    av, bv = a.as_dict(), b.as_dict()
+    out = {}
+    for key in av:
+        slope = (bv[key] - av[key]) / (db - da)
+        out[key] = max(0, round(av[key] + slope * (depth - da)))
+    return MemoryBreakdown.from_dict(out)
+
+
+def _phase_of(sub: str) -> Phase:
+    return Phase(sub.split(".")[0])
+
+
+def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_config=None) -> Estimate:  # noqa: ANN001
+    """Traced estimate of one steady-state training step.
+
+    Args:
+        spec: the model (any family transformers can build).
+        setup: the run; ``setup.device`` picks CUDA emulation (default) or plain CPU kernels.
+        layers: "auto" traces depths 2 and 3 and extrapolates (full depth when the model has <= 3 blocks);
+            "full" traces every block; an int traces that many blocks and extrapolates from it and one more.
+        peft_config: an explicit peft config object (``--peft-config``) instead of the method's own.
+
+    Raises:
+        ConfigError: the model cannot be built or the method cannot be applied.
+    """
+    start = time.perf_counter()
+    depth = spec.num_layers
+    if layers == "full" or depth <= max(TRACE_DEPTHS):
+        runs = [trace_depth(spec, setup, depth, peft_config)]
+    else:
+        d1 = int(layers) if isinstance(layers, int) else TRACE_DEPTHS[0]
+        if not 1 <= d1 < depth - 1:
+            raise ConfigError(f"trace depth must be between 1 and {depth - 2} for a {depth}-block model")
+        runs = [trace_depth(spec, setup, d1, peft_config), trace_depth(spec, setup, d1 + 1, peft_config)]
+    if len(runs) == 1:
+        r = runs[0]
+        first, steady, total, trainable, steady_bytes = r.first, r.steady, r.total_params, r.trainable_params, r.steady_bytes
+    else:
+        a, b = runs
+        keys = set(a.steady) & set(b.steady)
+        steady = {k: _lerp(a.steady[k], b.steady[k], a.depth, b.depth, depth) for k in keys}
+        first = {k: _lerp(a.first[k], b.first[k], a.depth, b.depth, depth) for k in set(a.first) & set(b.first)}
+        scale = (depth - a.depth) / (b.depth - a.depth)
+        total = round(a.total_params + scale * (b.total_params - a.total_params))
+        trainable = round(a.trainable_params + scale * (b.trainable_params - a.trainable_params))
+        steady_bytes = round(a.steady_bytes + scale * (b.steady_bytes - a.steady_bytes))
+    peak_key = max(steady, key=lambda k: steady[k].total_bytes)
+    phase_peaks: dict[Phase, MemoryBreakdown] = {}
+    for key, bd in steady.items():
+        ph = _phase_of(key)
+        if ph not in phase_peaks or bd.total_bytes > phase_peaks[ph].total_bytes:
+            phase_peaks[ph] = bd
+    peak = steady[peak_key]
+    from ..estimate.overheads import device_totals  # pure helper shared with the analytic estimator
+
+    notes = [f"traced {'full depth' if len(runs) == 1 else f'depths {runs[0].depth} and {runs[1].depth}, extrapolated to {depth}'}"
+             f" on fake tensors ({'CUDA kernels emulated, 512-byte blocks' if setup.device is Device.cuda else 'CPU kernels'})"]
+    return Estimate(
+        kind="traced", spec=spec, setup=setup, total_params=total, trainable_params=trainable, peak=peak,
+        peak_phase=_phase_of(peak_key), phase_peaks=tuple(sorted(phase_peaks.items(), key=lambda kv: list(Phase).index(kv[0]))),
+        first_step_peak_bytes=max(bd.total_bytes for bd in first.values()), steady_bytes=steady_bytes,
+        device=device_totals(peak.total_bytes, setup), notes=tuple(notes), elapsed_s=time.perf_counter() - start,
+    )
+
+
+def trace_subphases(spec: ModelSpec, setup: RunSetup) -> dict[str, MemoryBreakdown]:
+    """Full-depth steady-state sub-phase peaks (for tests of the extrapolation)."""
+    return trace_depth(spec, setup).steady

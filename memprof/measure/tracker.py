@@ -1,0 +1,244 @@
+"""A categorised live-tensor tracker: a TorchDispatchMode that follows every storage created under it.
+
+Works on real CPU/CUDA tensors and on fake tensors (the traced estimator), and with frozen parameters (where
+``torch.distributed._tools.mem_tracker.MemTracker`` raises). Each new storage is counted when an op returns it
+and uncounted when it dies (a weakref callback on the storage). At every peak (overall and per phase) the set
+of live storages is snapshotted lazily (only when memory starts to fall again), and categories are resolved at
+the end, when it is known which storages became gradients or optimizer states.
+
+Known limitations: storages created outside the mode (before ``__enter__``) are invisible unless registered
+(parameters, buffers, the batch are); allocator rounding (512-byte blocks on CUDA) is not applied; ops that
+run in C++ without dispatching through Python (e.g. autograd's own buffer accumulation) are seen through the
+ops they call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..records import Category, MemoryBreakdown, Phase
+
+_COPY_OPS = {"aten::_to_copy", "aten::to", "aten::clone", "aten::_autocast_to_reduced_precision"}
+
+
+@dataclass
+class _Info:
+    nbytes: int
+    phase: str
+    label: Category | None  # known at creation (params, inputs, weight copies) or resolved later
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Track live tensor bytes by category and phase.
+
+    Usage::
+
+        tracker = MemoryTracker()
+        tracker.register_module(model)          # parameters and buffers, before the step
+        tracker.register(batch.values(), Category.inputs)
+        with tracker:
+            with tracker.phase(Phase.forward): loss = model(**batch).loss
+            tracker.mark_activations()          # what is alive now is an activation (or a weight copy)
+            with tracker.phase(Phase.backward): loss.backward()
+            tracker.mark_gradients(model)
+            with tracker.phase(Phase.optimizer): opt.step()
+            tracker.mark_optimizer(opt)
+        tracker.breakdown()                     # MemoryBreakdown at the overall peak
+    """
+
+    def __init__(self, round_bytes: int = 1) -> None:
+        """round_bytes: round each storage up to a multiple (512 = CUDA caching allocator blocks)."""
+        super().__init__()
+        self.round_bytes = round_bytes
+        self._live: dict[int, _Info] = {}
+        self._refs: dict[int, weakref.ref] = {}
+        self._serial = 0
+        self._keys: dict[int, int] = {}      # storage _cdata -> serial key, while alive
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self._phase = "setup"
+        self._phase_peak: dict[str, int] = {}
+        self._phase_snap: dict[str, dict[int, tuple[int, str, Category | None]]] = {}
+        self._dirty: set[str] = set()        # peaks reached but not yet snapshotted ("*" = overall)
+        self._snap: dict[int, tuple[int, str, Category | None]] = {}
+        self._resolved: dict[int, Category] = {}
+        self._param_keys: set[int] = set()
+
+    # ---- registration -------------------------------------------------------------------------------
+    def _key_of(self, t: torch.Tensor) -> tuple[int, Any] | None:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return None
+        return st._cdata, st
+
+    def _track(self, t: torch.Tensor, label: Category | None) -> int | None:
+        found = self._key_of(t)
+        if found is None:
+            return None
+        cdata, st = found
+        key = self._keys.get(cdata)
+        nbytes = st.nbytes()
+        if self.round_bytes > 1 and nbytes:
+            nbytes = -(-nbytes // self.round_bytes) * self.round_bytes
+        if key is not None:
+            info = self._live[key]
+            if nbytes != info.nbytes:  # resized in place (resize_, set_)
+                self._add(nbytes - info.nbytes)
+                info.nbytes = nbytes
+            if label is not None and info.label is None:
+                info.label = label
+            return key
+        self._serial += 1
+        key = self._serial
+        self._keys[cdata] = key
+        self._live[key] = _Info(nbytes, self._phase, label)
+        self._refs[key] = weakref.ref(st, lambda _r, k=key, c=cdata: self._free(k, c))
+        self._add(nbytes)
+        return key
+
+    def register(self, tensors: Iterable[torch.Tensor], label: Category) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                key = self._track(t, label)
+                if key is not None:
+                    self._live[key].label = label
+
+    def register_module(self, model: torch.nn.Module) -> None:
+        """Register parameters (trainable / frozen) and buffers (frozen) that exist before the step."""
+        for p in model.parameters():
+            key = self._track(p, Category.params_trainable if p.requires_grad else Category.params_frozen)
+            if key is not None:
+                self._live[key].label = Category.params_trainable if p.requires_grad else Category.params_frozen
+                self._param_keys.add(key)
+        self.register(model.buffers(), Category.params_frozen)
+
+    # ---- accounting ---------------------------------------------------------------------------------
+    def _add(self, nbytes: int) -> None:
+        self.current_bytes += nbytes
+        if nbytes <= 0:
+            return
+        if self.current_bytes > self.peak_bytes:
+            self.peak_bytes = self.current_bytes
+            self._dirty.add("*")
+        if self.current_bytes > self._phase_peak.get(self._phase, -1):
+            self._phase_peak[self._phase] = self.current_bytes
+            self._dirty.add(self._phase)
+
+    def _snapshot(self) -> None:
+        if not self._dirty:
+            return
+        snap = {k: (i.nbytes, i.phase, i.label) for k, i in self._live.items()}
+        for which in self._dirty:
+            if which == "*":
+                self._snap = snap
+            else:
+                self._phase_snap[which] = snap
+        self._dirty.clear()
+
+    def _free(self, key: int, cdata: int) -> None:
+        info = self._live.get(key)
+        if info is None:
+            return
+        self._snapshot()
+        del self._live[key]
+        self._refs.pop(key, None)
+        if self._keys.get(cdata) == key:
+            del self._keys[cdata]
+        self.current_bytes -= info.nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        label = None
+        if func._schema.name in _COPY_OPS and args and isinstance(args[0], torch.Tensor):
+            src = self._key_of(args[0])
+            if src is not None and self._keys.get(src[0]) in self._param_keys:
+                label = Category.weight_copies
+        flat, _ = tree_flatten(out)
+        for t in flat:
+            if isinstance(t, torch.Tensor):
+                self._track(t, label)
+        return out
+
+    # ---- phases and labels --------------------------------------------------------------------------
+    def set_phase(self, phase: Phase | str) -> None:
+        """Switch phase without a context (used from autograd hooks to split the backward by layer)."""
+        self._snapshot()
+        self._phase = phase.value if isinstance(phase, Phase) else phase
+
+    @property
+    def current_phase(self) -> str:
+        return self._phase
+
+    @contextlib.contextmanager
+    def phase(self, phase: Phase | str) -> Iterator[None]:
+        previous = self._phase
+        self._snapshot()
+        self._phase = phase.value if isinstance(phase, Phase) else phase
+        try:
+            yield
+        finally:
+            self._snapshot()
+            self._phase = previous
+
+    def mark_activations(self) -> None:
+        """Everything created in the forward phase and alive now is an activation (unless labelled)."""
+        for key, info in self._live.items():
+            if info.label is None and info.phase.startswith(Phase.forward.value):
+                self._resolved.setdefault(key, Category.activations)
+
+    def mark_gradients(self, model: torch.nn.Module) -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                self._resolve(p.grad, Category.gradients)
+
+    def mark_optimizer(self, optimizer: Any) -> None:
+        """Label optimizer state tensors (and master weights of the mixed regime)."""
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.numel() > 1:
+                    self._resolve(value, Category.optimizer_states)
+        for m in getattr(optimizer, "masters", ()):
+            self._resolve(m, Category.master_weights)
+            if m.grad is not None:
+                self._resolve(m.grad, Category.gradients)
+
+    def _resolve(self, t: torch.Tensor, label: Category) -> None:
+        found = self._key_of(t)
+        if found is not None and found[0] in self._keys:
+            self._resolved[self._keys[found[0]]] = label
+
+    def reset_peak(self) -> None:
+        """Start a new measurement window (e.g. after the warm-up step) from the current live set."""
+        self._snapshot()
+        self.peak_bytes = self.current_bytes
+        self._phase_peak.clear()
+        self._phase_snap.clear()
+        self._snap = {k: (i.nbytes, i.phase, i.label) for k, i in self._live.items()}
+
+    # ---- results ------------------------------------------------------------------------------------
+    def _categorise(self, snap: dict[int, tuple[int, str, Category | None]]) -> MemoryBreakdown:
+        totals = {c.value: 0 for c in Category}
+        for key, (nbytes, _phase, label) in snap.items():
+            cat = self._resolved.get(key) or label or Category.temporaries
+            totals[cat.value] += nbytes
+        totals.pop(Category.overhead.value)
+        return MemoryBreakdown(**totals)
+
+    def breakdown(self) -> MemoryBreakdown:
+        self._snapshot()
+        return self._categorise(self._snap)
+
+    def phase_peaks(self) -> dict[str, tuple[int, MemoryBreakdown]]:
+        self._snapshot()
+        return {p: (self._phase_peak[p], self._categorise(s)) for p, s in self._phase_snap.items()}
+
+    def live_breakdown(self) -> MemoryBreakdown:
+        return self._categorise({k: (i.nbytes, i.phase, i.label) for k, i in self._live.items()})

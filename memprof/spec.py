@@ -1,0 +1,336 @@
+"""ModelSpec: a model's architecture as plain numbers, normalised from a Hugging Face config dict (pure).
+
+Families memprof describes analytically:
+- ``bert``: BERT/RoBERTa encoders (MHA, GELU MLP, post-LayerNorm, learned positions, token types).
+- ``gpt2``: GPT-2 decoders (Conv1D projections, pre-LayerNorm, learned positions, tied LM head).
+- ``llama``: LLaMA-style decoders (GQA, gated MLP, RMSNorm, RoPE): llama, mistral, qwen2, qwen3, gemma,
+  gemma2, gemma3_text, phi3. Other architectures go through the traced estimator (``--trace``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any, Mapping
+
+from .errors import ConfigError, UnsupportedModelError
+
+
+class Family(str, Enum):
+    bert = "bert"
+    gpt2 = "gpt2"
+    llama = "llama"
+    other = "other"  # only the traced estimator and measurements can describe it
+
+
+class Task(str, Enum):
+    seq_cls = "seq-cls"      # sequence classification head (num_labels)
+    causal_lm = "causal-lm"  # next-token prediction over the vocabulary
+
+
+FAMILY_OF_MODEL_TYPE: dict[str, Family] = {
+    "bert": Family.bert, "roberta": Family.bert,
+    "gpt2": Family.gpt2,
+    "llama": Family.llama, "mistral": Family.llama, "qwen2": Family.llama, "qwen3": Family.llama,
+    "gemma": Family.llama, "gemma2": Family.llama, "gemma3_text": Family.llama, "phi3": Family.llama,
+}
+SUPPORTED_MODEL_TYPES = ", ".join(sorted(FAMILY_OF_MODEL_TYPE))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture numbers. Symbols follow Korthikanti et al. 2022: h, a, L, V, s, b."""
+
+    name: str
+    model_type: str                 # HF model_type ("llama", "roberta", ...)
+    family: Family
+    vocab_size: int                 # V
+    hidden_size: int                # h
+    num_layers: int                 # L
+    num_heads: int                  # a
+    num_kv_heads: int               # grouped-query attention: k/v heads (= a for MHA)
+    head_dim: int                   # d (h / a unless the config overrides it)
+    intermediate_size: int          # MLP width I (4h for BERT/GPT-2)
+    max_positions: int              # learned position table rows (BERT/GPT-2); RoPE models learn none
+    task: Task = Task.causal_lm
+    num_labels: int = 2             # seq-cls head outputs
+    hidden_act: str = "gelu"
+    gated_mlp: bool = False         # SwiGLU/GeGLU: gate and up projections (3 matrices instead of 2)
+    norm: str = "layernorm"         # layernorm (weight + bias) | rmsnorm (weight only)
+    type_vocab_size: int = 0        # BERT token-type embeddings
+    tie_embeddings: bool = True     # LM head shares the input embedding matrix
+    qkv_bias: bool = True
+    o_bias: bool = True
+    mlp_bias: bool = True
+    qk_norm: bool = False           # per-head RMSNorm on q and k (qwen3, gemma3)
+    sandwich_norm: bool = False     # extra post-attention / pre- and post-FFN norms (gemma2, gemma3)
+    fused_qkv: bool = False         # one qkv_proj and one gate_up_proj module (phi3)
+    embed_scale: bool = False       # embeddings multiplied by sqrt(h) (gemma)
+    attn_softcap: float | None = None   # tanh soft-capping of attention scores (gemma2)
+    final_softcap: float | None = None  # tanh soft-capping of logits (gemma2)
+    hidden_dropout: float = 0.0     # residual-branch dropout probability
+    attention_dropout: float = 0.0  # dropout on attention probabilities
+    embedding_dropout: float = 0.0
+    classifier_dropout: float = 0.0
+    source: str = "preset"          # preset | file | hub | params
+    hf_config: Mapping[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for what in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size"):
+            value = getattr(self, what)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model {what} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def with_layers(self, num_layers: int) -> "ModelSpec":
+        """The same architecture at another depth (used to trace a few layers and extrapolate)."""
+        cfg = dict(self.hf_config or {})
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in cfg:
+                cfg[key] = num_layers
+        return replace(self, num_layers=num_layers, hf_config=cfg or None)
+
+    def with_task(self, task: Task, num_labels: int | None = None) -> "ModelSpec":
+        return replace(self, task=task, num_labels=num_labels or self.num_labels)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The config dict transformers builds this spec from (the loaded one, or one synthesised)."""
+        if self.hf_config is not None:
+            return dict(self.hf_config)
+        if self.family is not Family.llama:
+            raise UnsupportedModelError(f"{self.name} has no config to build from")
+        return {
+            "model_type": "llama", "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "max_position_embeddings": 131072, "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": self.hidden_act, "rms_norm_eps": 1e-5, "attention_bias": False, "mlp_bias": False,
+        }
+
+
+def _get(cfg: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    return default
+
+
+def _require(cfg: Mapping[str, Any], name: str, *keys: str) -> int:
+    value = _get(cfg, *keys)
+    if value is None:
+        raise ConfigError(f"config of {name} has none of the keys {', '.join(keys)}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"config of {name}: {keys[0]} must be a positive integer, got {value!r}")
+    return value
+
+
+def default_task(cfg: Mapping[str, Any]) -> Task:
+    """Encoders get a sequence-classification head, decoders a causal-LM head (the issue's presets)."""
+    return Task.seq_cls if cfg.get("model_type") in ("bert", "roberta") else Task.causal_lm
+
+
+def from_hf_config(cfg: Mapping[str, Any], name: str, source: str = "file", task: Task | None = None,
+                   num_labels: int | None = None) -> ModelSpec:
+    """Normalise a Hugging Face config dict into a ModelSpec.
+
+    Args:
+        cfg: the parsed config.json (``model_type`` required).
+        name: how the model is called in reports.
+        source: preset | file | hub | params (provenance, shown in reports).
+        task: head to put on top; default seq-cls for encoders, causal-lm for decoders.
+        num_labels: classifier outputs for seq-cls (default: the config's id2label size or 2).
+
+    Raises:
+        UnsupportedModelError: model_type missing or outside the analytic families.
+        ConfigError: a required size is missing or not a positive integer.
+    """
+    if "text_config" in cfg and "model_type" not in cfg.get("text_config", {}):
+        raise UnsupportedModelError(f"{name}: multimodal configs are not supported; pass the text model's config")
+    model_type = cfg.get("model_type")
+    if not model_type:
+        raise UnsupportedModelError(f"{name}: config has no 'model_type'; is it a transformers config.json?")
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg = {**cfg, "model_type": model_type}
+    family = FAMILY_OF_MODEL_TYPE.get(model_type)
+    task = task or default_task(cfg)
+    if num_labels is None:
+        num_labels = len(cfg["id2label"]) if isinstance(cfg.get("id2label"), dict) and cfg["id2label"] else 2
+    if family is None:
+        raise UnsupportedModelError(
+            f"{name}: model_type '{model_type}' is outside the analytic families; supported: {SUPPORTED_MODEL_TYPES}"
+            " (use --trace for any architecture transformers can build)"
+        )
+    builder = {Family.bert: _bert, Family.gpt2: _gpt2, Family.llama: _llama}[family]
+    return builder(cfg, name, source, task, num_labels)
+
+
+def _bert(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_labels: int) -> ModelSpec:
+    if task is not Task.seq_cls:
+        raise UnsupportedModelError(f"{name}: encoders are described with a seq-cls head only")
+    h = _require(cfg, name, "hidden_size")
+    a = _require(cfg, name, "num_attention_heads")
+    if h % a:
+        raise ConfigError(f"config of {name}: hidden_size {h} is not divisible by num_attention_heads {a}")
+    hidden_dropout = float(_get(cfg, "hidden_dropout_prob", default=0.1))
+    classifier_dropout = _get(cfg, "classifier_dropout", default=hidden_dropout)
+    return ModelSpec(
+        name=name, model_type=cfg["model_type"], family=Family.bert,
+        vocab_size=_require(cfg, name, "vocab_size"), hidden_size=h,
+        num_layers=_require(cfg, name, "num_hidden_layers"), num_heads=a, num_kv_heads=a, head_dim=h // a,
+        intermediate_size=_require(cfg, name, "intermediate_size"),
+        max_positions=_require(cfg, name, "max_position_embeddings"), task=task, num_labels=num_labels,
+        hidden_act=str(_get(cfg, "hidden_act", default="gelu")), norm="layernorm",
+        type_vocab_size=int(_get(cfg, "type_vocab_size", default=2)), tie_embeddings=False,
+        hidden_dropout=hidden_dropout, attention_dropout=float(_get(cfg, "attention_probs_dropout_prob", default=0.1)),
+        embedding_dropout=hidden_dropout, classifier_dropout=float(classifier_dropout),
+        source=source, hf_config=cfg,
+    )
+
+
+def _gpt2(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_labels: int) -> ModelSpec:
+    h = _require(cfg, name, "n_embd", "hidden_size")
+    a = _require(cfg, name, "n_head", "num_attention_heads")
+    if h % a:
+        raise ConfigError(f"config of {name}: n_embd {h} is not divisible by n_head {a}")
+    return ModelSpec(
+        name=name, model_type="gpt2", family=Family.gpt2,
+        vocab_size=_require(cfg, name, "vocab_size"), hidden_size=h,
+        num_layers=_require(cfg, name, "n_layer", "num_hidden_layers"), num_heads=a, num_kv_heads=a, head_dim=h // a,
+        intermediate_size=int(_get(cfg, "n_inner", default=4 * h)),
+        max_positions=_require(cfg, name, "n_positions", "max_position_embeddings"), task=task, num_labels=num_labels,
+        hidden_act=str(_get(cfg, "activation_function", default="gelu_new")), norm="layernorm",
+        tie_embeddings=bool(_get(cfg, "tie_word_embeddings", default=True)),
+        hidden_dropout=float(_get(cfg, "resid_pdrop", default=0.1)),
+        attention_dropout=float(_get(cfg, "attn_pdrop", default=0.1)),
+        embedding_dropout=float(_get(cfg, "embd_pdrop", default=0.1)),
+        source=source, hf_config=cfg,
+    )
+
+
+# Per model_type facts the configs don't spell out (read from transformers' modeling files).
+_LLAMA_VARIANTS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True},                                   # Qwen2Attention: bias on q, k, v only
+    "qwen3": {"qk_norm": True},
+    "gemma": {"embed_scale": True, "tie": True},
+    "gemma2": {"embed_scale": True, "tie": True, "sandwich_norm": True},
+    "gemma3_text": {"embed_scale": True, "tie": True, "sandwich_norm": True, "qk_norm": True},
+    "phi3": {"fused_qkv": True},
+}
+
+
+def _llama(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_labels: int) -> ModelSpec:
+    model_type = cfg["model_type"]
+    variant = _LLAMA_VARIANTS[model_type]
+    h = _require(cfg, name, "hidden_size")
+    a = _require(cfg, name, "num_attention_heads")
+    kv = int(_get(cfg, "num_key_value_heads", default=a))
+    head_dim = _get(cfg, "head_dim")
+    if head_dim is None:
+        if h % a:
+            raise ConfigError(f"config of {name}: hidden_size {h} is not divisible by num_attention_heads {a}")
+        head_dim = h // a
+    attention_bias = bool(_get(cfg, "attention_bias", default=False))
+    act = str(_get(cfg, "hidden_activation", "hidden_act", default="silu"))
+    if model_type.startswith("gemma") and act == "gelu":
+        act = "gelu_pytorch_tanh"  # transformers maps the legacy "gelu" of Gemma configs to the tanh approximation
+    tie = bool(_get(cfg, "tie_word_embeddings", default=variant.get("tie", True)))
+    resid_dropout = float(_get(cfg, "resid_pdrop", default=0.0))
+    return ModelSpec(
+        name=name, model_type=model_type, family=Family.llama,
+        vocab_size=_require(cfg, name, "vocab_size"), hidden_size=h,
+        num_layers=_require(cfg, name, "num_hidden_layers"), num_heads=a, num_kv_heads=kv, head_dim=int(head_dim),
+        intermediate_size=_require(cfg, name, "intermediate_size"),
+        max_positions=int(_get(cfg, "max_position_embeddings", default=2048)), task=task, num_labels=num_labels,
+        hidden_act=act, gated_mlp=True, norm="rmsnorm", tie_embeddings=tie,
+        qkv_bias=attention_bias or variant.get("qkv_bias", False), o_bias=attention_bias,
+        mlp_bias=bool(_get(cfg, "mlp_bias", default=False)),
+        qk_norm=variant.get("qk_norm", False), sandwich_norm=variant.get("sandwich_norm", False),
+        fused_qkv=variant.get("fused_qkv", False), embed_scale=variant.get("embed_scale", False),
+        attn_softcap=_get(cfg, "attn_logit_softcapping") if model_type == "gemma2" else None,
+        final_softcap=_get(cfg, "final_logit_softcapping") if model_type == "gemma2" else None,
+        hidden_dropout=resid_dropout, attention_dropout=float(_get(cfg, "attention_dropout", default=0.0)),
+        embedding_dropout=float(_get(cfg, "embd_pdrop", default=0.0)),
+        source=source, hf_config=cfg,
+    )
+
+
+def parse_config_json(text: str, where: str) -> dict[str, Any]:
+    """Parse config.json text, raising ConfigError with the location of a syntax error."""
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+# Real LLaMA-family shapes used to synthesise a model from a parameter count (--params N). Each row is a
+# published config (name, h, I, a, kv, L, V, tied). The shape nearest to N (in log params) is taken and its
+# depth scaled so the total lands within 2% of N.
+LLAMA_SHAPES: tuple[tuple[str, int, int, int, int, int, int, bool], ...] = (
+    ("HuggingFaceTB/SmolLM2-135M", 576, 1536, 9, 3, 30, 49152, True),
+    ("HuggingFaceTB/SmolLM2-360M", 960, 2560, 15, 5, 32, 49152, True),
+    ("meta-llama/Llama-3.2-1B", 2048, 8192, 32, 8, 16, 128256, True),
+    ("meta-llama/Llama-3.2-3B", 3072, 8192, 24, 8, 28, 128256, True),
+    ("meta-llama/Llama-3.1-8B", 4096, 14336, 32, 8, 32, 128256, False),
+    ("meta-llama/Llama-2-13b-hf", 5120, 13824, 40, 40, 40, 32000, False),
+    ("Qwen/Qwen2.5-32B", 5120, 27648, 40, 8, 64, 152064, False),
+    ("meta-llama/Llama-3.1-70B", 8192, 28672, 64, 8, 80, 128256, False),
+    ("meta-llama/Llama-3.1-405B", 16384, 53248, 128, 8, 126, 128256, False),
+)
+MIN_SYNTH_PARAMS = 50_000_000
+MAX_SYNTH_PARAMS = 2_000_000_000_000
+
+
+def _llama_params(h: int, inter: int, a: int, kv: int, layers: int, vocab: int, tied: bool) -> tuple[int, int]:
+    d = h // a
+    per_layer = h * a * d + 2 * h * kv * d + a * d * h + 3 * h * inter + 2 * h  # q, k, v, o, gate/up/down, 2 norms
+    fixed = vocab * h * (1 if tied else 2) + h                                    # embeddings (+ head) + final norm
+    return fixed, per_layer
+
+
+def synthesize_from_params(n_params: float, name: str | None = None) -> tuple[ModelSpec, str]:
+    """A LLaMA-like ModelSpec with about ``n_params`` parameters, and the real shape it was scaled from.
+
+    Raises:
+        ConfigError: n_params outside [5e7, 2e12], or no depth lands within 2%.
+    """
+    if not (isinstance(n_params, (int, float)) and math.isfinite(n_params)):
+        raise ConfigError(f"--params must be a number, got {n_params!r}")
+    if not MIN_SYNTH_PARAMS <= n_params <= MAX_SYNTH_PARAMS:
+        raise ConfigError(f"--params must be between {MIN_SYNTH_PARAMS:.0e} and {MAX_SYNTH_PARAMS:.0e}, got {n_params:.3g}")
+    candidates = []
+    for shape in LLAMA_SHAPES:
+        ref, h, inter, a, kv, layers, vocab, tied = shape
+        fixed, per_layer = _llama_params(h, inter, a, kv, layers, vocab, tied)
+        depth = max(1, round((n_params - fixed) / per_layer))
+        total = fixed + depth * per_layer
+        error = abs(total - n_params) / n_params
+        distance = abs(math.log((fixed + layers * per_layer) / n_params))
+        candidates.append((error > 0.02, distance, shape, depth, total))
+    candidates.sort(key=lambda c: (c[0], c[1]))
+    missed, _, (ref, h, inter, a, kv, _layers, vocab, tied), depth, total = candidates[0]
+    if missed:
+        raise ConfigError(f"no LLaMA-like depth lands within 2% of {n_params:.3g} parameters")
+    spec = ModelSpec(
+        name=name or f"llama-like-{n_params:.3g}", model_type="llama", family=Family.llama, vocab_size=vocab,
+        hidden_size=h, num_layers=depth, num_heads=a, num_kv_heads=kv, head_dim=h // a, intermediate_size=inter,
+        max_positions=131072, task=Task.causal_lm, hidden_act="silu", gated_mlp=True, norm="rmsnorm",
+        tie_embeddings=tied, qkv_bias=False, o_bias=False, mlp_bias=False, source="params",
+    )
+    return spec, ref
