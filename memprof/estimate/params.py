@@ -191,7 +191,7 @@ def _prompt_params(spec: ModelSpec, method: Method, p: PromptLearningSpec) -> tu
     return total, hidden * width
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1024)
 def method_params(spec: ModelSpec, setup: RunSetup) -> ParamCounts:
     """Total, trainable and added parameters of ``spec`` fine-tuned with ``setup.method``.
 
@@ -268,6 +268,7 @@ def method_params(spec: ModelSpec, setup: RunSetup) -> ParamCounts:
     else:  # prefix / prompt
         p = setup.prompt or PromptLearningSpec()
         added, largest = _prompt_params(spec, method, p)
+        adapter_fp32 = added  # peft builds the prompt encoder in fp32
         comps.append(("prompt encoder" if method is Method.prompt else "prefix encoder", added))
         trainable = added
 
@@ -286,3 +287,71 @@ def _head_params(spec: ModelSpec) -> tuple[int, int]:
     """(params, largest tensor) of the task head that non-peft methods train (seq-cls classifier only)."""
     mods = [m for m in global_modules(spec) if m.role == "classifier"]
     return sum(m.params for m in mods), max((m.weight_params for m in mods), default=0)
+
+
+@functools.lru_cache(maxsize=256)
+def trainable_tensors(spec: ModelSpec, setup: RunSetup) -> tuple[tuple[int, int, bool], ...]:
+    """Every trainable tensor as (rows, cols, is_adapter): 1-D tensors have rows=1. ``is_adapter`` marks
+    tensors a method adds (kept in fp32 on a half base); the others live in the base model's dtype.
+    Their total equals ``method_params(spec, setup).trainable``; optimizers that factor or group by tensor
+    (Adafactor, 8-bit AdamW, per-tensor temporaries) read shapes from here.
+    """
+    method = setup.method
+    named = all_module_names(spec)
+
+    def module_tensors(m: Module) -> list[tuple[int, int, bool]]:
+        if m.kind == "norm":
+            out = [(1, m.d_in, False)]
+        else:
+            out = [(m.d_out if m.is_linear else m.d_in, m.d_in if m.is_linear else m.d_out, False)]
+        if m.bias:
+            out.append((1, m.d_out if m.kind != "norm" else m.d_in, False))
+        return out
+
+    def is_tied_head(m: Module) -> bool:
+        return m.role == "head" and tied_head(spec)
+
+    if method is Method.full:
+        return tuple(t for _, m in named if not is_tied_head(m) for t in module_tensors(m))
+    saved = modules_to_save(spec, setup.lora.modules_to_save if setup.lora else None)
+    copies = [t for n, m in named if _saved_match(n, saved) and not is_tied_head(m) for t in module_tensors(m)]
+    out: list[tuple[int, int, bool]] = []
+    if method in (Method.lora, Method.qlora):
+        lora = setup.lora or LoraSpec()
+        chosen = resolve_lora_targets(spec, lora)
+        for _, m in chosen:
+            d_in, d_out = (m.d_in, m.d_out)
+            out += [(lora.r, d_in, True), (d_out, lora.r, True)]
+        if lora.bias == "all":
+            out += [(1, m.bias_params, False) for n, m in named if m.bias and not _saved_match(n, saved)]
+        elif lora.bias == "lora_only":
+            out += [(1, m.bias_params, False) for _, m in chosen if m.bias]
+        return tuple(out + copies)
+    if method is Method.adapter:
+        ad = setup.adapter
+        assert ad is not None
+        h, r = spec.hidden_size, ad.bottleneck_size(spec.hidden_size)
+        sites = (2 if ad.variant is AdapterVariant.houlsby else 1) * spec.num_layers
+        out += [(r, h, True), (1, r, True), (h, r, True), (1, h, True)] * sites
+        if ad.train_norms:
+            out += [t for _, m in named if m.kind == "norm" for t in module_tensors(m)]
+        out += [t for _, m in named if m.role == "classifier" for t in module_tensors(m)]
+        return tuple(out)
+    if method is Method.bitfit:
+        out += [(1, m.bias_params, False) for _, m in named if m.bias and m.role != "classifier"]
+        out += [t for _, m in named if m.role == "classifier" for t in module_tensors(m)]
+        return tuple(out)
+    if method is Method.ia3:
+        out += [(1, m.d_in if ff else m.d_out, True) for _, m, ff in _resolve_ia3(spec, setup.ia3 or IA3Spec())]
+        return tuple(out + copies)
+    p = setup.prompt or PromptLearningSpec()
+    n = p.num_virtual_tokens
+    if method is Method.prompt:
+        return tuple([(n, spec.hidden_size, True)] + copies)
+    td = prefix_token_dim(spec)
+    width = spec.num_layers * 2 * td
+    if not p.projection:
+        return tuple([(n, width, True)] + copies)
+    hidden = p.projection_hidden or td
+    out += [(n, td, True), (hidden, td, True), (1, hidden, True), (width, hidden, True), (1, width, True)]
+    return tuple(out + copies)

@@ -197,6 +197,13 @@ def apply_method(model: nn.Module, spec: ModelSpec, setup: RunSetup, peft_config
     return model  # full fine-tuning
 
 
+def retie_weights(model: nn.Module) -> None:
+    """Re-tie shared weights (LM head = input embeddings) after ``to_empty``, which unties them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "tie_weights"):
+        base.tie_weights()
+
+
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) as peft's get_nb_trainable_parameters counts them (4-bit weights unpacked x2)."""
     trainable = total = 0

@@ -17,6 +17,7 @@ behaviour of CUDA's kernel choices (each rule names the CUDA code path it reprod
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -93,9 +94,16 @@ def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
 class CudaEmulation(TorchFunctionMode):
     """Reproduce CUDA's memory-relevant kernel choices on CPU (see module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, autocast: CudaAutocast | None = None) -> None:
         super().__init__()
-        self.autocast: CudaAutocast | None = None
+        self.autocast = autocast
+
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """``context_fn`` for torch.utils.checkpoint: torch function modes are not active while autograd
+        recomputes a checkpointed block, so the recomputation re-enters the emulation (and the autocast state
+        of the forward, with a fresh cache, as torch.utils.checkpoint does for real autocast)."""
+        dtype = self.autocast.dtype if self.autocast is not None else None
+        return contextlib.nullcontext(), CudaEmulation(CudaAutocast(dtype) if dtype is not None else None)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = dict(kwargs or {})

@@ -11,8 +11,10 @@ rounds every storage to the CUDA caching allocator's 512-byte blocks.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
+from typing import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -67,20 +69,24 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
         warnings.simplefilter("ignore")
         model = build_base_model(spec, setup, "meta")
         model = apply_method(model, spec, setup, peft_config)
-        if setup.grad_checkpointing:
-            model.gradient_checkpointing_enable()
-        trainable, total = count_trainable(model)
         emulation = CudaEmulation() if cuda else None
+        if setup.grad_checkpointing:
+            kwargs: dict = {"use_reentrant": False}
+            if emulation is not None:
+                kwargs["context_fn"] = emulation.checkpoint_contexts
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        trainable, total = count_trainable(model)
         with FakeTensorMode(allow_non_fake_inputs=True):
-            model = model.to_empty(device="cpu")
+            materialize(model, "cpu")
             model.train()
             optimizer = make_optimizer(model, setup, "cuda" if cuda else "cpu")
             batch = synthetic_batch(spec, setup, "cpu")
-            tracker = MemoryTracker(round_bytes=CUDA_BLOCK_BYTES if cuda else 1)
+            tracker = MemoryTracker(round_bytes=CUDA_BLOCK_BYTES if cuda else 1, fake_scalars=True)
             tracker.register_module(model)
+            tracker.register_optimizer(optimizer)
             tracker.register(batch.values(), Category.inputs)
             results = []
-            with tracker, backward_markers(model, tracker):
+            with tracker, backward_markers(model, tracker), _unpacked_sequences():
                 ctx = emulation if emulation is not None else _null()
                 with ctx:
                     for _ in range(2):
@@ -90,6 +96,43 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
                         results.append(_normalise(tracker.phase_peaks(), spec.num_layers))
                 steady = tracker.current_bytes
     return DepthTrace(spec.num_layers, total, trainable, results[0], results[1], steady)
+
+
+def materialize(model: torch.nn.Module, device: str) -> None:
+    """Replace every meta parameter and buffer by an uninitialised tensor on ``device`` (fake under
+    FakeTensorMode), keeping shared (tied) parameters shared. ``Module.to_empty`` unties them and fails on
+    parameters that carry a weakref (peft's prefix encoder)."""
+    new: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in new:
+                new[id(p)] = torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            module._parameters[name] = new[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                if id(b) not in new:
+                    new[id(b)] = torch.empty_like(b, device=device)
+                module._buffers[name] = new[id(b)]
+
+
+@contextlib.contextmanager
+def _unpacked_sequences() -> Iterator[None]:
+    """transformers' find_packed_sequence_indices cannot read fake position ids, treats the batch as packed
+    and builds a (b, 1, s, s) mask, which also stops SDPA's native GQA. memprof's synthetic batches are never
+    packed, which is what the function concludes on real tensors: return None, as it would."""
+    try:
+        from transformers import masking_utils
+    except ImportError:  # pragma: no cover - transformers is a dependency of tracing
+        yield
+        return
+    original = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
 
 
 class _null:

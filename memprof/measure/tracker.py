@@ -53,10 +53,13 @@ class MemoryTracker(TorchDispatchMode):
         tracker.breakdown()                     # MemoryBreakdown at the overall peak
     """
 
-    def __init__(self, round_bytes: int = 1) -> None:
-        """round_bytes: round each storage up to a multiple (512 = CUDA caching allocator blocks)."""
+    def __init__(self, round_bytes: int = 1, fake_scalars: bool = False) -> None:
+        """round_bytes: round each storage up to a multiple (512 = CUDA caching allocator blocks).
+        fake_scalars: answer ``.item()`` on fake tensors with 1 (optimizers read step counters; values never
+        matter to memory) instead of failing with DataDependentOutputException."""
         super().__init__()
         self.round_bytes = round_bytes
+        self.fake_scalars = fake_scalars
         self._live: dict[int, _Info] = {}
         self._refs: dict[int, weakref.ref] = {}
         self._serial = 0
@@ -120,6 +123,13 @@ class MemoryTracker(TorchDispatchMode):
                 self._param_keys.add(key)
         self.register(model.buffers(), Category.params_frozen)
 
+    def register_optimizer(self, optimizer: Any) -> None:
+        """Register optimizer tensors created before tracking starts (mixed-regime master weights, and any
+        state already allocated)."""
+        self.register(getattr(optimizer, "masters", ()), Category.master_weights)
+        for state in optimizer.state.values():
+            self.register((v for v in state.values() if isinstance(v, torch.Tensor)), Category.optimizer_states)
+
     # ---- accounting ---------------------------------------------------------------------------------
     def _add(self, nbytes: int) -> None:
         self.current_bytes += nbytes
@@ -155,6 +165,9 @@ class MemoryTracker(TorchDispatchMode):
         self.current_bytes -= info.nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if self.fake_scalars and func is torch.ops.aten._local_scalar_dense.default \
+                and type(args[0]).__name__ == "FakeTensor":
+            return False if args[0].dtype == torch.bool else (1.0 if args[0].is_floating_point() else 1)
         out = func(*args, **(kwargs or {}))
         label = None
         if func._schema.name in _COPY_OPS and args and isinstance(args[0], torch.Tensor):
@@ -172,6 +185,13 @@ class MemoryTracker(TorchDispatchMode):
         """Switch phase without a context (used from autograd hooks to split the backward by layer)."""
         self._snapshot()
         self._phase = phase.value if isinstance(phase, Phase) else phase
+        self._open_phase()
+
+    def _open_phase(self) -> None:
+        # a phase that allocates nothing (plain SGD's step) still has a peak: what is live when it starts
+        if self.current_bytes > self._phase_peak.get(self._phase, -1):
+            self._phase_peak[self._phase] = self.current_bytes
+            self._dirty.add(self._phase)
 
     @property
     def current_phase(self) -> str:
@@ -182,6 +202,7 @@ class MemoryTracker(TorchDispatchMode):
         previous = self._phase
         self._snapshot()
         self._phase = phase.value if isinstance(phase, Phase) else phase
+        self._open_phase()
         try:
             yield
         finally:

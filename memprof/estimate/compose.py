@@ -1,0 +1,204 @@
+"""Assemble a step's memory timeline for a model of any depth from one scripted replay (pure).
+
+The replay (blocks.py on sim.Graph) covers the embedding, the first block, one repeated block and the head,
+forward and backward. Each segment contributes (a) its net change of live bytes and (b) its candidate peaks
+relative to where it started, per category. Blocks are identical, so for L blocks the repeated block's net
+change is applied L-1 times, and its candidate peaks are checked at the first and the last repetition (the
+live bytes before a repetition are linear in its index, so the extremes sit at the ends).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..config import RunSetup
+from ..spec import ModelSpec
+from .blocks import build_context, forward
+from .sim import ACT, TEMP, ZERO, Graph, Poly, dominated, padd, pscale, psub
+
+FATES = ("params_trainable", "params_frozen", "gradients", "optimizer_states", "master_weights",
+         "weight_copies", "activations", "temporaries", "inputs")
+Vec = tuple  # one Poly per fate, in FATES order
+
+
+def vzero() -> Vec:
+    return tuple(ZERO for _ in FATES)
+
+
+def vadd(a: Vec, b: Vec) -> Vec:
+    return tuple(padd(x, y) for x, y in zip(a, b))
+
+
+def vsub(a: Vec, b: Vec) -> Vec:
+    return tuple(psub(x, y) for x, y in zip(a, b))
+
+
+def vscale(a: Vec, k: float) -> Vec:
+    return tuple(pscale(x, k) for x in a)
+
+
+def vtotal(a: Vec) -> Poly:
+    out = ZERO
+    for x in a:
+        out = padd(out, x)
+    return out
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    delta: Vec                    # live bytes at the end minus at the start, per fate
+    cands: tuple[Vec, ...]        # candidate peaks relative to the start (pruned: none dominated)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Per-segment statistics of one scripted step (forward + backward, no optimizer)."""
+
+    forward: tuple[Segment, ...]      # embed, layer0, [layer1], head
+    backward: tuple[Segment, ...]     # b:head, [b:layer1], b:layer0, b:embed
+    layers: int                       # blocks in the replay (1 or 2)
+    saved_terms: tuple[tuple[str, str, str, Poly], ...]  # (segment, label, dtype, bytes) alive after forward
+
+
+def _prune(cands: list[Vec]) -> tuple[Vec, ...]:
+    totals = [vtotal(c) for c in cands]
+    keep: list[int] = []
+    for i, t in enumerate(totals):
+        if any(dominated(t, totals[j]) and (t != totals[j] or j < i) for j in range(len(cands)) if j != i):
+            continue
+        keep.append(i)
+    return tuple(cands[i] for i in keep)
+
+
+@functools.lru_cache(maxsize=512)
+def replay(spec: ModelSpec, setup: RunSetup) -> Replay:
+    """Script and replay one step of ``spec`` with min(L, 2) blocks (cached per structure)."""
+    layers = min(spec.num_layers, 2)
+    g = Graph(device=setup.device.value)
+    ctx = build_context(g, spec, setup)
+    ctx.layers = layers  # type: ignore[attr-defined]
+    loss = forward(ctx, layers)
+    # fates of forward storages: alive now -> activation, already freed -> temporary
+    saved_terms = []
+    for ev in g.events:
+        st = ev.st
+        if ev.kind == "alloc" and st is not None and st.fate is None:
+            st.fate = ACT if st.alive else TEMP
+            if st.alive:
+                saved_terms.append((ev.seg, st.label, st.dtype, st.nbytes))
+    n_forward_events = len(g.events)
+    seg_of = {name: "b:" + name for name in ("embed", "head", *(f"layer{i}" for i in range(layers)))}
+    g.segment("b:head")
+    g.backward(loss, seg_of)
+    for ev in g.events[n_forward_events:]:
+        if ev.kind == "alloc" and ev.st is not None and ev.st.fate is None:
+            ev.st.fate = TEMP
+    segments = _segments(g)
+    fwd_names = ["embed", *(f"layer{i}" for i in range(layers)), "head"]
+    bwd_names = ["b:head", *(f"b:layer{i}" for i in reversed(range(layers))), "b:embed"]
+    empty = Segment("", vzero(), (vzero(),))
+    return Replay(
+        forward=tuple(segments.get(n, Segment(n, vzero(), (vzero(),))) for n in fwd_names),
+        backward=tuple(segments.get(n, Segment(n, vzero(), (vzero(),))) if n in segments else
+                       Segment(n, empty.delta, empty.cands) for n in bwd_names),
+        layers=layers, saved_terms=tuple(saved_terms),
+    )
+
+
+def _segments(g: Graph) -> dict[str, Segment]:
+    index = {f: i for i, f in enumerate(FATES)}
+    cur = [ZERO] * len(FATES)
+    out: dict[str, Segment] = {}
+    name, start, cands = None, tuple(cur), []
+
+    def close() -> None:
+        if name is not None and name != "setup":
+            rel = [vsub(c, start) for c in cands] or [vzero()]
+            prev = out.get(name)
+            if prev is not None:  # a segment resumed after another: continue from the earlier start
+                raise AssertionError(f"segment {name} is not contiguous")
+            out[name] = Segment(name, vsub(tuple(cur), start), _prune(rel + [vzero()]))
+
+    for ev in g.events:
+        if ev.kind == "seg":
+            if ev.seg == name:
+                continue
+            close()
+            name, start, cands = ev.seg, tuple(cur), []
+        elif ev.kind == "alloc":
+            i = index[ev.st.fate]
+            cur[i] = padd(cur[i], ev.st.nbytes)
+            cands.append(tuple(cur))
+        elif ev.kind == "free":
+            i = index[ev.st.fate]
+            cur[i] = psub(cur[i], ev.st.nbytes)
+        elif ev.kind == "cand":
+            c = list(cur)
+            i = index[TEMP]
+            c[i] = padd(c[i], ev.extra)
+            cands.append(tuple(c))
+    close()
+    return out
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Candidate peaks of a whole step at depth L, per phase, as per-fate polynomials (absolute, excluding
+    the model-state base which the caller adds)."""
+
+    forward: tuple[Vec, ...]
+    backward: tuple[Vec, ...]
+    end_of_forward: Vec
+    end_of_backward: Vec
+
+
+def assemble(rep: Replay, num_layers: int) -> Timeline:
+    """Depth-L timeline from the replay's segments (see module docstring)."""
+    L = num_layers
+    fwd_cands: list[Vec] = []
+    live = vzero()
+
+    def run(seg: Segment, offset: Vec, into: list[Vec]) -> None:
+        into.extend(vadd(offset, c) for c in seg.cands)
+
+    if rep.layers == 1:
+        order = list(rep.forward)
+        for seg in order:
+            run(seg, live, fwd_cands)
+            live = vadd(live, seg.delta)
+    else:
+        embed, first, mid, head = rep.forward
+        run(embed, live, fwd_cands)
+        live = vadd(live, embed.delta)
+        run(first, live, fwd_cands)
+        live = vadd(live, first.delta)
+        run(mid, live, fwd_cands)
+        run(mid, vadd(live, vscale(mid.delta, L - 2)), fwd_cands)
+        live = vadd(live, vscale(mid.delta, L - 1))
+        run(head, live, fwd_cands)
+        live = vadd(live, head.delta)
+    end_fwd = live
+    bwd_cands: list[Vec] = []
+    if rep.layers == 1:
+        for seg in rep.backward:
+            run(seg, live, bwd_cands)
+            live = vadd(live, seg.delta)
+    else:
+        bhead, bmid, bfirst, bembed = rep.backward
+        run(bhead, live, bwd_cands)
+        live = vadd(live, bhead.delta)
+        run(bmid, live, bwd_cands)
+        run(bmid, vadd(live, vscale(bmid.delta, L - 2)), bwd_cands)
+        live = vadd(live, vscale(bmid.delta, L - 1))
+        run(bfirst, live, bwd_cands)
+        live = vadd(live, bfirst.delta)
+        run(bembed, live, bwd_cands)
+        live = vadd(live, bembed.delta)
+    return Timeline(_prune(fwd_cands), _prune(bwd_cands), end_fwd, live)
+
+
+@functools.lru_cache(maxsize=512)
+def timeline(spec: ModelSpec, setup: RunSetup) -> Timeline:
+    return assemble(replay(spec, setup), spec.num_layers)

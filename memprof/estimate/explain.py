@@ -1,0 +1,139 @@
+"""The named terms behind an analytic estimate, with formulas and substituted numbers (pure).
+
+Model states follow design.md's precision-regime table; activations are the tensors autograd keeps at the
+end of the forward (PyTorch tools/autograd/derivatives.yaml save rules; the layer structure of Korthikanti
+et al. 2022, arXiv:2205.05198, Sec. 4.1, generalised to each family's actual ops); overheads are in
+overheads.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+
+from ..config import Method, Optimizer, Regime, RunSetup
+from ..records import Category, Phase, Term
+from ..spec import ModelSpec
+from ..units import fmt_bytes_auto
+from .compose import replay
+from .overheads import allocator_reserve_bytes, cublas_workspace_bytes, cuda_context_bytes
+from .params import ParamCounts
+from .sim import BYTES, peval
+from .states import StateBytes, weight_bytes
+
+_STATE_SOURCE = "design.md precision regimes; Rajbhandari et al. 2020 (ZeRO) Sec. 3.1"
+_ACT_SOURCE = "autograd save rules (derivatives.yaml), layer structure as in Korthikanti et al. 2022 Sec. 4.1"
+_OPT_STATES = {
+    Optimizer.adamw: ("2 x P_t x B_state", "exp_avg + exp_avg_sq (Loshchilov & Hutter 2019)"),
+    Optimizer.adamw_8bit: ("2 x P_t x 1 B + absmax", "blockwise 8-bit states (Dettmers et al. 2022, arXiv:2110.02861)"),
+    Optimizer.sgd: ("0", "plain SGD keeps no state"),
+    Optimizer.sgd_momentum: ("P_t x B_state", "one momentum buffer"),
+    Optimizer.adafactor: ("sum(rows + cols) x B_state", "factored second moment (Shazeer & Stern 2018)"),
+    Optimizer.lion: ("P_t x B_state", "one momentum (Chen et al. 2023, arXiv:2302.06675)"),
+}
+
+
+def _poly_formula(poly: tuple, dtype: str, b: int, s: int) -> tuple[str, str]:
+    """('b*s x 2048 x 2 B', '4*512 x 2048 x 2 B') for a byte polynomial of one tensor."""
+    nb = BYTES.get(dtype, 1) or 1
+    names = (("b*s", b * s, f"{b}*{s}"), ("b*s^2", b * s * s, f"{b}*{s}^2"), ("b", b, f"{b}"), ("s", s, f"{s}"),
+             ("1", 1, "1"))
+    parts, subs = [], []
+    for (name, _value, sub), coef in zip(names, poly):
+        if not coef:
+            continue
+        elems = coef / nb
+        elems_txt = f"{elems:g}"
+        parts.append(f"{name} x {elems_txt}" if name != "1" else elems_txt)
+        subs.append(f"{sub} x {elems_txt}" if name != "1" else elems_txt)
+    unit = f" x {nb:g} B ({dtype})" if dtype else " B"
+    return " + ".join(parts) + unit, " + ".join(subs) + unit
+
+
+def _activation_terms(spec: ModelSpec, setup: RunSetup) -> list[Term]:
+    structural = dataclasses.replace(setup, batch_size=1, seq_len=1)
+    rep = replay(spec, structural)
+    b, s, L = setup.batch_size, setup.seq_len, spec.num_layers
+    groups: "OrderedDict[str, list[tuple[str, str, tuple]]]" = OrderedDict()
+    for seg, label, dtype, poly in rep.saved_terms:
+        groups.setdefault(seg, []).append((label, dtype, poly))
+    first = [(lbl, dt) for lbl, dt, _ in groups.get("layer0", [])]
+    mid = [(lbl, dt) for lbl, dt, _ in groups.get("layer1", [])]
+    same = rep.layers == 2 and first == mid
+    scopes = []
+    if "embed" in groups:
+        scopes.append(("embeddings", "embed", 1))
+    if rep.layers == 1:
+        scopes.append((f"block (x{L})", "layer0", 1))
+    elif same:
+        scopes.append((f"each block (x{L})", "layer1", L))
+    else:
+        scopes += [("first block", "layer0", 1), (f"each later block (x{L - 1})", "layer1", L - 1)]
+    scopes.append(("head and loss", "head", 1))
+    terms = []
+    for scope, seg, mult in scopes:
+        for label, dtype, poly in groups.get(seg, []):
+            one = peval(poly, b, s)
+            formula, sub = _poly_formula(poly, dtype, b, s)
+            if mult > 1:
+                formula, sub = f"L x ({formula})", f"{mult} x ({sub})"
+            terms.append(Term(Category.activations, f"{scope}: {label}", formula, sub, round(one * mult),
+                              _ACT_SOURCE))
+    return terms
+
+
+def explain_terms(spec: ModelSpec, setup: RunSetup, pc: ParamCounts, sb: StateBytes, inputs: int,
+                  peak_tensor_bytes: int, phase: Phase) -> tuple[Term, ...]:
+    """Every named piece of the estimate: model states, activations kept for backward, overheads."""
+    regime = setup.effective_regime
+    wb = weight_bytes(setup)
+    dt = setup.dtype.value if wb == 2 else "fp32"
+    adapter = pc.adapter_fp32
+    base_t = pc.trainable - adapter
+    terms: list[Term] = []
+    t_formula = f"P_t x {wb} B ({dt})" + (" + P_adapter x 4 B (fp32)" if adapter else "")
+    t_sub = f"{base_t:,} x {wb} B" + (f" + {adapter:,} x 4 B" if adapter else "")
+    terms.append(Term(Category.params_trainable, "trainable weights", t_formula, t_sub, sb.params_trainable,
+                      _STATE_SOURCE))
+    if setup.method is Method.qlora:
+        other = pc.frozen - pc.quantized
+        terms.append(Term(Category.params_frozen, "frozen weights (4-bit base + others)",
+                          f"P_q x 0.5 B + absmax + P_other x {wb} B",
+                          f"{pc.quantized:,} x 0.5 B + constants + {other:,} x {wb} B", sb.params_frozen,
+                          "Dettmers et al. 2023 (QLoRA) Sec. 2: NF4 + double quantization"))
+    else:
+        terms.append(Term(Category.params_frozen, "frozen weights", f"P_f x {wb} B ({dt})",
+                          f"{pc.frozen:,} x {wb} B", sb.params_frozen, _STATE_SOURCE))
+    terms.append(Term(Category.gradients, "gradients (one per trainable weight, its dtype)", t_formula, t_sub,
+                      sb.gradients, _STATE_SOURCE))
+    formula, source = _OPT_STATES[setup.optimizer]
+    state_b = 4 if regime in (Regime.mixed,) or wb == 4 else wb
+    terms.append(Term(Category.optimizer_states, f"optimizer states ({setup.optimizer.value})",
+                      formula.replace("B_state", f"{state_b} B"), f"P_t = {pc.trainable:,}", sb.optimizer_states,
+                      source))
+    if sb.master_weights:
+        terms.append(Term(Category.master_weights, "fp32 master weights", "P_t x 4 B", f"{base_t:,} x 4 B",
+                          sb.master_weights, _STATE_SOURCE))
+    terms.append(Term(Category.inputs, "batch (int64 token ids, labels)", "8 x b x s (+ 8 x b labels)",
+                      f"8 x {setup.batch_size} x {setup.seq_len}", inputs, "synthetic batch"))
+    terms += _activation_terms(spec, setup)
+    if sb.optimizer_temp:
+        how = ("one temporary per (device, dtype) group: _foreach_sqrt(exp_avg_sq)" if setup.device.value == "cuda"
+               else "per tensor: exp_avg_sq.sqrt() / bias_correction (largest tensor, x2)")
+        terms.append(Term(Category.temporaries, "optimizer.step() temporaries", how, fmt_bytes_auto(sb.optimizer_temp),
+                          sb.optimizer_temp, "torch.optim.adamw _multi_tensor_adamw / _single_tensor_adamw"))
+    if sb.grad_upcast:
+        terms.append(Term(Category.temporaries, "fp32 copies of the gradients at the step (mixed regime)",
+                          "P_t x 4 B", f"{base_t:,} x 4 B", sb.grad_upcast, "memprof MasterWeightOptimizer"))
+    ws = cublas_workspace_bytes(setup)
+    if ws:
+        terms.append(Term(Category.overhead, "cuBLAS workspace", "per handle, kept after the first matmul",
+                          fmt_bytes_auto(ws), ws, "CUBLAS_WORKSPACE_CONFIG default"))
+        reserve = allocator_reserve_bytes(peak_tensor_bytes + ws, setup)
+        terms.append(Term(Category.overhead, "caching-allocator reserve", "frac x allocated peak",
+                          f"{setup.overheads.allocator_reserve_frac:g} x {fmt_bytes_auto(peak_tensor_bytes + ws)}",
+                          reserve, "max_memory_reserved - max_memory_allocated, typical"))
+        ctx = cuda_context_bytes(setup)
+        terms.append(Term(Category.overhead, "CUDA context", "driver + kernels + library handles",
+                          fmt_bytes_auto(ctx), ctx, "outside the allocator; 0.3-1.4 GiB by GPU/driver"))
+    return tuple(terms)

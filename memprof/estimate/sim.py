@@ -1,0 +1,436 @@
+"""A symbolic replay of autograd's memory behaviour, in pure Python (no torch).
+
+Model scripts (blocks.py) describe a forward pass op by op, as the transformers code runs it. Each op keeps
+for backward what PyTorch's autograd keeps (tools/autograd/derivatives.yaml), and only when the other operand
+needs a gradient (``mm`` keeps ``self`` only if ``mat2`` requires grad), so frozen weights don't make their
+inputs stay alive. Sizes are polynomials in batch b and sequence length s over the basis
+(b*s, b*s*s, b, s, 1): one replay serves every (b, s).
+
+``Graph.backward`` then replays autograd's engine in reverse creation order: a gradient buffer for every input
+that needs one (accumulated in place when the input already has one; views and clones pass the buffer
+through), output gradients and saved tensors released after each node. Every allocation is a candidate peak.
+The script marks segments (embedding, first block, a repeated block, head) so compose.py can assemble a model
+of any depth from one replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Poly = tuple  # coefficients of (b*s, b*s*s, b, s, 1)
+ZERO: Poly = (0, 0, 0, 0, 0)
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bool": 1, "int64": 8, "int8": 1, "nf4": 0.5}
+
+
+def P(bs: float = 0, bss: float = 0, b: float = 0, s: float = 0, c: float = 0) -> Poly:
+    return (bs, bss, b, s, c)
+
+
+def padd(p: Poly, q: Poly) -> Poly:
+    return (p[0] + q[0], p[1] + q[1], p[2] + q[2], p[3] + q[3], p[4] + q[4])
+
+
+def psub(p: Poly, q: Poly) -> Poly:
+    return (p[0] - q[0], p[1] - q[1], p[2] - q[2], p[3] - q[3], p[4] - q[4])
+
+
+def pscale(p: Poly, k: float) -> Poly:
+    return (p[0] * k, p[1] * k, p[2] * k, p[3] * k, p[4] * k)
+
+
+def peval(p: Poly, b: int, s: int) -> float:
+    return p[0] * b * s + p[1] * b * s * s + p[2] * b + p[3] * s + p[4]
+
+
+def dominated(p: Poly, q: Poly) -> bool:
+    """p <= q for all b, s >= 1: every monomial is positive, so compare coefficient-wise."""
+    return p[0] <= q[0] and p[1] <= q[1] and p[2] <= q[2] and p[3] <= q[3] and p[4] <= q[4]
+
+
+def promote(a: T, b: T | None) -> str:
+    """torch type promotion between two floating tensors: the wider dtype (a Python scalar keeps a's)."""
+    if b is None or a.dtype == b.dtype:
+        return a.dtype
+    return "fp32" if "fp32" in (a.dtype, b.dtype) else a.dtype
+
+
+def _size(p: Poly) -> float:
+    """A size to compare shapes by (b and s large)."""
+    return peval(p, 1024, 1024)
+
+
+# Storage fates, named as records.Category values
+PARAM_T, PARAM_F, GRAD, OPT, MASTER, WCOPY, ACT, TEMP, INPUT = (
+    "params_trainable", "params_frozen", "gradients", "optimizer_states", "master_weights", "weight_copies",
+    "activations", "temporaries", "inputs")
+
+
+class Storage:
+    __slots__ = ("nbytes", "refs", "saved", "alive", "fate", "seg", "label", "dtype")
+
+    def __init__(self, nbytes: Poly, seg: str, label: str, fate: str | None, dtype: str = "") -> None:
+        self.dtype = dtype
+        self.nbytes = nbytes
+        self.refs = 0
+        self.saved = 0
+        self.alive = True
+        self.fate = fate   # fixed at creation (grads, inputs, weight copies) or resolved after forward
+        self.seg = seg
+        self.label = label
+
+
+class T:
+    """A tensor handle: numel elements of dtype, last dimension ``width``, on a (possibly shared) storage."""
+
+    __slots__ = ("numel", "width", "dtype", "rg", "st", "base", "label")
+
+    def __init__(self, numel: Poly, width: int, dtype: str, rg: bool, st: Storage, base: "T | None",
+                 label: str) -> None:
+        self.numel = numel
+        self.width = width
+        self.dtype = dtype
+        self.rg = rg
+        self.st = st
+        self.base = base   # views: their gradient is their base's gradient (no buffer of their own)
+        self.label = label
+
+    @property
+    def rows(self) -> Poly:
+        return pscale(self.numel, 1 / self.width)
+
+    @property
+    def root(self) -> "T":
+        t = self
+        while t.base is not None:
+            t = t.base
+        return t
+
+
+class Node:
+    __slots__ = ("inputs", "outputs", "saved", "alloc", "extra", "seg", "name")
+
+    def __init__(self, inputs: list[T], outputs: list[T], saved: list[Storage], alloc: list[bool],
+                 extra: Poly, seg: str, name: str) -> None:
+        self.inputs = inputs      # inputs that receive a gradient
+        self.outputs = outputs
+        self.saved = saved
+        self.alloc = alloc        # per input: a new gradient buffer (False: the output gradient is passed on)
+        self.extra = extra        # kernel-internal temporaries while this node runs backward (bytes)
+        self.seg = seg
+        self.name = name
+
+
+@dataclass
+class Event:
+    kind: str                     # alloc | free | cand | seg
+    seg: str
+    st: Storage | None = None
+    extra: Poly = ZERO
+
+
+class Region:
+    """A checkpointed block (torch.utils.checkpoint, non-reentrant): its nodes keep nothing in forward; the
+    backward recomputes the block, re-allocating what they would have kept."""
+
+    __slots__ = ("first", "holds", "saved", "cands", "start", "virtual", "done")
+
+    def __init__(self, first: int, holds: list[T], start: Poly) -> None:
+        self.first = first          # index of its first node
+        self.holds = holds          # the block's inputs, kept by checkpoint until the block's backward
+        self.saved: dict[Storage, int] = {}
+        self.cands: list[Poly] = []  # recompute peaks relative to the live bytes before it
+        self.start = start
+        self.virtual = ZERO         # bytes the nodes would be keeping had the block not been checkpointed
+        self.done = False
+
+
+@dataclass
+class Graph:
+    """Records a forward pass; ``backward`` replays the engine. Scripts ``drop`` handles where Python does."""
+
+    device: str = "cuda"
+    nodes: list[Node] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    seg: str = "setup"
+    live: Poly = ZERO
+    region: Region | None = None
+    node_region: dict[int, Region] = field(default_factory=dict)
+    leaf_holds: list[T] = field(default_factory=list)   # non-parameter leaves that require grad
+
+    # ---- lifetime -----------------------------------------------------------------------------------
+    def _alloc(self, nbytes: Poly, label: str, fate: str | None) -> Storage:
+        st = Storage(nbytes, self.seg, label, fate)
+        self.events.append(Event("alloc", self.seg, st))
+        self.live = padd(self.live, nbytes)
+        if self.region is not None:
+            self.region.cands.append(padd(psub(self.live, self.region.start), self.region.virtual))
+        return st
+
+    def _release(self, st: Storage) -> None:
+        if st.alive and st.refs <= 0 and st.saved <= 0:
+            st.alive = False
+            self.live = psub(self.live, st.nbytes)
+            self.events.append(Event("free", self.seg, st))
+            if self.region is not None and st in self.region.saved:
+                self.region.virtual = padd(self.region.virtual, st.nbytes)
+
+    def begin_checkpoint(self, inputs: list[T | None]) -> None:
+        holds = [self.alias(t) for t in inputs if t is not None]
+        self.region = Region(len(self.nodes), holds, self.live)
+
+    def end_checkpoint(self) -> None:
+        region = self.region
+        assert region is not None
+        for i in range(region.first, len(self.nodes)):
+            self.node_region[i] = region
+        self.region = None
+
+    def _recompute(self, region: Region) -> None:
+        """Backward reached a checkpointed block: rerun its forward, re-allocating what its nodes keep."""
+        region.done = True
+        for c in region.cands:
+            self.cand(c)
+        for st, count in region.saved.items():
+            if not st.alive:
+                st.alive = True
+                self.live = padd(self.live, st.nbytes)
+                self.events.append(Event("alloc", self.seg, st))
+            st.saved += count
+
+    def new(self, numel: Poly, width: int, dtype: str, label: str, fate: str | None = None) -> T:
+        st = self._alloc(pscale(numel, BYTES[dtype]), label, fate)
+        st.dtype = dtype
+        st.refs = 1
+        return T(numel, width, dtype, False, st, None, label)
+
+    def param(self, numel: int, width: int, dtype: str, trainable: bool, label: str) -> T:
+        """A parameter: its bytes are counted by the model-state terms, not here."""
+        st = Storage(ZERO, self.seg, label, PARAM_T if trainable else PARAM_F)
+        st.refs = 1 << 40
+        return T(P(c=numel), width, dtype, trainable, st, None, label)
+
+    def given(self, numel: Poly, width: int, dtype: str, label: str, fate: str = INPUT) -> T:
+        """A tensor alive before the step starts (the batch); counted in the base, not allocated here."""
+        st = Storage(ZERO, self.seg, label, fate)
+        st.refs = 1 << 40
+        return T(numel, width, dtype, False, st, None, label)
+
+    def view(self, t: T, width: int | None = None, numel: Poly | None = None) -> T:
+        t.st.refs += 1
+        return T(t.numel if numel is None else numel, width or t.width, t.dtype, t.rg, t.st, t, t.label)
+
+    def resize(self, t: T, numel: Poly) -> None:
+        """Set the shape of a tensor just created by a generic op (its storage size follows)."""
+        t.numel = numel
+        t.st.nbytes = pscale(numel, BYTES[t.dtype]) if t.st.nbytes != ZERO else ZERO
+
+    def alias(self, t: T) -> T:
+        """The same tensor under another name (``x.to(x.dtype)``, dropout with p=0): one more reference."""
+        t.st.refs += 1
+        return t
+
+    def drop(self, *ts: T | None) -> None:
+        for t in ts:
+            if t is not None:
+                t.st.refs -= 1
+                self._release(t.st)
+
+    def cand(self, extra: Poly = ZERO) -> None:
+        self.events.append(Event("cand", self.seg, None, extra))
+
+    def segment(self, name: str) -> None:
+        self.seg = name
+        self.events.append(Event("seg", name))
+
+    # ---- autograd nodes -----------------------------------------------------------------------------
+    def _node(self, name: str, inputs: list[T], outputs: list[T], saved: list[T | None],
+              alloc: list[bool] | None = None, extra: Poly = ZERO) -> bool:
+        flags = alloc or [True] * len(inputs)
+        grad_in = [(t, a) for t, a in zip(inputs, flags) if t.rg]
+        if not grad_in:
+            return False
+        for o in outputs:
+            o.rg = True
+        kept = []
+        for t in saved:
+            if t is not None and t.st.nbytes != ZERO:
+                if self.region is not None:
+                    self.region.saved[t.st] = self.region.saved.get(t.st, 0) + 1
+                else:
+                    t.st.saved += 1
+                kept.append(t.st)
+        self.nodes.append(Node([t for t, _ in grad_in], outputs, kept, [a for _, a in grad_in], extra, self.seg, name))
+        return True
+
+    # ---- ops ----------------------------------------------------------------------------------------
+    def linear(self, x: T, w: T, d_out: int, label: str, bias: T | None = None, w_used: T | None = None,
+               out_dtype: str | None = None) -> T:
+        """y = x W^T + b (aten addmm/mm): keeps x if W needs a gradient and W if x does. ``w_used`` is the
+        tensor the matmul actually reads when it is not the parameter (autocast half copy, dequantized
+        4-bit weight): that one is kept alive by the node."""
+        wt = w_used if w_used is not None else w
+        out = self.new(pscale(x.rows, d_out), d_out, out_dtype or x.dtype, label)
+        ins = [x, wt] + ([bias] if bias is not None else [])
+        self._node("linear", ins, [out], [x if wt.rg else None, wt if x.rg else None])
+        return out
+
+    def bmm(self, a: T, b_: T, numel: Poly, width: int, label: str) -> T:
+        out = self.new(numel, width, a.dtype, label)
+        self._node("bmm", [a, b_], [out], [a if b_.rg else None, b_ if a.rg else None])
+        return out
+
+    def copy(self, x: T, label: str, dtype: str | None = None, width: int | None = None) -> T:
+        """contiguous()/reshape copy/clone/to(dtype): new storage, nothing saved; backward passes the
+        gradient on (a new buffer only when the dtype changes)."""
+        dtype = dtype or x.dtype
+        out = self.new(x.numel, width or x.width, dtype, label)
+        self._node("copy", [x], [out], [], [dtype != x.dtype])
+        return out
+
+    def cast(self, x: T, dtype: str, label: str, fate: str | None = None) -> T:
+        """x.to(dtype): the same tensor when the dtype already matches."""
+        if x.dtype == dtype:
+            return self.alias(x)
+        out = self.new(x.numel, x.width, dtype, label, fate)
+        self._node("to", [x], [out], [], [True])
+        return out
+
+    def unary(self, x: T, label: str, save: str, dtype: str | None = None, width: int | None = None,
+              extra: Poly = ZERO) -> T:
+        """Elementwise or row-reduction op. save: 'input' (gelu, silu, pow), 'output' (relu, tanh, softmax,
+        log_softmax, rsqrt, exp, sigmoid), 'none' (neg, adding a constant, mean, sum)."""
+        numel = x.numel if width is None else pscale(x.rows, width)
+        out = self.new(numel, width or x.width, dtype or x.dtype, label)
+        saved = [x] if save == "input" else ([out] if save == "output" else [])
+        self._node(label, [x], [out], saved, extra=extra)
+        return out
+
+    def add(self, a: T, b_: T | None, label: str, dtype: str | None = None) -> T:
+        """a + b (b None: a Python scalar). Saves nothing; the bigger operand sets the shape."""
+        big = a if b_ is None or _size(a.numel) >= _size(b_.numel) else b_
+        out = self.new(big.numel, big.width, dtype or promote(a, b_), label)
+        self._node("add", [a] + ([b_] if b_ is not None else []), [out], [])
+        return out
+
+    def mul(self, a: T, b_: T | None, label: str, dtype: str | None = None) -> T:
+        """a * b: keeps a if b needs a gradient, b if a does (b None: a Python scalar, nothing kept)."""
+        big = a if b_ is None or _size(a.numel) >= _size(b_.numel) else b_
+        out = self.new(big.numel, big.width, dtype or promote(a, b_), label)
+        if b_ is None:
+            self._node("mul", [a], [out], [])
+        else:
+            # the gradient of a broadcast operand is sum_to_size(grad * other): a temporary of the output's size
+            small = [t for t in (a, b_) if t.rg and t is not big and _size(t.numel) < _size(out.numel)]
+            extra = pscale(out.numel, BYTES[out.dtype]) if small else ZERO
+            self._node("mul", [a, b_], [out], [a if b_.rg else None, b_ if a.rg else None], extra=extra)
+        return out
+
+    def dropout(self, x: T, p: float, label: str) -> T:
+        """Training dropout. CUDA fuses it (native_dropout) and keeps a 1-byte bool mask; the CPU kernel
+        keeps a mask in x's dtype. p = 0 returns x itself."""
+        if p <= 0:
+            return self.alias(x)
+        out = self.new(x.numel, x.width, x.dtype, label)
+        mask = self.new(x.numel, x.width, "bool" if self.device == "cuda" else x.dtype, label + " mask")
+        self._node("dropout", [x], [out], [mask])
+        self.drop(mask)
+        return out
+
+    def layer_norm(self, x: T, w: T, b: T | None, label: str, out_dtype: str | None = None) -> T:
+        """native_layer_norm keeps its input and a per-row mean and rstd (fp32 on CUDA, x's dtype on CPU)."""
+        out = self.new(x.numel, x.width, out_dtype or x.dtype, label)
+        stats = self.new(pscale(x.rows, 2), 2, "fp32" if self.device == "cuda" else x.dtype, label + " mean/rstd")
+        self._node("layer_norm", [x, w] + ([b] if b is not None else []), [out], [x, stats])
+        self.drop(stats)
+        return out
+
+    def embedding(self, ids: T, w: T, h: int, dtype: str, label: str) -> T:
+        """Embedding lookup: keeps the indices (already alive) for the weight's dense gradient."""
+        out = self.new(pscale(ids.numel, h), h, dtype, label)
+        self._node("embedding", [w], [out], [ids])
+        return out
+
+    def cat(self, parts: list[T], label: str) -> T:
+        numel = ZERO
+        for t in parts:
+            numel = padd(numel, t.numel)
+        out = self.new(numel, parts[0].width, parts[0].dtype, label)
+        self._node("cat", list(parts), [out], [], [False] * len(parts))
+        return out
+
+    def custom(self, name: str, inputs: list[T], outputs: list[T], saved: list[T | None],
+               alloc: list[bool] | None = None, extra: Poly = ZERO) -> bool:
+        """A node with explicit saved tensors (attention kernels, losses)."""
+        return self._node(name, inputs, outputs, saved, alloc, extra)
+
+    # ---- backward -----------------------------------------------------------------------------------
+    def backward(self, loss: T, seg_of: dict[str, str]) -> list[Storage]:
+        """Replay the engine from ``loss``; returns the parameters' gradient storages.
+
+        ``seg_of`` maps a forward segment to the name of its backward segment. A gradient buffer's ``refs``
+        counts the pending entries holding it; param gradients are held by ``.grad`` until the step ends.
+        """
+        pending: dict[int, Storage] = {}
+        param_grads: dict[int, Storage] = {}
+        seed = self._alloc(pscale(loss.numel, BYTES[loss.dtype]), "grad of loss", None)
+        seed.refs = 1
+        pending[id(loss)] = seed
+        current = None
+        for index in range(len(self.nodes) - 1, -1, -1):
+            node = self.nodes[index]
+            region = self.node_region.get(index)
+            outs = [pending.pop(id(o)) for o in node.outputs if id(o) in pending]
+            if not outs:
+                if region is not None and index == region.first:
+                    self.drop(*region.holds)
+                continue
+            for g in outs:
+                g.refs -= 1
+            seg = seg_of.get(node.seg, "b:" + node.seg)
+            if seg != current:
+                current = seg
+                self.segment(seg)
+            if region is not None and not region.done:
+                self._recompute(region)
+            for t, alloc in zip(node.inputs, node.alloc):
+                root = t.root
+                if root.st.fate in (PARAM_T, PARAM_F):
+                    g = self._alloc(pscale(root.numel, BYTES[root.dtype]), "grad " + root.label, GRAD)
+                    if id(root) in param_grads:
+                        # a second gradient for the same leaf (tied embeddings): AccumulateGrad adds out of
+                        # place here (seen in traces: aten.add, not add_), so old, new and sum coexist
+                        total = self._alloc(g.nbytes, "grad sum " + root.label, GRAD)
+                        self.cand(node.extra)
+                        old = param_grads[id(root)]
+                        old.fate = g.fate = TEMP  # neither ends up as .grad
+                        old.refs = 0
+                        self._release(old)
+                        self._release(g)
+                        total.refs = 1
+                        param_grads[id(root)] = total
+                    else:
+                        g.refs = 1
+                        param_grads[id(root)] = g
+                    continue
+                g = self._alloc(pscale(root.numel, BYTES[t.dtype]), "grad " + t.label, None) if alloc else outs[0]
+                key = id(root)
+                if key in pending:                       # InputBuffer.accumulate: in place, the new one dies
+                    if alloc:
+                        self.cand(node.extra)
+                        self._release(g)
+                else:
+                    g.refs += 1
+                    pending[key] = g
+            self.cand(node.extra)
+            for g in outs:
+                self._release(g)
+            for st in node.saved:
+                st.saved -= 1
+                self._release(st)
+            if region is not None and index == region.first:
+                self.drop(*region.holds)
+        for g in pending.values():   # gradients of leaves that are not parameters die with the graph
+            g.refs = 0
+            self._release(g)
+        self.drop(*self.leaf_holds)
+        return list(param_grads.values())

@@ -1,0 +1,317 @@
+"""The in-process measurement: real training steps on CPU or CUDA, peak memory and step time.
+
+Phases, each a small function: build (model, method, optimizer, batch) -> warm-up (>= 1 step; the first
+allocates optimizer state and the cuBLAS workspace) -> reset (CUDA: synchronize, empty_cache,
+reset_peak_memory_stats) -> timed steps without any tracking -> read (allocator peaks, NVML, energy) ->
+optional breakdown step under ``MemoryTracker`` (categories at the tracked peak).
+
+On CUDA ``peak_bytes`` is ``max_memory_allocated`` over the timed steps. CPU has no allocator peak counter:
+there ``peak_bytes`` is the tracker's live-tensor peak of one tracked steady-state step, so it needs
+``breakdown=True``; the process's peak RSS is recorded as context only (it includes the Python heap,
+libraries and the allocator's cache). Run each measurement in a fresh process (``runner.measure``) for a
+clean peak.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import Dtype, Method, Regime, RunSetup, with_method_defaults
+from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError, MemprofError
+from ..records import Category, EnvInfo, Measurement, MemoryBreakdown, Phase, setup_row
+from ..spec import Family, ModelSpec
+from . import probes
+from .build import (TORCH_DTYPE, apply_method, build_base_model, check_positions, count_trainable, make_optimizer,
+                    synthetic_batch)
+from .step import block_modules, run_step
+from .tracker import MemoryTracker
+
+ProgressFn = Callable[[str, int, int], None]
+CUDA_BLOCK_BYTES = 512  # caching-allocator rounding, so the tracker's CUDA peak compares to max_memory_allocated
+_CPU_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "could not allocate", "out of memory")
+
+
+@dataclass
+class BuiltRun:
+    """Everything a step needs, built once."""
+
+    model: nn.Module
+    optimizer: Any
+    batch: dict[str, torch.Tensor]
+    scaler: Any
+    trainable_params: int
+    total_params: int
+
+
+def _progress(progress: ProgressFn | None, phase: str, step: int, total: int) -> None:
+    if progress is not None:
+        progress(phase, step, total)
+
+
+def _check_device(setup: RunSetup) -> str:
+    device = setup.device.value
+    if device == "cuda":
+        probes.require_cuda()
+    if setup.method is Method.qlora and device != "cuda":
+        raise DeviceUnavailableError("QLoRA needs bitsandbytes' 4-bit CUDA kernels; measure it with --device cuda "
+                                     "on a GPU, or measure --method lora on CPU")
+    return device
+
+
+def quantize_blocks_4bit(model: nn.Module, setup: RunSetup) -> int:
+    """QLoRA storage (Dettmers et al. 2023): replace every linear inside the transformer blocks by a
+    bitsandbytes ``Linear4bit`` (heads and embeddings stay in the compute dtype). CUDA only, untested here.
+
+    Returns:
+        the number of modules replaced.
+
+    Raises:
+        DependencyMissingError: bitsandbytes is not installed.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise DependencyMissingError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers.pytorch_utils import Conv1D
+
+    quant = setup.quant
+    assert quant is not None
+    compute = TORCH_DTYPE[setup.dtype]
+    replaced = 0
+    for block in block_modules(model):
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, (nn.Linear, Conv1D)):
+                    continue
+                # GPT-2's Conv1D stores (in, out); Linear4bit wants (out, in)
+                weight = child.weight.data.t() if isinstance(child, Conv1D) else child.weight.data
+                d_out, d_in = weight.shape
+                new = bnb.nn.Linear4bit(d_in, d_out, bias=child.bias is not None, compute_dtype=compute,
+                                        compress_statistics=quant.double_quant, quant_type=quant.quant_type,
+                                        device="meta")
+                new.weight = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, blocksize=quant.blocksize,
+                                               compress_statistics=quant.double_quant, quant_type=quant.quant_type,
+                                               module=new)
+                if child.bias is not None:
+                    new.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, new.to(weight.device))  # Params4bit quantizes on its first move to CUDA
+                replaced += 1
+    torch.cuda.empty_cache()
+    return replaced
+
+
+def build_run(spec: ModelSpec, setup: RunSetup, device: str, pretrained: str | None = None,
+              peft_config: Any = None) -> BuiltRun:
+    """Build phase: the model on ``device`` (random init unless ``pretrained``), the method, activation
+    checkpointing, the optimizer, a GradScaler for fp16 AMP on CUDA, and the synthetic batch."""
+    check_positions(spec, setup)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_base_model(spec, setup, device, pretrained)
+        if setup.method is Method.qlora:
+            quantize_blocks_4bit(model, setup)
+        model = apply_method(model, spec, setup, peft_config)
+        model.to(device)  # peft and memprof's adapters create their weights on the base model's device already
+        if setup.grad_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()  # transformers' default: non-reentrant checkpointing, input grads enabled for PEFT
+    model.train()
+    trainable, total = count_trainable(model)
+    optimizer = make_optimizer(model, setup, device)
+    scaler = None
+    if device == "cuda" and setup.effective_regime is Regime.amp and setup.dtype is Dtype.fp16:
+        scaler = torch.amp.GradScaler("cuda")
+    batch = synthetic_batch(spec, setup, device)
+    return BuiltRun(model, optimizer, batch, scaler, trainable, total)
+
+
+def _step(run: BuiltRun, setup: RunSetup, device: str, tracker: MemoryTracker | None = None) -> None:
+    run_step(run.model, run.batch, run.optimizer, setup, device, tracker=tracker, scaler=run.scaler)
+
+
+def run_warmup(run: BuiltRun, setup: RunSetup, device: str, steps: int, progress: ProgressFn | None = None) -> None:
+    for i in range(steps):
+        _step(run, setup, device)
+        _progress(progress, "warmup", i + 1, steps)
+
+
+def run_timed(run: BuiltRun, setup: RunSetup, device: str, steps: int,
+              progress: ProgressFn | None = None) -> list[float]:
+    """The timed window: plain steps (no tracker, no hooks), one wall time each in seconds."""
+    timer = probes.StepTimer(device)
+    for i in range(steps):
+        with timer.step():
+            _step(run, setup, device)
+        _progress(progress, "timed", i + 1, steps)
+    return timer.times_s
+
+
+@dataclass(frozen=True)
+class TrackedStep:
+    breakdown: MemoryBreakdown     # categories at the tracked peak; total_bytes == peak_bytes
+    peak_bytes: int
+    peak_phase: str                # forward | backward | optimizer
+    steady_bytes: int              # live after optimizer.step() + zero_grad
+
+
+def tracked_step(run: BuiltRun, setup: RunSetup, device: str) -> TrackedStep:
+    """One more steady-state step under the categorised tracker. Optimizer states (and master weights)
+    exist before the step, so they are registered with the parameters and the batch."""
+    tracker = MemoryTracker(round_bytes=CUDA_BLOCK_BYTES if device == "cuda" else 1)
+    tracker.register_module(run.model)
+    tracker.register(run.batch.values(), Category.inputs)
+    tracker.register_optimizer(run.optimizer)
+    tracker.reset_peak()
+    with tracker:
+        _step(run, setup, device, tracker=tracker)
+    breakdown = tracker.breakdown()
+    phase_peaks = tracker.phase_peaks()
+    top = max(phase_peaks, key=lambda p: phase_peaks[p][0]) if phase_peaks else Phase.forward.value
+    return TrackedStep(breakdown, tracker.peak_bytes, top.split(".")[0], tracker.current_bytes)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), q in [0, 1]."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _flops(spec: ModelSpec, setup: RunSetup, peft_config: Any) -> int | None:
+    if peft_config is not None or spec.family is Family.other:
+        return None  # an arbitrary peft config or architecture: no analytic FLOP count
+    from ..estimate.flops import step_flops
+
+    try:
+        return step_flops(spec, setup).total_flops
+    except MemprofError:  # e.g. LoRA defaults memprof does not know but peft does: the run stands, FLOPs unknown
+        return None
+
+
+def is_oom(exc: BaseException) -> bool:
+    """CUDA OutOfMemoryError, Python MemoryError, or a CPU allocator failure (RuntimeError 'can't allocate')."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _CPU_OOM_MARKERS)
+
+
+def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 2, timed_steps: int = 5,
+                    breakdown: bool = True, pretrained: str | None = None, peft_config: Any = None,
+                    progress: ProgressFn | None = None) -> Measurement:
+    """Measure training steps of ``spec`` under ``setup`` on ``setup.device``, in this process.
+
+    Args:
+        spec: the model; weights are random unless ``pretrained`` (memory and time do not depend on them).
+        setup: the run; ``setup.device`` is cpu or cuda (resolve "auto" before calling).
+        warmup_steps: untimed steps first (>= 1; the first allocates optimizer state).
+        timed_steps: steps timed and measured (>= 1).
+        breakdown: run one more step under the tracker for the category breakdown (required on CPU for
+            ``peak_bytes``; on CUDA it adds ``tracker_peak_bytes`` next to the allocator's peak).
+        pretrained: local path or hub id of real weights to load instead of random init.
+        peft_config: a peft config object to apply instead of the method's own (FLOPs then not counted).
+        progress: ``progress(phase, step, total)`` after each step of build | warmup | timed | breakdown.
+
+    Returns:
+        A Measurement with status "ok", or "oom" (with the phase and the error) when memory ran out.
+
+    Raises:
+        DeviceUnavailableError: CUDA requested but absent; QLoRA on CPU.
+        ConfigError: invalid step counts, or the model/method cannot be built.
+        DependencyMissingError: QLoRA without bitsandbytes.
+    """
+    if warmup_steps < 1 or timed_steps < 1:
+        raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")
+    setup = with_method_defaults(setup)
+    device = _check_device(setup)
+    env = probes.env_info(device)
+    base = dict(spec_name=spec.name, setup_row=setup_row(spec, setup), device=device, env=env,
+                warmup_steps=warmup_steps, timed_steps=timed_steps)
+    phase = "build"
+    try:
+        _progress(progress, "build", 0, 1)
+        run = build_run(spec, setup, device, pretrained, peft_config)
+        _progress(progress, "build", 1, 1)
+        phase = "warmup"
+        run_warmup(run, setup, device, warmup_steps, progress)
+        phase = "timed"
+        if device == "cuda":
+            probes.cuda_reset_peak()
+        energy_start = probes.nvml_energy_mj() if device == "cuda" else None
+        times = run_timed(run, setup, device, timed_steps, progress)
+        reads = _read(device, energy_start, timed_steps)
+        tracked = None
+        if breakdown:
+            phase = "breakdown"
+            _progress(progress, "breakdown", 0, 1)
+            tracked = tracked_step(run, setup, device)
+            _progress(progress, "breakdown", 1, 1)
+    except MemprofError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (OOM is a result; anything else propagates)
+        if not is_oom(exc):
+            raise
+        message = f"out of memory during {phase}: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
+        del exc
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        return Measurement(status="oom", message=message, rss_peak_bytes=probes.rss_peak_bytes(), **base)
+    return _assemble(spec, setup, device, run, times, reads, tracked, peft_config, base)
+
+
+def _read(device: str, energy_start: int | None, steps: int) -> dict[str, Any]:
+    """Read phase: allocator peaks and NVML (CUDA), steady-state allocated, energy per step."""
+    out: dict[str, Any] = {"rss_peak_bytes": probes.rss_peak_bytes()}
+    if device != "cuda":
+        return out
+    probes.cuda_synchronize()
+    out["peak_bytes"] = probes.cuda_max_allocated_bytes()
+    out["reserved_bytes"] = probes.cuda_max_reserved_bytes()
+    out["steady_bytes"] = probes.cuda_allocated_bytes()  # run_step ends with optimizer.step() + zero_grad
+    out["device_used_bytes"] = probes.nvml_process_used_bytes()
+    energy_end = probes.nvml_energy_mj()
+    if energy_start is not None and energy_end is not None:
+        out["energy_per_step_j"] = (energy_end - energy_start) / 1000 / steps
+    return out
+
+
+def _assemble(spec: ModelSpec, setup: RunSetup, device: str, run: BuiltRun, times: list[float],
+              reads: dict[str, Any], tracked: TrackedStep | None, peft_config: Any,
+              base: dict[str, Any]) -> Measurement:
+    median = statistics.median(times)
+    flops = _flops(spec, setup, peft_config)
+    mfu = None
+    env: EnvInfo = base["env"]
+    if flops is not None and device == "cuda" and env.device_name:
+        from ..estimate.flops import mfu as _mfu, peak_flops
+
+        peak = peak_flops(env.device_name, setup.dtype.value)
+        mfu = _mfu(flops, median, peak) if peak else None
+    notes = []
+    if tracked is not None:
+        notes.append(f"breakdown from one tracked step after the timed window ({'512-byte blocks' if device == 'cuda' else 'exact storage bytes'})")
+    if device == "cpu":
+        notes.append("CPU: peak_bytes is the tracker's live-tensor peak of a steady-state step"
+                     + ("" if tracked else "; not measured (run with breakdown)") + "; rss_peak_bytes is context only")
+    peak = reads.get("peak_bytes", tracked.peak_bytes if tracked and device == "cpu" else None)
+    steady = reads.get("steady_bytes", tracked.steady_bytes if tracked and device == "cpu" else None)
+    return Measurement(
+        status="ok", total_params=run.total_params, trainable_params=run.trainable_params,
+        peak_bytes=peak, reserved_bytes=reads.get("reserved_bytes"), device_used_bytes=reads.get("device_used_bytes"),
+        steady_bytes=steady, rss_peak_bytes=reads.get("rss_peak_bytes"),
+        breakdown=tracked.breakdown if tracked else None, peak_phase=tracked.peak_phase if tracked else None,
+        tracker_peak_bytes=tracked.peak_bytes if tracked else None,
+        step_times_s=tuple(times), step_time_median_s=median, step_time_p10_s=_percentile(times, 0.1),
+        step_time_p90_s=_percentile(times, 0.9), samples_per_s=setup.batch_size / median,
+        tokens_per_s=setup.tokens / median, flops_per_step=float(flops) if flops is not None else None, mfu=mfu,
+        energy_per_step_j=reads.get("energy_per_step_j"), extra={"notes": notes}, **base,
+    )

@@ -1,0 +1,351 @@
+"""Isolation and persistence for measurements: one fresh worker process per run, results appended to JSONL.
+
+``measure`` sends the job (the ModelSpec with its hf_config and source, and the full RunSetup) as JSON to
+``python -m memprof.measure.worker``, reads progress and the result over a pipe, and turns an out-of-memory,
+a crash (non-zero exit, signal) or a timeout into a recorded ``Measurement`` (status oom | error | timeout,
+with the last lines of the worker's output) rather than a lost session. A fresh process also gives each run
+a clean allocator peak and peak RSS.
+
+Each result is one JSON line appended to ``<out_dir>/<name>.jsonl`` with a single ``os.write`` on a file
+opened ``O_APPEND``, then fsync'd, so concurrent writers never interleave and an interrupted write leaves at
+worst a truncated last line, which ``read_measurements`` skips with a warning. This module imports no torch;
+the worker does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3Spec, LoraSpec, Method, Optimizer,
+                      Overheads, PromptLearningSpec, QuantSpec, Regime, RunSetup, with_method_defaults)
+from ..errors import ConfigError
+from ..records import EnvInfo, Measurement, MemoryBreakdown, setup_row
+from ..spec import Family, ModelSpec, Task
+
+ProgressFn = Callable[[str, int, int], None]
+SCHEMA = "memprof.measurement/1"
+STDERR_TAIL_LINES = 20
+WORKER_MODULE = "memprof.measure.worker"
+
+# ---- JSON helpers --------------------------------------------------------------------------------------------
+_SETUP_ENUMS: dict[str, type[Enum]] = {"method": Method, "dtype": Dtype, "regime": Regime, "optimizer": Optimizer,
+                                       "attn_impl": AttnImpl, "device": Device}
+_SETUP_GROUPS: dict[str, type] = {"lora": LoraSpec, "quant": QuantSpec, "adapter": AdapterSpec, "ia3": IA3Spec,
+                                  "prompt": PromptLearningSpec, "overheads": Overheads}
+_GROUP_ENUMS: dict[str, type[Enum]] = {"variant": AdapterVariant}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def setup_to_json(setup: RunSetup) -> dict[str, Any]:
+    """Every RunSetup field as JSON values (enums by value, option groups as objects, tuples as lists)."""
+    return _plain(setup)
+
+
+def _group_from_json(cls: type, name: str, values: Mapping[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))} in '{name}'; known: {', '.join(sorted(known))}")
+    kwargs = {k: _GROUP_ENUMS[k](v) if k in _GROUP_ENUMS else (tuple(v) if isinstance(v, list) else v)
+              for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def setup_from_json(data: Mapping[str, Any]) -> RunSetup:
+    """Inverse of ``setup_to_json``: ``setup_from_json(setup_to_json(s)) == s``.
+
+    Raises:
+        ConfigError: an unknown key, an unknown enum value or an invalid value.
+    """
+    known = {f.name for f in dataclasses.fields(RunSetup)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown setup option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    kwargs: dict[str, Any] = {}
+    try:
+        for key, value in data.items():
+            if value is None or key not in (*_SETUP_ENUMS, *_SETUP_GROUPS):
+                kwargs[key] = value
+            elif key in _SETUP_ENUMS:
+                kwargs[key] = _SETUP_ENUMS[key](value)
+            else:
+                kwargs[key] = _group_from_json(_SETUP_GROUPS[key], key, value)
+        return RunSetup(**kwargs)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"invalid setup: {exc}") from None
+
+
+def spec_to_json(spec: ModelSpec) -> dict[str, Any]:
+    """Every ModelSpec field, hf_config and source included (the worker rebuilds the spec exactly)."""
+    out = {f.name: _plain(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
+    return out
+
+
+def spec_from_json(data: Mapping[str, Any]) -> ModelSpec:
+    """Inverse of ``spec_to_json``.
+
+    Raises:
+        ConfigError: unknown keys or invalid sizes.
+    """
+    known = {f.name for f in dataclasses.fields(ModelSpec)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown model spec key(s) {', '.join(sorted(unknown))}")
+    kwargs = dict(data)
+    try:
+        kwargs["family"] = Family(kwargs["family"])
+        if "task" in kwargs:
+            kwargs["task"] = Task(kwargs["task"])
+        return ModelSpec(**kwargs)
+    except (KeyError, ValueError, TypeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"invalid model spec: {exc}") from None
+
+
+def measurement_to_dict(m: Measurement) -> dict[str, Any]:
+    return _plain(m)
+
+
+def measurement_from_dict(data: Mapping[str, Any]) -> Measurement:
+    """A Measurement from ``measurement_to_dict`` output (keys it does not know are ignored)."""
+    known = {f.name for f in dataclasses.fields(Measurement)}
+    kwargs = {k: v for k, v in data.items() if k in known}
+    if kwargs.get("breakdown") is not None:
+        kwargs["breakdown"] = MemoryBreakdown.from_dict(kwargs["breakdown"])
+    if kwargs.get("env") is not None:
+        env_known = {f.name for f in dataclasses.fields(EnvInfo)}
+        kwargs["env"] = EnvInfo(**{k: v for k, v in kwargs["env"].items() if k in env_known})
+    kwargs["step_times_s"] = tuple(kwargs.get("step_times_s") or ())
+    return Measurement(**kwargs)
+
+
+# ---- JSONL persistence -----------------------------------------------------------------------------------------
+def default_name(spec: ModelSpec) -> str:
+    """File stem for a model: ``FacebookAI/roberta-base`` -> ``FacebookAI_roberta-base``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name).strip("._") or "model"
+
+
+def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line with a single write on an O_APPEND descriptor, then fsync.
+
+    If the file ends in a truncated line (an earlier interrupted write), a newline is written first so the
+    new record stays on a line of its own.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    data = b"\n" + data
+        written = os.write(fd, data)
+        while written < len(data):  # only on a full disk or a signal; keep the line whole if we can
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_measurements(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a measurements JSONL file. Lines that are not valid JSON objects (a truncated last line
+    after an interrupted write) are skipped with a warning."""
+    records = []
+    lines = Path(path).read_bytes().split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            where = "truncated last line" if number >= len(lines) - 1 else f"invalid line {number}"
+            warnings.warn(f"{path}: skipping {where} ({len(line)} bytes)", stacklevel=2)
+            continue
+        records.append(record)
+    return records
+
+
+# ---- the worker process ------------------------------------------------------------------------------------------
+def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _handle(line: bytes, out: dict[str, Any], progress: ProgressFn | None) -> str | None:
+    """Apply one worker message to ``out``; returns a progress description for messages that are progress."""
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        return None
+    if "progress" in msg:
+        phase, step, total = msg["progress"]
+        if progress is not None:
+            progress(phase, step, total)
+        return f"{phase} {step}/{total}"
+    if "env" in msg:
+        out["env"] = msg["env"]
+    elif "result" in msg:
+        out.update(status=msg["result"]["status"], result=msg["result"])
+    elif "error" in msg:
+        out.update(status=msg["error"]["status"], message=msg["error"]["message"])
+    return None
+
+
+def _run_child(argv: Sequence[str], job: Mapping[str, Any], timeout_s: float | None,
+               progress: ProgressFn | None) -> dict[str, Any]:
+    """Run one worker; returns {"status", "message", "result", "env"} from its messages and exit."""
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with tempfile.NamedTemporaryFile(prefix="memprof-worker-", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+        proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                pass_fds=(write_fd,), start_new_session=True, env=env)
+    os.close(write_fd)
+    out: dict[str, Any] = {"status": None, "message": None, "result": None, "env": None}
+    last = "start"
+    try:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(json.dumps({**job, "result_fd": write_fd}).encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        buffer = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(read_fd, selectors.EVENT_READ)
+            while True:
+                if deadline is not None:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0 or not sel.select(wait):
+                        os.killpg(proc.pid, signal.SIGKILL)  # the worker's own process group
+                        proc.wait()
+                        out.update(status="timeout", message=f"timed out after {timeout_s:g} s (last: {last})")
+                        return out
+                chunk = os.read(read_fd, 65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    last = _handle(line, out, progress) or last
+        rc = proc.wait(None if deadline is None else max(0.1, deadline - time.monotonic()))
+        if out["status"] is None:
+            if rc < 0:
+                name = signal.Signals(-rc).name
+                why = f"worker killed by {name}" + (" (the kernel OOM killer sends SIGKILL)" if name == "SIGKILL" else "")
+            else:
+                why = f"worker exited with status {rc} without a result"
+            tail = _tail(log_path)
+            out.update(status="error", message=why + (f" during {last}" if last != "start" else "")
+                       + (f"\n{tail}" if tail else ""))
+        return out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        out.update(status="timeout", message=f"timed out after {timeout_s:g} s waiting for the worker to exit")
+        return out
+    finally:
+        os.close(read_fd)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log_path.unlink(missing_ok=True)
+
+
+def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "measurements", name: str | None = None,
+            timeout_s: float | None = None, isolate: bool = True, warmup_steps: int = 2, timed_steps: int = 5,
+            breakdown: bool = True, pretrained: str | None = None, peft_config: str | Path | None = None,
+            memory_limit_bytes: int | None = None, cpu_threads: int | None = None,
+            progress: ProgressFn | None = None) -> Measurement:
+    """Measure ``spec`` under ``setup`` in a fresh worker process and append the result to JSONL.
+
+    Args:
+        spec: the model (any spec ``memprof.hub`` resolves; its hf_config travels to the worker).
+        setup: the run; ``setup.device`` must be cpu or cuda.
+        out_dir: folder of ``<name>.jsonl``; None writes nothing.
+        name: file stem; default: the model name with path separators replaced (``default_name``).
+        timeout_s: kill the worker after this many seconds and record status "timeout" (isolate only).
+        isolate: False runs in this process (no timeout, no crash protection; errors raise).
+        warmup_steps, timed_steps, breakdown, pretrained: as ``harness.run_measurement``.
+        peft_config: path of a peft config JSON to apply instead of the method's own.
+        memory_limit_bytes: address space (RLIMIT_AS) the worker may add after importing the torch stack,
+            Linux only; a run needing more ends with status "oom". Meant for tests.
+        cpu_threads: torch intra-op threads in the worker (default: torch's choice).
+        progress: ``progress(phase, step, total)``; phases start | build | warmup | timed | breakdown.
+
+    Returns:
+        The Measurement (status ok | oom | error | timeout), also appended to the JSONL file with the full
+        setup and spec as provenance.
+
+    Raises:
+        ConfigError: timeout or memory limit without isolation; invalid step counts.
+    """
+    setup = with_method_defaults(setup)
+    if warmup_steps < 1 or timed_steps < 1:
+        raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")
+    if not isolate:
+        if timeout_s is not None or memory_limit_bytes is not None:
+            raise ConfigError("a timeout or memory limit needs isolate=True (a worker process)")
+        from .build import load_peft_config  # noqa: PLC0415 (torch stack only on this path)
+        from .harness import run_measurement
+
+        m = run_measurement(spec, setup, warmup_steps=warmup_steps, timed_steps=timed_steps, breakdown=breakdown,
+                            pretrained=pretrained, peft_config=load_peft_config(peft_config) if peft_config else None,
+                            progress=progress)
+    else:
+        job = {"spec": spec_to_json(spec), "setup": setup_to_json(setup), "warmup_steps": warmup_steps,
+               "timed_steps": timed_steps, "breakdown": breakdown, "pretrained": pretrained,
+               "peft_config": str(peft_config) if peft_config else None, "memory_limit_bytes": memory_limit_bytes,
+               "cpu_threads": cpu_threads}
+        outcome = _run_child([sys.executable, "-m", WORKER_MODULE], job, timeout_s, progress)
+        if outcome["result"] is not None:
+            m = measurement_from_dict(outcome["result"])
+        else:
+            env = outcome["env"]
+            m = Measurement(spec_name=spec.name, setup_row=setup_row(spec, setup), status=outcome["status"],
+                            device=setup.device.value, message=outcome["message"],
+                            env=EnvInfo(**env) if env else None, warmup_steps=warmup_steps, timed_steps=timed_steps)
+    if out_dir is not None:
+        record = {"schema": SCHEMA, "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "measurement": measurement_to_dict(m), "setup": setup_to_json(setup), "spec": spec_to_json(spec)}
+        append_jsonl(Path(out_dir) / f"{name or default_name(spec)}.jsonl", record)
+    return m
