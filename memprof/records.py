@@ -55,11 +55,13 @@ class MemoryBreakdown:
 
     @property
     def total_bytes(self) -> int:
-        return sum(getattr(self, c.value) for c in CATEGORIES if c is not Category.overhead)
+        return (self.params_trainable + self.params_frozen + self.gradients + self.optimizer_states
+                + self.master_weights + self.weight_copies + self.activations + self.temporaries + self.inputs)
 
     @property
     def model_state_bytes(self) -> int:
-        return sum(getattr(self, c.value) for c in MODEL_STATE_CATEGORIES)
+        return (self.params_trainable + self.params_frozen + self.gradients + self.optimizer_states
+                + self.master_weights)
 
     def get(self, category: Category) -> int:
         return 0 if category is Category.overhead else getattr(self, category.value)

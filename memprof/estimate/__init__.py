@@ -13,27 +13,48 @@ Known limitations (what the estimate does not capture; see also estimate/overhea
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from ..config import Overheads, RunSetup, with_method_defaults
 from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
 from ..spec import Task as SpecTask
-from .compose import FATES, Vec, timeline, vtotal
+from .compose import FATES, Timeline, timeline
 from .explain import explain_terms
 from .overheads import device_totals
-from .params import method_params
-from .sim import peval
-from .states import state_bytes
+from .params import ParamCounts, method_params
+from .states import StateBytes, state_bytes
 
 __all__ = ["estimate"]
 
 
 def _structural(setup: RunSetup) -> RunSetup:
-    """The part of a setup that changes the replay (cache key): everything but b, s and the overheads."""
+    """The part of a setup that changes the replay and the states (cache key): all but b, s, overheads."""
+    if setup.batch_size == 1 and setup.seq_len == 1 and setup.overheads == _DEFAULT_OVERHEADS:
+        return setup
     return dataclasses.replace(setup, batch_size=1, seq_len=1, overheads=_DEFAULT_OVERHEADS)
 
 
 _DEFAULT_OVERHEADS = Overheads()
+# the replay's fates are MemoryBreakdown's fields, in order
+assert FATES == tuple(f.name for f in dataclasses.fields(MemoryBreakdown))
+
+
+_STRUCTURES: dict[tuple, tuple[ParamCounts, StateBytes, Timeline]] = {}
+
+
+def _structure(spec: ModelSpec, setup: RunSetup) -> tuple[ParamCounts, StateBytes, Timeline]:
+    """Everything that does not depend on (b, s), cached per model and structural options."""
+    key = (spec, setup.method, setup.dtype, setup.regime, setup.optimizer, setup.attn_impl, setup.device,
+           setup.grad_checkpointing, setup.dropout, setup.lora, setup.quant, setup.adapter, setup.ia3, setup.prompt)
+    hit = _STRUCTURES.get(key)
+    if hit is None:
+        struct = _structural(setup)
+        hit = method_params(spec, struct), state_bytes(spec, struct), timeline(spec, struct)
+        if len(_STRUCTURES) > 4096:
+            _STRUCTURES.clear()
+        _STRUCTURES[key] = hit
+    return hit
 
 
 def input_bytes(spec: ModelSpec, setup: RunSetup) -> int:
@@ -42,17 +63,14 @@ def input_bytes(spec: ModelSpec, setup: RunSetup) -> int:
     return 8 * b * s + (8 * b if spec.task is SpecTask.seq_cls else 0)
 
 
-def _eval(vec: Vec, b: int, s: int) -> list[int]:
-    return [round(peval(p, b, s)) for p in vec]
-
-
-def _best(cands: tuple[Vec, ...], b: int, s: int) -> Vec:
-    best, best_total = cands[0], None
-    for c in cands:
-        t = peval(vtotal(c), b, s)
-        if best_total is None or t > best_total:
-            best, best_total = c, t
-    return best
+def _best(cands: tuple, totals: tuple, b: int, s: int):  # noqa: ANN202
+    bs, bss = b * s, b * s * s
+    best_i, best_v = 0, None
+    for i, p in enumerate(totals):
+        v = p[0] * bs + p[1] * bss + p[2] * b + p[3] * s + p[4]
+        if best_v is None or v > best_v:
+            best_i, best_v = i, v
+    return cands[best_i]
 
 
 def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False) -> Estimate:
@@ -71,42 +89,36 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False) -> Estimat
         ConfigError: the method does not apply (no targets, BitFit on a bias-free model, ...).
     """
     setup = with_method_defaults(setup)
-    pc = method_params(spec, setup)
-    sb = state_bytes(spec, setup)
-    tl = timeline(spec, _structural(setup))
+    pc, sb, tl = _structure(spec, setup)
     b, s = setup.batch_size, setup.seq_len
+    bs, bss = b * s, b * s * s
     inputs = input_bytes(spec, setup)
-    base = {"params_trainable": sb.params_trainable, "params_frozen": sb.params_frozen,
-            "optimizer_states": sb.optimizer_states, "master_weights": sb.master_weights, "inputs": inputs}
+    base = (sb.params_trainable, sb.params_frozen, 0, sb.optimizer_states, sb.master_weights, 0, 0, 0, inputs)
 
-    def breakdown(vec: Vec, extra: dict[str, int], states: bool = True) -> MemoryBreakdown:
-        values = dict(zip(FATES, _eval(vec, b, s)))
-        for key, val in base.items():
-            if key == "optimizer_states" and not states:
-                continue
-            values[key] += val
-        for key, val in extra.items():
-            values[key] += val
-        return MemoryBreakdown.from_dict(values)
+    def breakdown(sparse: tuple, temporaries: int = 0, gradients: int = 0) -> MemoryBreakdown:
+        v = list(base)
+        for k, p in sparse:
+            v[k] += round(p[0] * bs + p[1] * bss + p[2] * b + p[3] * s + p[4])
+        v[2] += gradients
+        v[7] += temporaries
+        return MemoryBreakdown(*v)
 
-    fwd = breakdown(_best(tl.forward, b, s), {})
-    bwd = breakdown(_best(tl.backward, b, s), {})
-    opt_extra = {"temporaries": sb.optimizer_temp + sb.grad_upcast, "gradients": -sb.grads_freed_at_step}
-    opt = breakdown(tl.end_of_backward, opt_extra)
+    fwd = breakdown(_best(tl.forward_sparse, tl.forward_totals, b, s))
+    bwd = breakdown(_best(tl.backward_sparse, tl.backward_totals, b, s))
+    opt = breakdown(tl.end_of_backward_sparse, sb.optimizer_temp + sb.grad_upcast, -sb.grads_freed_at_step)
     phases = ((Phase.forward, fwd), (Phase.backward, bwd), (Phase.optimizer, opt))
     peak_phase, peak = max(phases, key=lambda kv: kv[1].total_bytes)
-    first = max(breakdown(_best(tl.forward, b, s), {}, states=False).total_bytes,
-                breakdown(_best(tl.backward, b, s), {}, states=False).total_bytes,
-                opt.total_bytes)
+    first = max(fwd.total_bytes, bwd.total_bytes) - sb.optimizer_states
+    first = max(first, opt.total_bytes)
     steady = sb.params_trainable + sb.params_frozen + sb.optimizer_states + sb.master_weights + inputs
     terms = explain_terms(spec, setup, pc, sb, inputs, peak.total_bytes, peak_phase) if explain else ()
-    notes = []
-    if spec.task is SpecTask.causal_lm and spec.vocab_size * s * b * 4 > 0.25 * peak.total_bytes:
-        notes.append("the fp32 logits (b*s*V) are a large share of the peak; chunked cross-entropy would cut it")
+    notes: tuple[str, ...] = ()
+    if spec.task is SpecTask.causal_lm and spec.vocab_size * bs * 4 > 0.25 * peak.total_bytes:
+        notes = ("the fp32 logits (b*s*V) are a large share of the peak; chunked cross-entropy would cut it",)
     return Estimate(
         kind="analytic", spec=spec, setup=setup, total_params=pc.total, trainable_params=pc.trainable,
         peak=peak, peak_phase=peak_phase, phase_peaks=phases, first_step_peak_bytes=first, steady_bytes=steady,
-        device=device_totals(peak.total_bytes, setup), terms=terms, notes=tuple(notes),
+        device=device_totals(peak.total_bytes, setup), terms=terms, notes=notes,
     )
 
 

@@ -152,6 +152,16 @@ class Timeline:
     backward: tuple[Vec, ...]
     end_of_forward: Vec
     end_of_backward: Vec
+    forward_totals: tuple[Poly, ...] = ()    # vtotal of each candidate (evaluated first, per (b, s))
+    backward_totals: tuple[Poly, ...] = ()
+    forward_sparse: tuple = ()                # the same candidates as ((category index, poly), ...)
+    backward_sparse: tuple = ()
+    end_of_backward_sparse: tuple = ()
+
+    @staticmethod
+    def sparse(vec: Vec) -> tuple[tuple[int, Poly], ...]:
+        """(category index, polynomial) for the categories a candidate actually has."""
+        return tuple((k, p) for k, p in enumerate(vec) if p != ZERO)
 
 
 def assemble(rep: Replay, num_layers: int) -> Timeline:
@@ -196,7 +206,10 @@ def assemble(rep: Replay, num_layers: int) -> Timeline:
         live = vadd(live, bfirst.delta)
         run(bembed, live, bwd_cands)
         live = vadd(live, bembed.delta)
-    return Timeline(_prune(fwd_cands), _prune(bwd_cands), end_fwd, live)
+    fwd, bwd = _prune(fwd_cands), _prune(bwd_cands)
+    return Timeline(fwd, bwd, end_fwd, live, tuple(vtotal(c) for c in fwd), tuple(vtotal(c) for c in bwd),
+                    tuple(Timeline.sparse(c) for c in fwd), tuple(Timeline.sparse(c) for c in bwd),
+                    Timeline.sparse(live))
 
 
 @functools.lru_cache(maxsize=512)

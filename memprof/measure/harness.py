@@ -155,6 +155,8 @@ def run_timed(run: BuiltRun, setup: RunSetup, device: str, steps: int,
 
 @dataclass(frozen=True)
 class TrackedStep:
+    """What one tracked step saw, in bytes."""
+
     breakdown: MemoryBreakdown     # categories at the tracked peak; total_bytes == peak_bytes
     peak_bytes: int
     peak_phase: str                # forward | backward | optimizer
