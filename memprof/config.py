@@ -106,17 +106,20 @@ class QuantSpec:
             raise ConfigError(f"quant blocksize must be a power of two in 64..4096, got {self.blocksize}")
 
 
+DEFAULT_ADAPTER_BOTTLENECK = 64  # r = 64, one of the two sizes the Houlsby reports use (8 and 64)
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     variant: AdapterVariant = AdapterVariant.houlsby
-    bottleneck: int | None = 64        # r: hidden -> r -> hidden; None = hidden_size // reduction_factor
+    bottleneck: int | None = None      # r: hidden -> r -> hidden; None = hidden // reduction_factor, else 64
     reduction_factor: int | None = None
     activation: str = "relu"           # relu | gelu
     train_norms: bool = False          # also train the LayerNorm/RMSNorm weights (Houlsby trains them)
 
     def __post_init__(self) -> None:
-        if (self.bottleneck is None) == (self.reduction_factor is None):
-            raise ConfigError("give exactly one of adapter bottleneck size or reduction factor")
+        if self.bottleneck is not None and self.reduction_factor is not None:
+            raise ConfigError("give the adapter bottleneck size or its reduction factor, not both")
         if self.bottleneck is not None:
             _check_int("adapter bottleneck", self.bottleneck, 1, 65536)
         if self.reduction_factor is not None:
@@ -125,9 +128,9 @@ class AdapterSpec:
             raise ConfigError(f"adapter activation '{self.activation}' is not supported; choose one of: relu, gelu")
 
     def bottleneck_size(self, hidden_size: int) -> int:
-        if self.bottleneck is not None:
-            return self.bottleneck
-        return max(1, hidden_size // self.reduction_factor)  # type: ignore[operator]
+        if self.reduction_factor is not None:
+            return max(1, hidden_size // self.reduction_factor)
+        return self.bottleneck if self.bottleneck is not None else DEFAULT_ADAPTER_BOTTLENECK
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,9 @@ class RunSetup:
     def tokens(self) -> int:
         return self.batch_size * self.seq_len
 
+
+# `memprof measure` on a CPU: a size a 2-core machine finishes in minutes, in fp32 (CPU bf16 matmuls are slow).
+CPU_MEASURE_DEFAULTS: dict[str, Any] = {"dtype": Dtype.fp32, "batch_size": 8, "seq_len": 128}
 
 # Which option groups each method reads; resolve_setup fills in the defaults for them.
 METHOD_OPTIONS: dict[Method, tuple[str, ...]] = {

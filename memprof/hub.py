@@ -6,6 +6,7 @@ when installed; offline or unknown ids give a clear error). Nothing here downloa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,17 @@ def load_hf_config(name_or_path: str) -> tuple[dict[str, Any], str, str]:
     return _load_from_hub(name_or_path), name_or_path, "hub"
 
 
+def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """A quick DNS + TCP check, so an offline machine fails at once instead of after the client's retries."""
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def _load_from_hub(repo_id: str) -> dict[str, Any]:
     hint = f"known presets: {', '.join(preset_names())}; or pass a local config.json"
     if repo_id.count("/") > 1 or not repo_id or any(c.isspace() for c in repo_id):
@@ -52,13 +64,26 @@ def _load_from_hub(repo_id: str) -> dict[str, Any]:
             f"'{repo_id}' is not a preset or a local file, and huggingface_hub is not installed to fetch its "
             f"config (pip install 'memprof[measure]'); {hint}"
         ) from None
+    import logging
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # the client logs every retry; memprof reports one line instead
     try:
-        path = hf_hub_download(repo_id, "config.json")
-    except Exception as exc:  # offline, unknown repo, gated repo: all mean "cannot get the config"
-        reason = type(exc).__name__
-        raise UnsupportedModelError(
-            f"cannot get the config of '{repo_id}' from the hub or its cache ({reason}); {hint}"
-        ) from None
+        try:
+            path = hf_hub_download(repo_id, "config.json", local_files_only=True)
+        except Exception:  # not in the local cache
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or not _hub_reachable():
+                raise UnsupportedModelError(
+                    f"'{repo_id}' is not a preset, a local file or in the hub cache, and the hub is not reachable; "
+                    f"{hint}") from None
+            try:
+                path = hf_hub_download(repo_id, "config.json")
+            except Exception as exc:  # unknown or gated repo, network error: all mean "cannot get the config"
+                raise UnsupportedModelError(
+                    f"cannot get the config of '{repo_id}' from the hub ({type(exc).__name__}); {hint}") from None
+    finally:
+        hub_log.setLevel(level)
     return parse_config_json(Path(path).read_text(), f"config.json of {repo_id}")
 
 

@@ -120,6 +120,22 @@ class ModelSpec:
         }
 
 
+def position_limit(spec: ModelSpec) -> int | None:
+    """Longest sequence a model with learned position tables accepts (None: RoPE models have no table).
+    RoBERTa numbers positions from padding_idx + 1, so two rows of its table are never used."""
+    if spec.family in (Family.bert, Family.gpt2):
+        return spec.max_positions - (2 if spec.model_type == "roberta" else 0)
+    return None
+
+
+def check_sequence_length(spec: ModelSpec, tokens: int) -> None:
+    """Raise ConfigError if ``tokens`` (sequence + virtual tokens) exceeds the learned position table."""
+    limit = position_limit(spec)
+    if limit is not None and tokens > limit:
+        raise ConfigError(f"sequence length {tokens} exceeds {spec.name}'s {limit} learned positions; "
+                          f"use --seq-len {limit} or less")
+
+
 def _get(cfg: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
     for key in keys:
         if cfg.get(key) is not None:
@@ -247,7 +263,8 @@ def _llama(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_label
     act = str(_get(cfg, "hidden_activation", "hidden_act", default="silu"))
     if model_type.startswith("gemma") and act == "gelu":
         act = "gelu_pytorch_tanh"  # transformers maps the legacy "gelu" of Gemma configs to the tanh approximation
-    tie = bool(_get(cfg, "tie_word_embeddings", default=variant.get("tie", True)))
+    # transformers' config defaults: untied for llama/mistral/qwen/phi3, tied for gemma
+    tie = bool(_get(cfg, "tie_word_embeddings", default=variant.get("tie", False)))
     resid_dropout = float(_get(cfg, "resid_pdrop", default=0.0))
     return ModelSpec(
         name=name, model_type=model_type, family=Family.llama,

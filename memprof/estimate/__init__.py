@@ -18,7 +18,8 @@ import functools
 from ..config import Overheads, RunSetup, with_method_defaults
 from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
-from ..spec import Task as SpecTask
+from ..spec import Family, Task as SpecTask, check_sequence_length
+from ..config import Method
 from .compose import FATES, Timeline, timeline
 from .explain import explain_terms
 from .overheads import device_totals
@@ -43,14 +44,15 @@ assert FATES == tuple(f.name for f in dataclasses.fields(MemoryBreakdown))
 _STRUCTURES: dict[tuple, tuple[ParamCounts, StateBytes, Timeline]] = {}
 
 
-def _structure(spec: ModelSpec, setup: RunSetup) -> tuple[ParamCounts, StateBytes, Timeline]:
+def _structure(spec: ModelSpec, setup: RunSetup, tracked: bool) -> tuple[ParamCounts, StateBytes, Timeline]:
     """Everything that does not depend on (b, s), cached per model and structural options."""
     key = (spec, setup.method, setup.dtype, setup.regime, setup.optimizer, setup.attn_impl, setup.device,
-           setup.grad_checkpointing, setup.dropout, setup.lora, setup.quant, setup.adapter, setup.ia3, setup.prompt)
+           setup.grad_checkpointing, setup.dropout, setup.lora, setup.quant, setup.adapter, setup.ia3, setup.prompt,
+           tracked)
     hit = _STRUCTURES.get(key)
     if hit is None:
         struct = _structural(setup)
-        hit = method_params(spec, struct), state_bytes(spec, struct), timeline(spec, struct)
+        hit = method_params(spec, struct), state_bytes(spec, struct), timeline(spec, struct, tracked)
         if len(_STRUCTURES) > 4096:
             _STRUCTURES.clear()
         _STRUCTURES[key] = hit
@@ -73,13 +75,15 @@ def _best(cands: tuple, totals: tuple, b: int, s: int):  # noqa: ANN202
     return cands[best_i]
 
 
-def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False) -> Estimate:
+def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: bool = False) -> Estimate:
     """Predict one training step's memory: peak, the phase that sets it, and the breakdown by category.
 
     Args:
         spec: the model architecture (``memprof.hub.resolve_spec``).
         setup: batch size b, sequence length s, dtype/regime, method, optimizer, attention kernel, device.
         explain: also return the named terms (formulas with numbers substituted) in ``Estimate.terms``.
+        tracked: predict a run observed by a TorchDispatchMode (memprof's trace, a CPU breakdown step) instead
+            of a plain run: autograd then accumulates gradients out of place (one more buffer at those points).
 
     Returns:
         An ``Estimate`` (kind "analytic") in bytes: steady-state peak by category, per-phase peaks,
@@ -89,7 +93,10 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False) -> Estimat
         ConfigError: the method does not apply (no targets, BitFit on a bias-free model, ...).
     """
     setup = with_method_defaults(setup)
-    pc, sb, tl = _structure(spec, setup)
+    if spec.family is not Family.llama:
+        extra = setup.prompt.num_virtual_tokens if setup.method is Method.prompt and setup.prompt else 0
+        check_sequence_length(spec, setup.seq_len + extra)
+    pc, sb, tl = _structure(spec, setup, tracked)
     b, s = setup.batch_size, setup.seq_len
     bs, bss = b * s, b * s * s
     inputs = input_bytes(spec, setup)

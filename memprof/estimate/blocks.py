@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from ..config import AdapterVariant, AttnImpl, Device, Method, Regime, RunSetup
 from ..spec import Family, ModelSpec, Task
 from .modules import Module, global_modules, layer_modules, layer_prefix, tied_head
-from .params import _resolve_ia3, modules_to_save, prefix_token_dim, resolve_lora_targets
+from .params import resolve_ia3_targets, modules_to_save, prefix_token_dim, resolve_lora_targets
 from .sim import GRAD, INPUT, OPT, WCOPY, Graph, P, T, pscale
 
 HALF = {"bf16", "fp16"}
@@ -513,15 +513,15 @@ def gpt2_block(ctx: Ctx, x: T, i: int, mask: T | None) -> T:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def llama_embeddings(ctx: Ctx, ids: T) -> T:
+def llama_embeddings(ctx: Ctx, ids: T) -> tuple[T, list[T]]:
+    """LlamaModel's embedding lookup; returns the first block's input and the held inputs_embeds."""
     g, spec = ctx.g, ctx.spec
     mods = {m.name: m for m in global_modules(spec)}
     e = _input_embeddings(ctx, g.embedding(ids, ctx.param("model.embed_tokens", mods["model.embed_tokens"]),
                                            spec.hidden_size, ctx.wdt, "embed_tokens"))
-    if spec.embed_scale:  # Gemma: hidden * normalizer (a 0-d tensor in the model dtype)
-        e2 = g.mul(e, None, "embeddings * sqrt(h)")
-        return e2  # inputs_embeds (e) is also kept by the model's forward: the caller holds both
-    return e
+    if spec.embed_scale:  # Gemma: hidden * normalizer; inputs_embeds (e) stays referenced by the model's forward
+        return g.mul(e, None, "embeddings * sqrt(h)"), [e]
+    return e, []
 
 
 def _input_embeddings(ctx: Ctx, e: T) -> T:
@@ -758,7 +758,7 @@ def build_context(g: Graph, spec: ModelSpec, setup: RunSetup) -> Ctx:
         ctx.saved_modules = modules_to_save(spec, lora.modules_to_save)
     elif method is Method.ia3:
         from ..config import IA3Spec
-        ctx.ia3 = {name: ff for name, _, ff in _resolve_ia3(spec, setup.ia3 or IA3Spec())}
+        ctx.ia3 = {name: ff for name, _, ff in resolve_ia3_targets(spec, setup.ia3 or IA3Spec())}
         ctx.saved_modules = modules_to_save(spec, None)
     elif method in (Method.prefix, Method.prompt):
         ctx.saved_modules = modules_to_save(spec, None)
@@ -776,14 +776,15 @@ def forward(ctx: Ctx, layers: int) -> T:
     g.segment("embed")
     ids = g.given(P(bs=1), 1, "int64", "input_ids")
     held: list[T] = []   # locals the model's forward keeps until it returns
+    peft_held: list[T] = []  # locals of PeftModel.forward, kept until the whole forward (head, loss) returns
     if setup.method is Method.prompt:
-        x, held = _prompt_embeddings(ctx, ids)
+        x, held, peft_held = _prompt_embeddings(ctx, ids)
     elif spec.family is Family.bert:
         x = bert_embeddings(ctx, ids)
     elif spec.family is Family.gpt2:
         x, held = gpt2_embeddings(ctx, ids)
     else:
-        x = llama_embeddings(ctx, ids)
+        x, held = llama_embeddings(ctx, ids)
     held.append(g.alias(x))  # embedding_output / inputs_embeds stay referenced by the model's forward
     mask = None
     cos = sin = None
@@ -816,14 +817,16 @@ def forward(ctx: Ctx, layers: int) -> T:
         loss = bert_head(ctx, x, held)
     else:
         loss = decoder_head(ctx, x, held)
+    g.drop(*peft_held)
     ctx.end_autocast()
     return loss
 
 
-def _prompt_embeddings(ctx: Ctx, ids: T) -> tuple[T, list[T]]:
+def _prompt_embeddings(ctx: Ctx, ids: T) -> tuple[T, list[T], list[T]]:
     """peft prompt tuning (PeftModel.forward): frozen word embeddings of the ids, the trainable virtual-token
     embeddings for the batch cast to the embedding dtype and concatenated in front (sequence s + p), then the
-    base model's embedding path with ``inputs_embeds``. Returns the first block's input and held locals."""
+    base model's embedding path with ``inputs_embeds``. Returns the first block's input, the base model's held
+    locals and PeftModel.forward's (inputs_embeds, prompts), which live until the loss is computed."""
     g, spec = ctx.g, ctx.spec
     n, h = ctx.extra_q, spec.hidden_size
     mods = {m.name: m for m in global_modules(spec)}
@@ -839,7 +842,7 @@ def _prompt_embeddings(ctx: Ctx, ids: T) -> tuple[T, list[T]]:
     x = g.cat([pc, words], "prompt + word embeddings")
     g.resize(x, tok(ctx, h))
     g.drop(words)
-    held = [pc, pidx]   # PeftModel.forward's locals until the base model returns
+    peft_held = [pc, pidx, g.alias(x)]
     if spec.family is Family.gpt2:
         pos_ids = g.new(P(s=1, c=n), 1, "int64", "position ids")
         wpe = g.embedding(pos_ids, ctx.param("transformer.wpe", mods["transformer.wpe"]), h, ctx.wdt, "wpe")
@@ -847,7 +850,8 @@ def _prompt_embeddings(ctx: Ctx, ids: T) -> tuple[T, list[T]]:
         e = g.add(x, wpe, "embeddings sum")
         out = g.dropout(e, spec.embedding_dropout if ctx.setup.dropout else 0, "embedding dropout")
         g.drop(e)
-        return out, held + [x, wpe, pos_ids]
+        g.drop(x)
+        return out, [wpe, pos_ids], peft_held
     if spec.family is Family.bert:
         tt_ids = g.given(tok(ctx, 1), 1, "int64", "token type ids")
         tt = g.embedding(tt_ids, ctx.param(*_named(mods, "token_type_embeddings")), h, ctx.wdt, "token type")
@@ -863,11 +867,13 @@ def _prompt_embeddings(ctx: Ctx, ids: T) -> tuple[T, list[T]]:
         ln = ctx.norm(e2, *_named(mods, "LayerNorm"), "embedding LayerNorm")
         g.drop(e2)
         out = g.dropout(ln, spec.embedding_dropout if ctx.setup.dropout else 0, "embedding dropout")
-        g.drop(ln, tt, pos, pos_ids)
-        return out, held + [x]
+        g.drop(ln, tt, pos, pos_ids, x)
+        return out, [], peft_held
     if spec.embed_scale:
-        return g.mul(x, None, "embeddings * sqrt(h)"), held + [x]
-    return x, held
+        scaled = g.mul(x, None, "embeddings * sqrt(h)")
+        g.drop(x)
+        return scaled, [], peft_held
+    return x, [], peft_held
 
 
 def _named(mods: dict, suffix: str) -> tuple[str, Module]:

@@ -73,10 +73,14 @@ def _prune(cands: list[Vec]) -> tuple[Vec, ...]:
 
 
 @functools.lru_cache(maxsize=512)
-def replay(spec: ModelSpec, setup: RunSetup) -> Replay:
-    """Script and replay one step of ``spec`` with min(L, 2) blocks (cached per structure)."""
+def replay(spec: ModelSpec, setup: RunSetup, tracked: bool = False) -> Replay:
+    """Script and replay one step of ``spec`` with min(L, 2) blocks (cached per structure).
+
+    ``tracked`` replays a run observed by a TorchDispatchMode (memprof's trace, a CPU breakdown), in which
+    autograd accumulates gradients out of place (see ``Graph.inplace_accumulation``).
+    """
     layers = min(spec.num_layers, 2)
-    g = Graph(device=setup.device.value)
+    g = Graph(device=setup.device.value, inplace_accumulation=not tracked)
     ctx = build_context(g, spec, setup)
     ctx.layers = layers  # type: ignore[attr-defined]
     loss = forward(ctx, layers)
@@ -108,6 +112,7 @@ def replay(spec: ModelSpec, setup: RunSetup) -> Replay:
 
 
 def _segments(g: Graph) -> dict[str, Segment]:
+    """Per-segment net changes and candidate peaks relative to each segment's start."""
     index = {f: i for i, f in enumerate(FATES)}
     cur = [ZERO] * len(FATES)
     out: dict[str, Segment] = {}
@@ -213,5 +218,5 @@ def assemble(rep: Replay, num_layers: int) -> Timeline:
 
 
 @functools.lru_cache(maxsize=512)
-def timeline(spec: ModelSpec, setup: RunSetup) -> Timeline:
-    return assemble(replay(spec, setup), spec.num_layers)
+def timeline(spec: ModelSpec, setup: RunSetup, tracked: bool = False) -> Timeline:
+    return assemble(replay(spec, setup, tracked), spec.num_layers)

@@ -118,7 +118,7 @@ def _plan(spec: ModelSpec, setup: RunSetup) -> _Plan:
         input_grad |= any(m.kind == "embedding" for _, m in chosen)
     elif method is Method.ia3:
         # peft IA3 target resolution lives in params (exact counts are tested there)
-        ia3 = {n: ff for n, _, ff in _params._resolve_ia3(spec, setup.ia3 or IA3Spec())}
+        ia3 = {n: ff for n, _, ff in _params.resolve_ia3_targets(spec, setup.ia3 or IA3Spec())}
     elif method is Method.prompt:
         input_grad = True
     elif method is Method.adapter:

@@ -155,11 +155,15 @@ def classifier_module_names(spec: ModelSpec) -> tuple[str, ...]:
     return ("score",) if spec.family is not Family.bert else ("classifier",)
 
 
-def all_module_names(spec: ModelSpec) -> list[tuple[str, Module]]:
-    """(full name, module) for every module of the model, blocks expanded."""
+@functools.cache
+def all_module_names(spec: ModelSpec) -> tuple[tuple[str, Module], ...]:
+    """(full name, module) for every module, blocks expanded, in registration order (embeddings, blocks,
+    final norm, pooler, heads), which is the order optimizers visit parameters in."""
     prefix = layer_prefix(spec)
-    out = [(m.name, m) for m in global_modules(spec)]
+    globals_ = global_modules(spec)
+    out = [(m.name, m) for m in globals_ if m.role == "embed" or m.name.endswith("embeddings.LayerNorm")]
     for i in range(spec.num_layers):
         p = prefix.format(i=i)
         out += [(p + m.name, m) for m in layer_modules(spec)]
-    return out
+    out += [(m.name, m) for m in globals_ if (m.name, m) not in out]
+    return tuple(out)

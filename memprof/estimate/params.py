@@ -155,7 +155,7 @@ def _lora_params(m: Module, r: int) -> tuple[int, int]:
     return r * (m.d_in + m.d_out), max(r * m.d_in, r * m.d_out)
 
 
-def _resolve_ia3(spec: ModelSpec, ia3: IA3Spec) -> tuple[tuple[str, Module, bool], ...]:
+def resolve_ia3_targets(spec: ModelSpec, ia3: IA3Spec) -> tuple[tuple[str, Module, bool], ...]:
     targets = ia3.targets if ia3.targets is not None else IA3_DEFAULT_TARGETS.get(spec.model_type)
     ff = ia3.feedforward if ia3.feedforward is not None else IA3_DEFAULT_FEEDFORWARD.get(spec.model_type)
     if targets is None or ff is None:
@@ -257,7 +257,7 @@ def method_params(spec: ModelSpec, setup: RunSetup) -> ParamCounts:
                 "(LLaMA-style models have no biases); choose another method"
             )
     elif method is Method.ia3:
-        chosen3 = _resolve_ia3(spec, setup.ia3 or IA3Spec())
+        chosen3 = resolve_ia3_targets(spec, setup.ia3 or IA3Spec())
         for _, m, is_ff in chosen3:
             added += m.d_in if is_ff else m.d_out  # peft IA3: one scale per input (feedforward) or output feature
         adapter_fp32 = added
@@ -342,7 +342,7 @@ def trainable_tensors(spec: ModelSpec, setup: RunSetup) -> tuple[tuple[int, int,
         out += [t for _, m in named if m.role == "classifier" for t in module_tensors(m)]
         return tuple(out)
     if method is Method.ia3:
-        out += [(1, m.d_in if ff else m.d_out, True) for _, m, ff in _resolve_ia3(spec, setup.ia3 or IA3Spec())]
+        out += [(1, m.d_in if ff else m.d_out, True) for _, m, ff in resolve_ia3_targets(spec, setup.ia3 or IA3Spec())]
         return tuple(out + copies)
     p = setup.prompt or PromptLearningSpec()
     n = p.num_virtual_tokens

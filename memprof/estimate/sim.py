@@ -156,6 +156,10 @@ class Graph:
     region: Region | None = None
     node_region: dict[int, Region] = field(default_factory=dict)
     leaf_holds: list[T] = field(default_factory=list)   # non-parameter leaves that require grad
+    # autograd accumulates a second gradient into the first in place unless the tensors are "subclass-like",
+    # which ATen reports for every tensor while a TorchDispatchMode is active (a tracker, FakeTensorMode):
+    # then old, new and their sum coexist. True models a plain run, False a tracked or traced one.
+    inplace_accumulation: bool = True
 
     # ---- lifetime -----------------------------------------------------------------------------------
     def _alloc(self, nbytes: Poly, label: str, fate: str | None) -> Storage:
@@ -309,7 +313,10 @@ class Graph:
         """a + b (b None: a Python scalar). Saves nothing; the bigger operand sets the shape."""
         big = a if b_ is None or _size(a.numel) >= _size(b_.numel) else b_
         out = self.new(big.numel, big.width, dtype or promote(a, b_), label)
-        self._node("add", [a] + ([b_] if b_ is not None else []), [out], [])
+        ins = [a] + ([b_] if b_ is not None else [])
+        # AddBackward hands the same gradient tensor to both inputs (a reduced copy for a broadcast one)
+        alloc = [t.numel != out.numel or t.dtype != out.dtype for t in ins]
+        self._node("add", ins, [out], [], alloc)
         return out
 
     def mul(self, a: T, b_: T | None, label: str, dtype: str | None = None) -> T:
@@ -367,8 +374,11 @@ class Graph:
     def backward(self, loss: T, seg_of: dict[str, str]) -> list[Storage]:
         """Replay the engine from ``loss``; returns the parameters' gradient storages.
 
-        ``seg_of`` maps a forward segment to the name of its backward segment. A gradient buffer's ``refs``
-        counts the pending entries holding it; param gradients are held by ``.grad`` until the step ends.
+        Per node, in the engine's order (torch/csrc/autograd/engine.cpp, evaluate_function): the node computes
+        its input gradients while its output gradients are alive; returning from the call releases the output
+        gradients, then the saved tensors; only then are the new gradients accumulated into the buffers of the
+        nodes that consume them (in place, or out of place under a dispatch mode).
+        A buffer's ``refs`` counts the pending entries (and .grad slots) holding it.
         """
         pending: dict[int, Storage] = {}
         param_grads: dict[int, Storage] = {}
@@ -392,41 +402,50 @@ class Graph:
                 self.segment(seg)
             if region is not None and not region.done:
                 self._recompute(region)
+            # 1. the node's call: new gradient buffers (a view of the output gradient when passed through)
+            produced = []
             for t, alloc in zip(node.inputs, node.alloc):
                 root = t.root
-                if root.st.fate in (PARAM_T, PARAM_F):
+                is_param = root.st.fate in (PARAM_T, PARAM_F)
+                if is_param:
                     g = self._alloc(pscale(root.numel, BYTES[root.dtype]), "grad " + root.label, GRAD)
-                    if id(root) in param_grads:
-                        # a second gradient for the same leaf (tied embeddings): AccumulateGrad adds out of
-                        # place here (seen in traces: aten.add, not add_), so old, new and sum coexist
-                        total = self._alloc(g.nbytes, "grad sum " + root.label, GRAD)
-                        self.cand(node.extra)
-                        old = param_grads[id(root)]
-                        old.fate = g.fate = TEMP  # neither ends up as .grad
-                        old.refs = 0
-                        self._release(old)
-                        self._release(g)
-                        total.refs = 1
-                        param_grads[id(root)] = total
-                    else:
-                        g.refs = 1
-                        param_grads[id(root)] = g
-                    continue
-                g = self._alloc(pscale(root.numel, BYTES[t.dtype]), "grad " + t.label, None) if alloc else outs[0]
-                key = id(root)
-                if key in pending:                       # InputBuffer.accumulate: in place, the new one dies
-                    if alloc:
-                        self.cand(node.extra)
-                        self._release(g)
+                elif alloc:
+                    g = self._alloc(pscale(root.numel, BYTES[t.dtype]), "grad " + t.label, None)
                 else:
-                    g.refs += 1
-                    pending[key] = g
+                    g = outs[0]
+                g.refs += 1
+                produced.append((root, g, is_param, t.label))
             self.cand(node.extra)
+            # 2. the call returns: output gradients and saved tensors go
             for g in outs:
                 self._release(g)
             for st in node.saved:
                 st.saved -= 1
                 self._release(st)
+            # 3. accumulation into the consumers' buffers (and AccumulateGrad for parameters)
+            for root, g, is_param, label in produced:
+                g.refs -= 1
+                slots = param_grads if is_param else pending
+                old = slots.get(id(root))
+                if old is None:
+                    g.refs += 1
+                    slots[id(root)] = g
+                    continue
+                if is_param:
+                    g.fate = TEMP  # a second gradient for the same parameter (tied embeddings) never is .grad
+                # in place only when nothing else holds the old buffer (can_accumulate_inplace)
+                if self.inplace_accumulation and old.refs == 1:
+                    self._release(g)            # old.add_(new)
+                    continue
+                total = self._alloc(old.nbytes, "grad sum " + label, GRAD if is_param else None)
+                self.cand()
+                if is_param:
+                    old.fate = TEMP
+                old.refs -= 1
+                self._release(old)
+                self._release(g)
+                total.refs = 1
+                slots[id(root)] = total
             if region is not None and index == region.first:
                 self.drop(*region.holds)
         for g in pending.values():   # gradients of leaves that are not parameters die with the graph

@@ -103,8 +103,11 @@ def _optimizer_temp_bytes(spec: ModelSpec, setup: RunSetup) -> int:
             key = adapter or master or wb == 4
             groups[key] = groups.get(key, 0) + nbytes(rows, cols, adapter)
         return max(groups.values())
-    largest = max(nbytes(r, c, a) for r, c, a in tensors)
-    return 2 * largest if opt is Optimizer.adamw else largest
+    # for-loop: the previous tensor's result (``denom`` / ``update``) is still bound while the next one's
+    # temporaries are made: AdamW sqrt() and the division (2 per tensor), Lion/Adafactor one update each
+    per_tensor = 2 if opt is Optimizer.adamw else 1
+    sizes = [nbytes(r, c, a) for r, c, a in tensors]
+    return max(prev + per_tensor * cur for prev, cur in zip([0] + sizes[:-1], sizes))
 
 
 def state_bytes(spec: ModelSpec, setup: RunSetup) -> StateBytes:

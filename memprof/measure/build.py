@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import Dtype, LoraSpec, Method, Optimizer, Regime, RunSetup
 from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError
-from ..spec import Family, ModelSpec, Task
+from ..spec import Family, ModelSpec, Task, check_sequence_length
 from .adapters import add_bottleneck_adapters, is_norm_module
 
 TORCH_DTYPE = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
@@ -86,7 +86,7 @@ def build_base_model(spec: ModelSpec, setup: RunSetup, device: str | torch.devic
     with torch.device(device):
         try:
             model = auto.from_config(config, dtype=dtype, attn_implementation=setup.attn_impl.value)
-        except ValueError as exc:
+        except (KeyError, ValueError) as exc:
             raise ConfigError(f"transformers cannot build {spec.name}: {exc}") from None
     return model
 
@@ -197,11 +197,14 @@ def apply_method(model: nn.Module, spec: ModelSpec, setup: RunSetup, peft_config
     return model  # full fine-tuning
 
 
-def retie_weights(model: nn.Module) -> None:
-    """Re-tie shared weights (LM head = input embeddings) after ``to_empty``, which unties them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "tie_weights"):
-        base.tie_weights()
+def enable_checkpointing(model: nn.Module, **checkpoint_kwargs: Any) -> None:
+    """Activation checkpointing of every block, non-reentrant (transformers' default), through the
+    non-deprecated entry point when it exists."""
+    kwargs = {"use_reentrant": False, **checkpoint_kwargs}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
@@ -324,12 +327,9 @@ def synthetic_batch(spec: ModelSpec, setup: RunSetup, device: str | torch.device
 
 
 def check_positions(spec: ModelSpec, setup: RunSetup) -> None:
-    """Learned position tables cap the sequence length (BERT 512, GPT-2 1024)."""
-    limit = spec.max_positions - (2 if spec.model_type == "roberta" else 0)  # roberta offsets positions by pad id + 1
-    if spec.family in (Family.bert, Family.gpt2):
-        extra = setup.prompt.num_virtual_tokens if setup.method is Method.prompt and setup.prompt else 0
-        if setup.seq_len + extra > limit:
-            raise ConfigError(f"sequence length {setup.seq_len + extra} exceeds {spec.name}'s {limit} learned positions")
+    """Learned position tables cap the sequence length (BERT 512, GPT-2 1024); prompt tokens count too."""
+    extra = setup.prompt.num_virtual_tokens if setup.method is Method.prompt and setup.prompt else 0
+    check_sequence_length(spec, setup.seq_len + extra)
 
 
 def nan_to_none(x: float | None) -> float | None:

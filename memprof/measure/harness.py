@@ -28,7 +28,7 @@ from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError
 from ..records import Category, EnvInfo, Measurement, MemoryBreakdown, Phase, setup_row
 from ..spec import Family, ModelSpec
 from . import probes
-from .build import (TORCH_DTYPE, apply_method, build_base_model, check_positions, count_trainable, make_optimizer,
+from .build import (TORCH_DTYPE, apply_method, build_base_model, check_positions, count_trainable, enable_checkpointing, make_optimizer,
                     synthetic_batch)
 from .step import block_modules, run_step
 from .tracker import MemoryTracker
@@ -120,8 +120,7 @@ def build_run(spec: ModelSpec, setup: RunSetup, device: str, pretrained: str | N
         model = apply_method(model, spec, setup, peft_config)
         model.to(device)  # peft and memprof's adapters create their weights on the base model's device already
         if setup.grad_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()  # transformers' default: non-reentrant checkpointing, input grads enabled for PEFT
+            enable_checkpointing(model)  # non-reentrant; transformers enables input grads for PEFT
     model.train()
     trainable, total = count_trainable(model)
     optimizer = make_optimizer(model, setup, device)

@@ -219,3 +219,10 @@ def virtual_memory_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA device."""
+    import torch
+
+    return bool(torch.cuda.is_available())

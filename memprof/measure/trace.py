@@ -23,7 +23,7 @@ from ..config import Device, RunSetup
 from ..errors import ConfigError
 from ..records import Category, DeviceTotals, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
-from .build import apply_method, build_base_model, check_positions, count_trainable, make_optimizer, synthetic_batch
+from .build import enable_checkpointing, apply_method, build_base_model, check_positions, count_trainable, make_optimizer, synthetic_batch
 from .emulate import CudaEmulation
 from .step import BACKWARD_HEAD, BACKWARD_TAIL, backward_markers, backward_layer_phase, run_step
 from .tracker import MemoryTracker
@@ -71,10 +71,7 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
         model = apply_method(model, spec, setup, peft_config)
         emulation = CudaEmulation() if cuda else None
         if setup.grad_checkpointing:
-            kwargs: dict = {"use_reentrant": False}
-            if emulation is not None:
-                kwargs["context_fn"] = emulation.checkpoint_contexts
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            enable_checkpointing(model, **({"context_fn": emulation.checkpoint_contexts} if emulation else {}))
         trainable, total = count_trainable(model)
         with FakeTensorMode(allow_non_fake_inputs=True):
             materialize(model, "cpu")

@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from measure_helpers import tiny_spec
+from tiny_configs import tiny_spec
 from memprof.config import AdapterSpec, Device, Dtype, Method, PromptLearningSpec, QuantSpec, RunSetup, with_method_defaults
 from memprof.errors import ConfigError, DeviceUnavailableError
 from memprof.estimate.flops import step_flops

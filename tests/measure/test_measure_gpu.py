@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from measure_helpers import tiny_spec
+from tiny_configs import tiny_spec
 from memprof.config import Device, Dtype, Method, RunSetup, with_method_defaults
 from memprof.measure.harness import run_measurement
 from memprof.measure.runner import measure

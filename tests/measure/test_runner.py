@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from measure_helpers import tiny_spec
+from tiny_configs import tiny_spec
 from memprof.config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3Spec, LoraSpec, Method,
                             Optimizer, Overheads, PromptLearningSpec, QuantSpec, Regime, RunSetup, with_method_defaults)
 from memprof.errors import ConfigError

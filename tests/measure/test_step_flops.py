@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from measure_helpers import tiny_spec
+from tiny_configs import tiny_spec
 from memprof.config import AdapterSpec, Dtype, Method, PromptLearningSpec, RunSetup, with_method_defaults
 from memprof.estimate.flops import match_gpu, mfu, palm_flops_per_token, peak_flops, step_flops
 

@@ -1,4 +1,4 @@
-"""Tiny configs of each analytic family (fast on 2 CPU cores), shared by the measurement tests."""
+"""Tiny configs of each analytic family (fast on 2 CPU cores), shared by the tests."""
 
 from __future__ import annotations
 

@@ -1,0 +1,299 @@
+"""Presentation: records -> rows -> rich table | json | csv | markdown (| DataFrame). The only module that formats.
+
+Humans get rounded GiB; machines (json, csv) get raw bytes. pandas is imported only for ``to_frame``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from enum import Enum
+from typing import Any, Iterable, Iterator, Sequence
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from .records import CATEGORIES, Category, Estimate, MemoryBreakdown
+from .units import fmt_bytes, fmt_bytes_auto, fmt_count, fmt_pct
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    markdown = "markdown"
+
+
+CATEGORY_LABELS = {
+    Category.params_trainable: "trainable weights",
+    Category.params_frozen: "frozen weights",
+    Category.gradients: "gradients",
+    Category.optimizer_states: "optimizer states",
+    Category.master_weights: "fp32 master weights",
+    Category.weight_copies: "weight copies (autocast / dequantized)",
+    Category.activations: "activations (kept for backward)",
+    Category.temporaries: "temporaries",
+    Category.inputs: "batch",
+    Category.overhead: "overhead",
+}
+
+
+def describe_setup(est: Estimate) -> str:
+    """One line naming everything that defines the run (regime always stated)."""
+    s = est.setup
+    method = s.method.value
+    if s.lora is not None:
+        method += f" r={s.lora.r}"
+    if s.adapter is not None:
+        method += f" {s.adapter.variant.value} r={s.adapter.bottleneck_size(est.spec.hidden_size)}"
+    if s.prompt is not None:
+        method += f" {s.prompt.num_virtual_tokens} tokens"
+    parts = [
+        f"{est.spec.name} ({est.spec.source}, {est.spec.task.value})", method, f"b={s.batch_size} s={s.seq_len}",
+        f"{s.dtype.value} {s.effective_regime.value}", s.optimizer.value, s.attn_impl.value, s.device.value,
+    ]
+    if s.grad_checkpointing:
+        parts.append("grad checkpointing")
+    if not s.dropout:
+        parts.append("no dropout")
+    return " | ".join(parts)
+
+
+def breakdown_rows(bd: MemoryBreakdown) -> list[tuple[str, int]]:
+    return [(CATEGORY_LABELS[c], bd.get(c)) for c in CATEGORIES if c is not Category.overhead and bd.get(c)]
+
+
+def estimate_renderables(est: Estimate, fit: Any = None, explain: bool = False, note: str | None = None,
+                         max_batch: int | None = None, max_seq: int | None = None) -> Group:
+    """The rich view of one estimate: breakdown at the peak, phases, device totals, fit, notes."""
+    title = Text(f"memprof {est.kind} estimate", style="bold")
+    head = Text(describe_setup(est))
+    share = est.trainable_params / est.total_params if est.total_params else 0
+    params = Text(f"parameters: {fmt_count(est.total_params)} total, {fmt_count(est.trainable_params)} trainable "
+                  f"({fmt_pct(share, 2)})")
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    table.add_column(f"at the peak ({est.peak_phase.value}, steady state)")
+    table.add_column("memory", justify="right")
+    table.add_column("share", justify="right")
+    total = est.peak_bytes or 1
+    for label, value in breakdown_rows(est.peak):
+        table.add_row(label, fmt_bytes(value), fmt_pct(value / total))
+    table.add_row(Text("peak tensor memory", style="bold"), Text(fmt_bytes(est.peak_bytes), style="bold"), "")
+    dev = est.device
+    if est.setup.device.value == "cuda":
+        table.add_row("+ cuBLAS workspace = allocated", fmt_bytes(dev.allocated_bytes), "")
+        table.add_row("+ allocator reserve = reserved", fmt_bytes(dev.reserved_bytes), "")
+        table.add_row(Text("+ CUDA context = device total", style="bold"),
+                      Text(fmt_bytes(dev.device_total_bytes), style="bold"), "")
+    phases = "  ".join(f"{p.value} {fmt_bytes(bd.total_bytes)}" for p, bd in est.phase_peaks)
+    lines = [title, head, params, Text(""), table, Text(""),
+             Text(f"phase peaks: {phases}"),
+             Text(f"first step: {fmt_bytes(est.first_step_peak_bytes)}   between steps: "
+                  f"{fmt_bytes(est.steady_bytes)}")]
+    if est.elapsed_s is not None:
+        lines.append(Text(f"traced in {est.elapsed_s:.1f} s"))
+    if fit is not None:
+        verdict = "fits" if fit.fits else "does NOT fit"
+        style = "green" if fit.fits else "red"
+        how = (f"{fmt_bytes(fit.margin_bytes)} free" if fit.fits else f"short by {fmt_bytes(-fit.margin_bytes)}")
+        lines.append(Text(f"{fit.gpu.name} ({fmt_bytes(fit.gpu.memory_bytes)}): {verdict}, {how} "
+                          f"({fmt_pct(fit.used_fraction)} used)", style=style))
+    if max_batch is not None:
+        lines.append(Text(f"largest batch size that fits at s={est.setup.seq_len}: {max_batch}"))
+    if max_seq is not None:
+        lines.append(Text(f"largest sequence length that fits at b={est.setup.batch_size}: {max_seq}"))
+    for n in ([note] if note else []) + list(est.notes):
+        lines.append(Text(f"note: {n}", style="dim"))
+    if explain:
+        lines.append(Text(""))
+        lines.append(terms_table(est))
+    return Group(*lines)
+
+
+def terms_table(est: Estimate) -> Table:
+    table = Table(title="terms (formula, numbers substituted)", show_header=True, header_style="bold", box=None)
+    for col in ("category", "term", "formula", "substituted", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
+    for t in est.terms:
+        table.add_row(t.category.value, t.name, t.formula, t.substituted, fmt_bytes_auto(t.bytes))
+    return table
+
+
+def estimate_document(est: Estimate, fit: Any = None, note: str | None = None, max_batch: int | None = None,
+                      max_seq: int | None = None) -> dict[str, Any]:
+    """A JSON-ready dict of one estimate (raw bytes)."""
+    doc: dict[str, Any] = {"estimate": est.to_row(),
+                           "breakdown_bytes": est.peak.as_dict(),
+                           "phase_peaks_bytes": {p.value: bd.as_dict() for p, bd in est.phase_peaks},
+                           "notes": ([note] if note else []) + list(est.notes)}
+    if est.terms:
+        doc["terms"] = [{"category": t.category.value, "name": t.name, "formula": t.formula,
+                         "substituted": t.substituted, "bytes": t.bytes, "source": t.source} for t in est.terms]
+    if fit is not None:
+        doc["fit"] = {"gpu": fit.gpu.name, "gpu_memory_bytes": fit.gpu.memory_bytes, "needed_bytes": fit.needed_bytes,
+                      "fits": fit.fits, "margin_bytes": fit.margin_bytes}
+    if max_batch is not None:
+        doc["max_batch_size"] = max_batch
+    if max_seq is not None:
+        doc["max_seq_len"] = max_seq
+    return doc
+
+
+def rows_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    columns = list(columns or _columns(rows))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k) for k in columns})
+    return buf.getvalue()
+
+
+def rows_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    columns = list(columns or _columns(rows))
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        out.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(out) + "\n"
+
+
+def rows_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str | None = None,
+               labels: dict[str, str] | None = None) -> Table:
+    columns = list(columns or _columns(rows))
+    table = Table(title=title, show_header=True, header_style="bold")
+    for c in columns:
+        table.add_column((labels or {}).get(c, c), overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(row.get(c), c) for c in columns))
+    return table
+
+
+def rows_json(rows: Sequence[dict[str, Any]]) -> str:
+    return json.dumps(list(rows), indent=2, default=str)
+
+
+def render_rows(rows: Sequence[dict[str, Any]], fmt: Format, console: Console, columns: Sequence[str] | None = None,
+                title: str | None = None, labels: dict[str, str] | None = None) -> None:
+    """Print rows in the chosen format (json/csv/markdown to stdout verbatim, table through rich)."""
+    if fmt is Format.table:
+        console.print(rows_table(rows, columns, title, labels))
+    elif fmt is Format.json:
+        console.out(rows_json(rows), highlight=False)
+    elif fmt is Format.csv:
+        console.out(rows_csv(rows, columns), highlight=False, end="")
+    else:
+        console.out(rows_markdown(rows, columns), highlight=False, end="")
+
+
+def to_frame(rows: Iterable[dict[str, Any]]):  # noqa: ANN201 (pandas.DataFrame)
+    """The one table interchange: ``pandas.DataFrame([r.to_row() for r in records])``."""
+    import pandas as pd
+
+    return pd.DataFrame(list(rows))
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        for k in row:
+            seen.setdefault(k, None)
+    return list(seen)
+
+
+def _cell(value: Any, column: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) and column.endswith("_bytes"):
+        return fmt_bytes(value)
+    if isinstance(value, float):
+        if column.endswith("_pct") or column.endswith("_frac"):
+            return fmt_pct(value)
+        if column.endswith("_s"):
+            return f"{value:.4g}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+# ---- measurements -------------------------------------------------------------------------------------------
+MEASUREMENT_COLUMNS = ("model", "method", "batch_size", "seq_len", "regime", "device", "status", "trainable_params",
+                       "peak_bytes", "reserved_bytes", "device_used_bytes", "step_time_median_s", "tokens_per_s",
+                       "mfu", "energy_per_step_j")
+
+
+def render_measurement(m: Any, fmt: Format, console: Console, note: str | None = None) -> None:
+    """One measurement: its summary row (and breakdown at the peak in table mode)."""
+    row = m.to_row()
+    if fmt is not Format.table:
+        render_rows([row], fmt, console)
+        return
+    s = row
+    lines = [Text(f"memprof measurement ({m.device.upper()}{', ' + m.env.device_name if m.env and m.env.device_name else ''})",
+                  style="bold"),
+             Text(f"{m.spec_name} | {s['method']} {s.get('method_options') or ''} | b={s['batch_size']} s={s['seq_len']} | "
+                  f"{s['dtype']} {s['regime']} | {s['optimizer']} | {s['attn_impl']}")]
+    if m.status != "ok":
+        lines.append(Text(f"status: {m.status}: {m.message}", style="bold red"))
+        console.print(Group(*lines))
+        return
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column()
+    table.add_column(justify="right")
+    share = (m.trainable_params or 0) / (m.total_params or 1)
+    table.add_row("parameters (trainable)", f"{fmt_count(m.total_params)} ({fmt_count(m.trainable_params)}, "
+                                            f"{fmt_pct(share, 2)})")
+    peak_label = "peak allocated (max_memory_allocated)" if m.device == "cuda" else "peak live tensors (tracker)"
+    table.add_row(peak_label, fmt_bytes(m.peak_bytes))
+    if m.reserved_bytes is not None:
+        table.add_row("peak reserved (max_memory_reserved)", fmt_bytes(m.reserved_bytes))
+    if m.device_used_bytes is not None:
+        table.add_row("device memory used by the process (NVML)", fmt_bytes(m.device_used_bytes))
+    if m.rss_peak_bytes is not None:
+        table.add_row("process peak RSS (context)", fmt_bytes(m.rss_peak_bytes))
+    table.add_row("step time median (p10-p90)",
+                  f"{m.step_time_median_s:.3f} s ({m.step_time_p10_s:.3f}-{m.step_time_p90_s:.3f})")
+    table.add_row("throughput", f"{m.samples_per_s:.2f} samples/s, {m.tokens_per_s:,.0f} tokens/s")
+    if m.flops_per_step:
+        table.add_row("training FLOPs per step", f"{m.flops_per_step:.3e}")
+    if m.mfu is not None:
+        table.add_row("MFU", fmt_pct(m.mfu))
+    if m.energy_per_step_j is not None:
+        table.add_row("energy per step (NVML)", f"{m.energy_per_step_j:.1f} J")
+    lines += [Text(""), table]
+    if m.breakdown is not None:
+        bd = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
+        bd.add_column(f"tracked peak ({m.peak_phase or '-'})")
+        bd.add_column("memory", justify="right")
+        for label, value in breakdown_rows(m.breakdown):
+            bd.add_row(label, fmt_bytes(value))
+        bd.add_row("total (tracker)", fmt_bytes(m.breakdown.total_bytes))
+        lines += [Text(""), bd]
+    notes = ([note] if note else []) + list((m.extra or {}).get("notes", []))
+    lines += [Text(f"note: {n}", style="dim") for n in notes]
+    if m.env is not None:
+        e = m.env
+        lines.append(Text(f"torch {e.torch_version}, transformers {e.transformers_version}, peft {e.peft_version}, "
+                          f"{e.cpu_threads} CPU threads, {e.date}", style="dim"))
+    console.print(Group(*lines))
+
+
+@contextlib.contextmanager
+def progress_bar(console: Console, enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar driven by ``progress(phase, step, total)`` callbacks (None when disabled)."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=1)
+
+        def update(phase: str, step: int, total: int) -> None:
+            bar.update(task, description=phase, completed=step, total=max(total, 1))
+
+        yield update

@@ -1,0 +1,107 @@
+"""The analytic estimator against the traced one (the real model and method on fake tensors).
+
+Small configs of each family, every method, the precision regimes, both attention kernels, CPU kernels and
+emulated CUDA kernels, checkpointing. Each phase's peak must agree within 1%.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from memprof.config import resolve_setup  # noqa: E402
+from memprof.estimate import estimate  # noqa: E402
+from memprof.measure.trace import trace_depth  # noqa: E402
+from memprof.spec import Task, from_hf_config  # noqa: E402
+
+H, I = 128, 512
+CONFIGS = {
+    "bert": {"model_type": "bert", "vocab_size": 512, "hidden_size": H, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "intermediate_size": I, "max_position_embeddings": 128},
+    "roberta": {"model_type": "roberta", "vocab_size": 512, "hidden_size": H, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "intermediate_size": I, "max_position_embeddings": 130, "pad_token_id": 1,
+                "type_vocab_size": 1},
+    "gpt2": {"model_type": "gpt2", "vocab_size": 512, "n_embd": H, "n_layer": 2, "n_head": 4, "n_positions": 128},
+    "llama": {"model_type": "llama", "vocab_size": 512, "hidden_size": H, "intermediate_size": I,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "tie_word_embeddings": False},
+    "qwen2": {"model_type": "qwen2", "vocab_size": 512, "hidden_size": H, "intermediate_size": I,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "gemma": {"model_type": "gemma", "vocab_size": 512, "hidden_size": H, "intermediate_size": I,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 64},
+    "phi3": {"model_type": "phi3", "vocab_size": 512, "hidden_size": H, "intermediate_size": I,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "pad_token_id": 0},
+}
+METHODS = [("full", {}), ("lora", {"lora": {"targets": "all-linear"}}), ("adapter", {"adapter": {"bottleneck": 16}}),
+           ("ia3", {}), ("prefix", {"prompt": {"num_virtual_tokens": 8}}), ("prompt", {"prompt": {"num_virtual_tokens": 8}})]
+
+
+# The traced CUDA runs round every storage up to the caching allocator's 512-byte blocks; the analytic
+# estimator does not (a few hundred live tensors at most here: up to 256 KiB). Real models make this 0.01%.
+CUDA_ROUNDING_BYTES = 512 * 512
+
+
+def _phase_errors(family: str, over: dict, task: Task | None = None) -> dict[str, tuple[float, int]]:
+    spec = from_hf_config(CONFIGS[family], f"tiny-{family}", task=task)
+    setup = resolve_setup(None, {"batch_size": 4, "seq_len": 64, **over})
+    est = estimate(spec, setup, tracked=True)  # a trace runs under dispatch modes: out-of-place accumulation
+    traced = trace_depth(spec, setup)
+    errors = {}
+    for phase, bd in est.phase_peaks:
+        t = max((v.total_bytes for k, v in traced.steady.items() if k.split(".")[0] == phase.value), default=None)
+        assert t is not None, f"trace has no {phase.value} phase"
+        slack = CUDA_ROUNDING_BYTES if setup.device.value == "cuda" else 0
+        diff = bd.total_bytes - t
+        errors[phase.value] = (diff / t, max(0, abs(diff) - slack))
+    return errors
+
+
+def _assert_close(errors: dict[str, tuple[float, int]], tol: float = 0.01) -> None:
+    bad = {k: f"{100 * rel:+.2f}%" for k, (rel, beyond_slack) in errors.items() if abs(rel) > tol and beyond_slack}
+    assert not bad, f"analytic vs traced beyond {100 * tol:.0f}%: {bad}"
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_method_on_each_family(family: str, method: str, options: dict, device: str) -> None:
+    # prefix tuning: the forward's last-block transients around the prefix cache are modelled within a few
+    # percent on these tiny models (within 0.5% on bert-base/gpt2/Llama-3.2-1B, see estimates/validation.md)
+    tol = 0.05 if method == "prefix" else 0.01
+    _assert_close(_phase_errors(family, {"method": method, "device": device, "dtype": "fp32", **options}), tol)
+
+
+@pytest.mark.parametrize("regime", [{"dtype": "bf16"}, {"dtype": "fp16", "regime": "amp"},
+                                    {"dtype": "bf16", "regime": "mixed"}], ids=["pure", "amp", "mixed"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_precision_regimes(family: str, method: str, regime: dict) -> None:
+    _assert_close(_phase_errors(family, {"method": method, **regime}))
+
+
+@pytest.mark.parametrize("family", ["roberta", "qwen2", "gemma", "phi3"])
+def test_family_variants(family: str) -> None:
+    _assert_close(_phase_errors(family, {"method": "lora", "dtype": "bf16",
+                                         "lora": {"targets": "all-linear"}}))
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("method", ["full", "lora", "prompt"])
+def test_gradient_checkpointing(family: str, attn: str, method: str) -> None:
+    _assert_close(_phase_errors(family, {"method": method, "attn_impl": attn, "grad_checkpointing": True,
+                                         "dtype": "bf16", "prompt": {"num_virtual_tokens": 8} if method == "prompt" else None}))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd-momentum", "adafactor", "lion"])
+def test_optimizers(optimizer: str) -> None:
+    _assert_close(_phase_errors("llama", {"optimizer": optimizer, "dtype": "fp32"}))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoder_with_a_classification_head(family: str) -> None:
+    _assert_close(_phase_errors(family, {"method": "bitfit" if family == "gpt2" else "lora", "dtype": "bf16"},
+                                task=Task.seq_cls))
