@@ -27,7 +27,7 @@ app = typer.Typer(
     name="memprof", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Memory and throughput of fine-tuning transformers: estimate, trace, measure, compare full vs PEFT.",
 )
-console = Console()
+console = Console(soft_wrap=True)  # long lines are left to the terminal, so they stay greppable
 err_console = Console(stderr=True, soft_wrap=True)  # one line per error, however long
 
 

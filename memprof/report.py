@@ -156,7 +156,7 @@ def rows_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None 
     columns = list(columns or _columns(rows))
     out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        out.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+        out.append("| " + " | ".join(_cell(row.get(c), c) for c in columns) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -120,8 +120,10 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     steady = sb.params_trainable + sb.params_frozen + sb.optimizer_states + sb.master_weights + inputs
     terms = explain_terms(spec, setup, pc, sb, inputs, peak.total_bytes, peak_phase) if explain else ()
     notes: tuple[str, ...] = ()
-    if spec.task is SpecTask.causal_lm and spec.vocab_size * bs * 4 > 0.25 * peak.total_bytes:
-        notes = ("the fp32 logits (b*s*V) are a large share of the peak; chunked cross-entropy would cut it",)
+    # the loss holds an fp32 log-softmax of the b*s*V logits, and its backward two more of that size
+    if spec.task is SpecTask.causal_lm and 3 * spec.vocab_size * bs * 4 > 0.25 * peak.total_bytes:
+        notes = ("the loss over b*s*V logits (fp32 log-softmax and its gradients) is a large share of the peak; "
+                 "a chunked / fused cross-entropy would cut it",)
     return Estimate(
         kind="analytic", spec=spec, setup=setup, total_params=pc.total, trainable_params=pc.trainable,
         peak=peak, peak_phase=peak_phase, phase_peaks=phases, first_step_peak_bytes=first, steady_bytes=steady,

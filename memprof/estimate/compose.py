@@ -1,10 +1,12 @@
 """Assemble a step's memory timeline for a model of any depth from one scripted replay (pure).
 
-The replay (blocks.py on sim.Graph) covers the embedding, the first block, one repeated block and the head,
-forward and backward. Each segment contributes (a) its net change of live bytes and (b) its candidate peaks
-relative to where it started, per category. Blocks are identical, so for L blocks the repeated block's net
-change is applied L-1 times, and its candidate peaks are checked at the first and the last repetition (the
-live bytes before a repetition are linear in its index, so the extremes sit at the ends).
+The replay (blocks.py on sim.Graph) covers the embedding, the first block, one middle block, the last block
+and the head, forward and backward. Each segment contributes (a) its net change of live bytes and (b) its
+candidate peaks relative to where it started, per category. The first block differs (its input may not need
+a gradient), the last one too (the head, not a block, consumes its output); the middle ones are identical, so
+for L blocks the middle block's net change is applied L-2 times, and its candidate peaks are checked at the
+first and the last repetition (the live bytes before a repetition are linear in its index, so the extremes
+sit at the ends).
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ class Segment:
 class Replay:
     """Per-segment statistics of one scripted step (forward + backward, no optimizer)."""
 
-    forward: tuple[Segment, ...]      # embed, layer0, [layer1], head
-    backward: tuple[Segment, ...]     # b:head, [b:layer1], b:layer0, b:embed
-    layers: int                       # blocks in the replay (1 or 2)
+    forward: tuple[Segment, ...]      # embed, layer0 [, layer1 [, layer2]], head
+    backward: tuple[Segment, ...]     # b:head [, b:layer2 [, b:layer1]], b:layer0, b:embed
+    layers: int                       # blocks in the replay (1, 2, or 3: first, middle, last)
     saved_terms: tuple[tuple[str, str, str, Poly], ...]  # (segment, label, dtype, bytes) alive after forward
 
 
@@ -74,12 +76,12 @@ def _prune(cands: list[Vec]) -> tuple[Vec, ...]:
 
 @functools.lru_cache(maxsize=512)
 def replay(spec: ModelSpec, setup: RunSetup, tracked: bool = False) -> Replay:
-    """Script and replay one step of ``spec`` with min(L, 2) blocks (cached per structure).
+    """Script and replay one step of ``spec`` with min(L, 3) blocks (cached per structure).
 
     ``tracked`` replays a run observed by a TorchDispatchMode (memprof's trace, a CPU breakdown), in which
     autograd accumulates gradients out of place (see ``Graph.inplace_accumulation``).
     """
-    layers = min(spec.num_layers, 2)
+    layers = min(spec.num_layers, 3)
     g = Graph(device=setup.device.value, inplace_accumulation=not tracked)
     ctx = build_context(g, spec, setup)
     ctx.layers = layers  # type: ignore[attr-defined]
@@ -101,6 +103,7 @@ def replay(spec: ModelSpec, setup: RunSetup, tracked: bool = False) -> Replay:
             ev.st.fate = TEMP
     segments = _segments(g)
     fwd_names = ["embed", *(f"layer{i}" for i in range(layers)), "head"]
+    # the backward visits the blocks last to first: b:head, b:layer2 (last), b:layer1 (middle), b:layer0
     bwd_names = ["b:head", *(f"b:layer{i}" for i in reversed(range(layers))), "b:embed"]
     empty = Segment("", vzero(), (vzero(),))
     return Replay(
@@ -169,48 +172,31 @@ class Timeline:
         return tuple((k, p) for k, p in enumerate(vec) if p != ZERO)
 
 
+def _walk(segments: tuple[Segment, ...], repeated: int | None, times: int, live: Vec,
+          into: list[Vec]) -> Vec:
+    """Run segments in order from ``live``; segment ``repeated`` (an index) runs ``times`` times."""
+    for i, seg in enumerate(segments):
+        if i == repeated:
+            if times <= 0:
+                continue
+            into.extend(vadd(live, c) for c in seg.cands)
+            last = vadd(live, vscale(seg.delta, times - 1))
+            into.extend(vadd(last, c) for c in seg.cands)
+            live = vadd(live, vscale(seg.delta, times))
+        else:
+            into.extend(vadd(live, c) for c in seg.cands)
+            live = vadd(live, seg.delta)
+    return live
+
+
 def assemble(rep: Replay, num_layers: int) -> Timeline:
     """Depth-L timeline from the replay's segments (see module docstring)."""
-    L = num_layers
+    middle = num_layers - 2
     fwd_cands: list[Vec] = []
-    live = vzero()
-
-    def run(seg: Segment, offset: Vec, into: list[Vec]) -> None:
-        into.extend(vadd(offset, c) for c in seg.cands)
-
-    if rep.layers == 1:
-        order = list(rep.forward)
-        for seg in order:
-            run(seg, live, fwd_cands)
-            live = vadd(live, seg.delta)
-    else:
-        embed, first, mid, head = rep.forward
-        run(embed, live, fwd_cands)
-        live = vadd(live, embed.delta)
-        run(first, live, fwd_cands)
-        live = vadd(live, first.delta)
-        run(mid, live, fwd_cands)
-        run(mid, vadd(live, vscale(mid.delta, L - 2)), fwd_cands)
-        live = vadd(live, vscale(mid.delta, L - 1))
-        run(head, live, fwd_cands)
-        live = vadd(live, head.delta)
-    end_fwd = live
     bwd_cands: list[Vec] = []
-    if rep.layers == 1:
-        for seg in rep.backward:
-            run(seg, live, bwd_cands)
-            live = vadd(live, seg.delta)
-    else:
-        bhead, bmid, bfirst, bembed = rep.backward
-        run(bhead, live, bwd_cands)
-        live = vadd(live, bhead.delta)
-        run(bmid, live, bwd_cands)
-        run(bmid, vadd(live, vscale(bmid.delta, L - 2)), bwd_cands)
-        live = vadd(live, vscale(bmid.delta, L - 1))
-        run(bfirst, live, bwd_cands)
-        live = vadd(live, bfirst.delta)
-        run(bembed, live, bwd_cands)
-        live = vadd(live, bembed.delta)
+    # forward: embed, first, middle x (L-2), last, head; backward: head, last, middle x (L-2), first, embed
+    end_fwd = _walk(rep.forward, 2 if rep.layers == 3 else None, middle, vzero(), fwd_cands)
+    live = _walk(rep.backward, 2 if rep.layers == 3 else None, middle, end_fwd, bwd_cands)
     fwd, bwd = _prune(fwd_cands), _prune(bwd_cands)
     return Timeline(fwd, bwd, end_fwd, live, tuple(vtotal(c) for c in fwd), tuple(vtotal(c) for c in bwd),
                     tuple(Timeline.sparse(c) for c in fwd), tuple(Timeline.sparse(c) for c in bwd),

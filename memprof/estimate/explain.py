@@ -57,18 +57,22 @@ def _activation_terms(spec: ModelSpec, setup: RunSetup) -> list[Term]:
     groups: "OrderedDict[str, list[tuple[str, str, tuple]]]" = OrderedDict()
     for seg, label, dtype, poly in rep.saved_terms:
         groups.setdefault(seg, []).append((label, dtype, poly))
-    first = [(lbl, dt) for lbl, dt, _ in groups.get("layer0", [])]
-    mid = [(lbl, dt) for lbl, dt, _ in groups.get("layer1", [])]
-    same = rep.layers == 2 and first == mid
+    def labels(seg: str) -> list[tuple[str, str]]:
+        return [(lbl, dt) for lbl, dt, _ in groups.get(seg, [])]
+
     scopes = []
     if "embed" in groups:
         scopes.append(("embeddings", "embed", 1))
     if rep.layers == 1:
-        scopes.append((f"block (x{L})", "layer0", 1))
-    elif same:
+        scopes.append(("the block", "layer0", 1))
+    elif rep.layers == 2:
+        scopes += [("first block", "layer0", 1), ("last block", "layer1", 1)]
+    elif labels("layer0") == labels("layer1") == labels("layer2"):
         scopes.append((f"each block (x{L})", "layer1", L))
     else:
-        scopes += [("first block", "layer0", 1), (f"each later block (x{L - 1})", "layer1", L - 1)]
+        # the first block's input may need no gradient; the last block's output feeds the head, not a block
+        scopes += [("first block", "layer0", 1), (f"each middle block (x{L - 2})", "layer1", L - 2),
+                   ("last block", "layer2", 1)]
     scopes.append(("head and loss", "head", 1))
     terms = []
     for scope, seg, mult in scopes:
