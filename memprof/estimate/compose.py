@@ -52,6 +52,8 @@ class Segment:
     name: str
     delta: Vec                    # live bytes at the end minus at the start, per fate
     cands: tuple[Vec, ...]        # candidate peaks relative to the start (pruned: none dominated)
+    shared: Vec = ()              # frees of tensors made outside the blocks (rope tables, masks) it performs:
+                                  # for a repeated block, only its last repetition may free them
 
 
 @dataclass(frozen=True)
@@ -120,14 +122,14 @@ def _segments(g: Graph) -> dict[str, Segment]:
     cur = [ZERO] * len(FATES)
     out: dict[str, Segment] = {}
     name, start, cands = None, tuple(cur), []
+    shared = [ZERO] * len(FATES)
 
     def close() -> None:
         if name is not None and name != "setup":
             rel = [vsub(c, start) for c in cands] or [vzero()]
-            prev = out.get(name)
-            if prev is not None:  # a segment resumed after another: continue from the earlier start
+            if name in out:
                 raise AssertionError(f"segment {name} is not contiguous")
-            out[name] = Segment(name, vsub(tuple(cur), start), _prune(rel + [vzero()]))
+            out[name] = Segment(name, vsub(tuple(cur), start), _prune(rel + [vzero()]), tuple(shared))
 
     for ev in g.events:
         if ev.kind == "seg":
@@ -135,6 +137,7 @@ def _segments(g: Graph) -> dict[str, Segment]:
                 continue
             close()
             name, start, cands = ev.seg, tuple(cur), []
+            shared = [ZERO] * len(FATES)
         elif ev.kind == "alloc":
             i = index[ev.st.fate]
             cur[i] = padd(cur[i], ev.st.nbytes)
@@ -142,6 +145,8 @@ def _segments(g: Graph) -> dict[str, Segment]:
         elif ev.kind == "free":
             i = index[ev.st.fate]
             cur[i] = psub(cur[i], ev.st.nbytes)
+            if ev.st.seg in ("embed", "setup") and name not in ("embed", "b:embed"):
+                shared[i] = padd(shared[i], ev.st.nbytes)
         elif ev.kind == "cand":
             c = list(cur)
             i = index[TEMP]
@@ -179,10 +184,14 @@ def _walk(segments: tuple[Segment, ...], repeated: int | None, times: int, live:
         if i == repeated:
             if times <= 0:
                 continue
-            into.extend(vadd(live, c) for c in seg.cands)
-            last = vadd(live, vscale(seg.delta, times - 1))
+            # shared tensors are released by the last repetition only; earlier ones keep them (their
+            # candidates get them back, which overstates candidates that came before the release)
+            shared = seg.shared or vzero()       # bytes it frees (delta already has them subtracted)
+            per = vadd(seg.delta, shared)         # one repetition without the release
+            into.extend(vadd(vadd(live, c), shared) for c in seg.cands)
+            last = vadd(live, vscale(per, times - 1))
             into.extend(vadd(last, c) for c in seg.cands)
-            live = vadd(live, vscale(seg.delta, times))
+            live = vsub(vadd(live, vscale(per, times)), shared)
         else:
             into.extend(vadd(live, c) for c in seg.cands)
             live = vadd(live, seg.delta)
