@@ -162,7 +162,8 @@ def method_options_str(setup: RunSetup) -> str:
             if v != f.default:
                 v = ",".join(v) if isinstance(v, tuple) else (v.value if isinstance(v, Enum) else v)
                 items.append(f"{f.name}={v}")
-        parts.append(f"{name}({' '.join(items)})" if items else name)
+        if items:
+            parts.append(f"{name}({' '.join(items)})")
     return " ".join(parts)
 
 

@@ -53,7 +53,8 @@ def describe_setup(est: Estimate) -> str:
         method += f" {s.prompt.num_virtual_tokens} tokens"
     parts = [
         f"{est.spec.name} ({est.spec.source}, {est.spec.task.value})", method, f"b={s.batch_size} s={s.seq_len}",
-        f"{s.dtype.value} {s.effective_regime.value}", s.optimizer.value, s.attn_impl.value, s.device.value,
+        s.dtype.value if s.dtype.value == s.effective_regime.value else f"{s.dtype.value} {s.effective_regime.value}",
+        s.optimizer.value, s.attn_impl.value, s.device.value,
     ]
     if s.grad_checkpointing:
         parts.append("grad checkpointing")
@@ -232,10 +233,13 @@ def render_measurement(m: Any, fmt: Format, console: Console, note: str | None =
         render_rows([row], fmt, console)
         return
     s = row
+    options = s.get("method_options") or ""
+    method = s["method"] + (f" [{options}]" if options else "")
+    precision = s["dtype"] if s["dtype"] == s["regime"] else f"{s['dtype']} {s['regime']}"
     lines = [Text(f"memprof measurement ({m.device.upper()}{', ' + m.env.device_name if m.env and m.env.device_name else ''})",
                   style="bold"),
-             Text(f"{m.spec_name} | {s['method']} {s.get('method_options') or ''} | b={s['batch_size']} s={s['seq_len']} | "
-                  f"{s['dtype']} {s['regime']} | {s['optimizer']} | {s['attn_impl']}")]
+             Text(f"{m.spec_name} | {method} | b={s['batch_size']} s={s['seq_len']} | {precision} | {s['optimizer']} | "
+                  f"{s['attn_impl']}")]
     if m.status != "ok":
         lines.append(Text(f"status: {m.status}: {m.message}", style="bold red"))
         console.print(Group(*lines))
