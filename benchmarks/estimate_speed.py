@@ -35,7 +35,7 @@ def main() -> None:
 
     from memprof import __version__
     from memprof.config import resolve_setup
-    from memprof.estimate import estimate
+    from memprof.analytic import estimate
     from memprof.hub import resolve_spec
 
     print(f"memprof {__version__}, python {platform.python_version()}, {platform.platform()}, CPU only")

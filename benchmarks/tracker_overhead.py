@@ -32,8 +32,8 @@ def main() -> None:
 
     from memprof.config import Device, Dtype, Method, RunSetup, with_method_defaults
     from memprof.hub import resolve_spec
-    from memprof.measure.harness import build_run, run_timed, run_warmup, tracked_step
-    from memprof.measure.probes import env_info
+    from memprof.runtime.harness import build_run, run_timed, run_warmup, tracked_step
+    from memprof.runtime.probes import env_info
     from memprof.units import fmt_bytes
 
     if args.threads:

@@ -195,7 +195,7 @@ def estimate(
         else:
             if peft_config is not None:
                 raise ConfigError("--peft-config needs --trace (the analytic estimator knows memprof's methods only)")
-            from .estimate import estimate as run_estimate
+            from .analytic import estimate as run_estimate
 
             est = run_estimate(spec, setup, explain=explain)
         fit = _fit(est, gpu)
@@ -204,12 +204,12 @@ def estimate(
 
 def _trace(spec: ModelSpec, setup: RunSetup, layers: str, peft_config: Path | None):  # noqa: ANN202
     try:
-        from .measure.trace import trace as run_trace
+        from .runtime.trace import trace as run_trace
     except ImportError as exc:
         from .errors import DependencyMissingError
 
         raise DependencyMissingError(f"--trace needs the torch stack: pip install 'memprof[measure]' ({exc})") from None
-    from .measure.build import load_peft_config
+    from .runtime.build import load_peft_config
 
     if layers not in ("auto", "full"):
         try:
@@ -222,7 +222,7 @@ def _trace(spec: ModelSpec, setup: RunSetup, layers: str, peft_config: Path | No
 def _fit(est: Any, gpu: str | None) -> Any:
     if gpu is None:
         return None
-    from .estimate.fit import check_fit, resolve_gpu
+    from .analytic.fit import check_fit, resolve_gpu
 
     return check_fit(est, resolve_gpu(gpu))
 
@@ -260,8 +260,8 @@ def fit(
     """Find the largest batch size (at --seq-len) and sequence length (at --batch-size) that fit a GPU."""
     with user_errors():
         assert run is not None
-        from .estimate import estimate as run_estimate
-        from .estimate.fit import check_fit, max_batch_size, max_seq_len, resolve_gpu
+        from .analytic import estimate as run_estimate
+        from .analytic.fit import check_fit, max_batch_size, max_seq_len, resolve_gpu
 
         spec, note = resolve_model(model, params, run)
         setup = resolve_run(run)
@@ -316,7 +316,7 @@ def measure(
         assert run is not None
         if model is None:
             raise ConfigError("measure needs a model (preset, hub id or config.json)")
-        from .measure.runner import measure as run_measure
+        from .runtime.runner import measure as run_measure
 
         spec, _ = resolve_model(model, None, run, any_family=True)
         device, defaults_note = _measure_device(run)
@@ -336,7 +336,7 @@ def measure(
 
 
 def _measure_device(run: dict[str, Any]) -> tuple[str, str]:
-    from .measure.probes import cuda_available
+    from .runtime.probes import cuda_available
 
     requested = (run["device"] or "auto").lower()
     if requested not in ("auto", "cuda", "cpu"):
@@ -357,7 +357,7 @@ def _measure_device(run: dict[str, Any]) -> tuple[str, str]:
 def presets(fmt: FormatOpt = Format.table) -> None:
     """List the bundled model presets and the GPU catalog."""
     with user_errors():
-        from .estimate.params import count_params
+        from .analytic.params import count_params
         from .hub import resolve_spec
         from .presets import gpu_catalog, preset_names
 

@@ -114,13 +114,33 @@ def estimate_renderables(est: Estimate, fit: Any = None, explain: bool = False, 
     return Group(*lines)
 
 
-def terms_table(est: Estimate) -> Table:
-    table = Table(title="terms (formula, numbers substituted)", show_header=True, header_style="bold", box=None)
-    for col in ("category", "term", "formula", "substituted", "bytes"):
-        table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
+def terms_table(est: Estimate) -> Group:
+    """--explain: every term as 'name: formula = numbers = bytes', grouped by category and scope."""
+    lines: list[Text] = [Text("terms: formula = numbers substituted = bytes", style="bold")]
+    category, scope = None, None
     for t in est.terms:
-        table.add_row(t.category.value, t.name, t.formula, t.substituted, fmt_bytes_auto(t.bytes))
-    return table
+        if t.category is not category:
+            category, scope = t.category, None
+            lines.append(Text(CATEGORY_LABELS[t.category], style="bold"))
+        name = t.name
+        if ": " in t.name:
+            head, name = t.name.split(": ", 1)
+            if head != scope:
+                scope = head
+                lines.append(Text(f"  {head}", style="italic"))
+        indent = "    " if scope else "  "
+        source = f"  [{t.source}]" if t.source and t.category is not Category.activations else ""
+        line = Text(f"{indent}{name}: ")
+        line.append(f"{t.formula} = {t.substituted} = ", style="dim")
+        line.append(fmt_bytes_auto(t.bytes))
+        line.append(source, style="dim")
+        lines.append(line)
+    acts = [t for t in est.terms if t.category is Category.activations]
+    if acts:
+        lines.append(Text(f"  kept for backward at the end of the forward: {fmt_bytes_auto(sum(t.bytes for t in acts))}",
+                          style="bold"))
+        lines.append(Text(f"  [{acts[0].source}]", style="dim"))
+    return Group(*lines)
 
 
 def estimate_document(est: Estimate, fit: Any = None, note: str | None = None, max_batch: int | None = None,

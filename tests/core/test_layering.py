@@ -15,9 +15,9 @@ def _modules_after(code: str) -> set[str]:
 
 
 def test_core_does_not_import_torch() -> None:
-    code = ("import memprof.estimate, memprof.report, memprof.hub, memprof.estimate.fit, memprof.estimate.flops\n"
+    code = ("import memprof.analytic, memprof.report, memprof.hub, memprof.analytic.fit, memprof.analytic.flops\n"
             "from memprof.hub import resolve_spec\nfrom memprof.config import resolve_setup\n"
-            "from memprof.estimate import estimate\n"
+            "from memprof.analytic import estimate\n"
             "spec, _ = resolve_spec('Llama-3.2-1B')\n"
             "estimate(spec, resolve_setup(None, {'method': 'lora', 'batch_size': 4}), explain=True)")
     assert _modules_after(code) == set()
@@ -31,4 +31,4 @@ def test_cli_estimate_does_not_import_torch() -> None:
 
 
 def test_measure_runner_does_not_import_torch_in_the_parent() -> None:
-    assert _modules_after("import memprof.measure.runner, memprof.measure") == set()
+    assert _modules_after("import memprof.runtime.runner, memprof.runtime") == set()

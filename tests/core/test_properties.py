@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from memprof.config import resolve_setup
 from memprof.errors import ConfigError
-from memprof.estimate import estimate
+from memprof.analytic import estimate
 from memprof.hub import resolve_spec
 
 MODELS = ["bert-base-uncased", "roberta-base", "gpt2", "Llama-3.2-1B", "Qwen2.5-0.5B", "gemma-2b"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from memprof.errors import ConfigError, UnsupportedModelError
-from memprof.estimate.params import count_params
+from memprof.analytic.params import count_params
 from memprof.hub import resolve_spec
 from memprof.spec import LLAMA_SHAPES, Family, Task, synthesize_from_params
 

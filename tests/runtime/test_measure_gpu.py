@@ -7,8 +7,8 @@ import torch
 
 from tiny_configs import tiny_spec
 from memprof.config import Device, Dtype, Method, RunSetup, with_method_defaults
-from memprof.measure.harness import run_measurement
-from memprof.measure.runner import measure
+from memprof.runtime.harness import run_measurement
+from memprof.runtime.runner import measure
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -10,10 +10,10 @@ import torch
 from tiny_configs import tiny_spec
 from memprof.config import AdapterSpec, Device, Dtype, Method, PromptLearningSpec, QuantSpec, RunSetup, with_method_defaults
 from memprof.errors import ConfigError, DeviceUnavailableError
-from memprof.estimate.flops import step_flops
-from memprof.estimate.params import method_params
-from memprof.measure import harness
-from memprof.measure.harness import is_oom, run_measurement
+from memprof.analytic.flops import step_flops
+from memprof.analytic.params import method_params
+from memprof.runtime import harness
+from memprof.runtime.harness import is_oom, run_measurement
 from memprof.records import Measurement
 
 FAMILIES = ("bert", "gpt2", "llama")

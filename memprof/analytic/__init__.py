@@ -1,6 +1,6 @@
 """The analytic estimator: ModelSpec + RunSetup -> Estimate, in pure Python (no torch import).
 
-Known limitations (what the estimate does not capture; see also estimate/overheads.py):
+Known limitations (what the estimate does not capture; see also analytic/overheads.py):
 - allocator behaviour beyond a flat reserve fraction: fragmentation depends on the allocation history;
 - kernel workspaces other than cuBLAS's (cuDNN, flash-attention split buffers) and exact kernel temporaries
   inside backward (modelled for attention, approximated elsewhere);

@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from memprof.config import resolve_setup  # noqa: E402
-from memprof.estimate import estimate  # noqa: E402
-from memprof.measure.trace import trace_depth  # noqa: E402
+from memprof.analytic import estimate  # noqa: E402
+from memprof.runtime.trace import trace_depth  # noqa: E402
 from memprof.spec import Task, from_hf_config  # noqa: E402
 
 H, I = 128, 512

@@ -17,8 +17,8 @@ from memprof.config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype
 from memprof.errors import ConfigError
 from memprof.hub import resolve_spec
 from memprof.records import EnvInfo, Measurement, MemoryBreakdown
-from memprof.measure import runner
-from memprof.measure.runner import (append_jsonl, default_name, measure, measurement_from_dict, measurement_to_dict,
+from memprof.runtime import runner
+from memprof.runtime.runner import (append_jsonl, default_name, measure, measurement_from_dict, measurement_to_dict,
                                     read_measurements, setup_from_json, setup_to_json, spec_from_json, spec_to_json)
 
 CPU = {"batch_size": 2, "seq_len": 16, "dtype": Dtype.fp32, "device": Device.cpu}

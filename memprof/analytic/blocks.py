@@ -690,7 +690,7 @@ def _adapter_after(ctx: Ctx, y: T, site: str, i: int) -> T:
         return y
     if site == "attn" and ad.variant is not AdapterVariant.houlsby:
         return y
-    return ctx.adapter(y, f"adapter.{i}.{site}")
+    return ctx.adapter(y, f"adapter ({site})")
 
 
 def decoder_head(ctx: Ctx, x: T, held: list[T]) -> T:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..config import RunSetup
 from ..spec import ModelSpec
 from .blocks import build_context, forward
-from .sim import ACT, TEMP, ZERO, Graph, Poly, dominated, padd, pscale, psub
+from .sim import ACT, TEMP, WCOPY, ZERO, Graph, Poly, dominated, padd, pscale, psub
 
 FATES = ("params_trainable", "params_frozen", "gradients", "optimizer_states", "master_weights",
          "weight_copies", "activations", "temporaries", "inputs")
@@ -96,6 +96,8 @@ def replay(spec: ModelSpec, setup: RunSetup, tracked: bool = False) -> Replay:
             st.fate = ACT if st.alive else TEMP
             if st.alive:
                 saved_terms.append((ev.seg, st.label, st.dtype, st.nbytes))
+        elif ev.kind == "alloc" and st is not None and st.fate == WCOPY and st.alive:
+            saved_terms.append((ev.seg, "[weight copy] " + st.label, st.dtype, st.nbytes))
     n_forward_events = len(g.events)
     seg_of = {name: "b:" + name for name in ("embed", "head", *(f"layer{i}" for i in range(layers)))}
     g.segment("b:head")

@@ -1,7 +1,7 @@
 """Isolation and persistence for measurements: one fresh worker process per run, results appended to JSONL.
 
 ``measure`` sends the job (the ModelSpec with its hf_config and source, and the full RunSetup) as JSON to
-``python -m memprof.measure.worker``, reads progress and the result over a pipe, and turns an out-of-memory,
+``python -m memprof.runtime.worker``, reads progress and the result over a pipe, and turns an out-of-memory,
 a crash (non-zero exit, signal) or a timeout into a recorded ``Measurement`` (status oom | error | timeout,
 with the last lines of the worker's output) rather than a lost session. A fresh process also gives each run
 a clean allocator peak and peak RSS.
@@ -39,7 +39,7 @@ from ..spec import Family, ModelSpec, Task
 ProgressFn = Callable[[str, int, int], None]
 SCHEMA = "memprof.measurement/1"
 STDERR_TAIL_LINES = 20
-WORKER_MODULE = "memprof.measure.worker"
+WORKER_MODULE = "memprof.runtime.worker"
 
 # ---- JSON helpers --------------------------------------------------------------------------------------------
 _SETUP_ENUMS: dict[str, type[Enum]] = {"method": Method, "dtype": Dtype, "regime": Regime, "optimizer": Optimizer,

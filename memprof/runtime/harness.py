@@ -190,7 +190,7 @@ def _percentile(values: list[float], q: float) -> float:
 def _flops(spec: ModelSpec, setup: RunSetup, peft_config: Any) -> int | None:
     if peft_config is not None or spec.family is Family.other:
         return None  # an arbitrary peft config or architecture: no analytic FLOP count
-    from ..estimate.flops import step_flops
+    from ..analytic.flops import step_flops
 
     try:
         return step_flops(spec, setup).total_flops
@@ -293,7 +293,7 @@ def _assemble(spec: ModelSpec, setup: RunSetup, device: str, run: BuiltRun, time
     mfu = None
     env: EnvInfo = base["env"]
     if flops is not None and device == "cuda" and env.device_name:
-        from ..estimate.flops import mfu as _mfu, peak_flops
+        from ..analytic.flops import mfu as _mfu, peak_flops
 
         peak = peak_flops(env.device_name, setup.dtype.value)
         mfu = _mfu(flops, median, peak) if peak else None

@@ -10,7 +10,7 @@ import torch
 
 import memprof
 from memprof.errors import DeviceUnavailableError
-from memprof.measure import probes
+from memprof.runtime import probes
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
 

@@ -194,7 +194,7 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
         if ph not in phase_peaks or bd.total_bytes > phase_peaks[ph].total_bytes:
             phase_peaks[ph] = bd
     peak = steady[peak_key]
-    from ..estimate.overheads import device_totals  # pure helper shared with the analytic estimator
+    from ..analytic.overheads import device_totals  # pure helper shared with the analytic estimator
 
     notes = [f"traced {'full depth' if len(runs) == 1 else f'depths {runs[0].depth} and {runs[1].depth}, extrapolated to {depth}'}"
              f" on fake tensors ({'CUDA kernels emulated, 512-byte blocks' if setup.device is Device.cuda else 'CPU kernels'})"]

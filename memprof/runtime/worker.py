@@ -1,4 +1,4 @@
-"""The measurement worker: ``python -m memprof.measure.worker`` reads one job (JSON) on stdin, runs
+"""The measurement worker: ``python -m memprof.runtime.worker`` reads one job (JSON) on stdin, runs
 ``harness.run_measurement`` and reports over the file descriptor the job names, one JSON object per line:
 ``{"env": ...}``, ``{"progress": [phase, step, total]}``, then ``{"result": ...}`` or ``{"error": ...}``.
 

@@ -9,7 +9,7 @@ import pytest
 
 from tiny_configs import tiny_spec
 from memprof.config import AdapterSpec, Dtype, Method, PromptLearningSpec, RunSetup, with_method_defaults
-from memprof.estimate.flops import match_gpu, mfu, palm_flops_per_token, peak_flops, step_flops
+from memprof.analytic.flops import match_gpu, mfu, palm_flops_per_token, peak_flops, step_flops
 
 
 def setup_for(method: Method, **kw: object) -> RunSetup:
@@ -130,5 +130,5 @@ def test_mfu_and_peak_lookup() -> None:
 
 
 def test_flops_module_is_pure() -> None:
-    code = "import sys, memprof.estimate.flops; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, memprof.analytic.flops; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

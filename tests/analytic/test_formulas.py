@@ -8,12 +8,12 @@ import math
 import pytest
 
 from memprof.config import resolve_setup
-from memprof.estimate import estimate
-from memprof.estimate.compose import replay
-from memprof.estimate.explain import explain_terms
-from memprof.estimate.params import method_params
-from memprof.estimate.sim import peval
-from memprof.estimate.states import quantized_bytes, state_bytes
+from memprof.analytic import estimate
+from memprof.analytic.compose import replay
+from memprof.analytic.explain import explain_terms
+from memprof.analytic.params import method_params
+from memprof.analytic.sim import peval
+from memprof.analytic.states import quantized_bytes, state_bytes
 from memprof.hub import resolve_spec
 from memprof.records import Category
 from memprof.spec import from_hf_config
@@ -70,7 +70,7 @@ def test_adamw_8bit_states() -> None:
     spec, _ = resolve_spec("gpt2")
     sb = state_bytes(spec, resolve_setup(None, {"dtype": "fp32", "optimizer": "adamw-8bit"}))
     # bitsandbytes: tensors >= 4096 values get 2 x 1 B + an fp32 absmax per 256 per state; smaller keep 2 x 4 B
-    from memprof.estimate.params import trainable_tensors
+    from memprof.analytic.params import trainable_tensors
 
     expected = 0
     for r, c, _ in trainable_tensors(spec, resolve_setup(None, {"dtype": "fp32"})):

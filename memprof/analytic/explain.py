@@ -81,8 +81,10 @@ def _activation_terms(spec: ModelSpec, setup: RunSetup) -> list[Term]:
             formula, sub = _poly_formula(poly, dtype, b, s)
             if mult > 1:
                 formula, sub = f"L x ({formula})", f"{mult} x ({sub})"
-            terms.append(Term(Category.activations, f"{scope}: {label}", formula, sub, round(one * mult),
-                              _ACT_SOURCE))
+            category = Category.activations
+            if label.startswith("[weight copy] "):
+                category, label = Category.weight_copies, label.removeprefix("[weight copy] ")
+            terms.append(Term(category, f"{scope}: {label}", formula, sub, round(one * mult), _ACT_SOURCE))
     return terms
 
 
@@ -120,7 +122,9 @@ def explain_terms(spec: ModelSpec, setup: RunSetup, pc: ParamCounts, sb: StateBy
                           sb.master_weights, _STATE_SOURCE))
     terms.append(Term(Category.inputs, "batch (int64 token ids, labels)", "8 x b x s (+ 8 x b labels)",
                       f"8 x {setup.batch_size} x {setup.seq_len}", inputs, "synthetic batch"))
-    terms += _activation_terms(spec, setup)
+    acts = _activation_terms(spec, setup)  # weight copies first, then activations, as the report groups them
+    terms += [t for t in acts if t.category is Category.weight_copies]
+    terms += [t for t in acts if t.category is Category.activations]
     if sb.optimizer_temp:
         how = ("one temporary per (device, dtype) group: _foreach_sqrt(exp_avg_sq)" if setup.device.value == "cuda"
                else "per tensor: exp_avg_sq.sqrt() / bias_correction (largest tensor, x2)")

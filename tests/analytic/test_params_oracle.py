@@ -16,9 +16,9 @@ pytest.importorskip("peft")
 
 from memprof.config import resolve_setup  # noqa: E402
 from memprof.errors import ConfigError  # noqa: E402
-from memprof.estimate.params import count_params, method_params, trainable_tensors  # noqa: E402
+from memprof.analytic.params import count_params, method_params, trainable_tensors  # noqa: E402
 from memprof.hub import resolve_spec  # noqa: E402
-from memprof.measure.build import apply_method, build_base_model, count_trainable  # noqa: E402
+from memprof.runtime.build import apply_method, build_base_model, count_trainable  # noqa: E402
 from memprof.presets import preset_names  # noqa: E402
 from memprof.spec import Task  # noqa: E402
 
