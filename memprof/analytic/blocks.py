@@ -23,7 +23,7 @@ from ..config import AdapterVariant, AttnImpl, Device, Method, Regime, RunSetup
 from ..spec import Family, ModelSpec, Task
 from .modules import Module, global_modules, layer_modules, layer_prefix, tied_head
 from .params import resolve_ia3_targets, modules_to_save, prefix_token_dim, resolve_lora_targets
-from .sim import GRAD, INPUT, OPT, WCOPY, Graph, P, T, pscale
+from .sim import BYTES, GRAD, INPUT, OPT, WCOPY, Graph, P, T, pscale
 
 HALF = {"bf16", "fp16"}
 
@@ -123,14 +123,13 @@ class Ctx:
             x_in = g.cast(scaled, x.dtype, label + " ia3 scaled (cast back)")
             g.drop(scaled)
         xh = self.to_half(x_in, label)
-        wq = self.weight_for_matmul(w, label)
         if self.setup.method is Method.qlora and m.role not in ("head", "classifier"):
-            # bitsandbytes MatMul4Bit: dequantizes the weight for the matmul (freed after), keeps the input
-            wq = g.new(P(c=m.weight_params), m.d_out, self.setup.dtype.value, label + " dequantized weight", WCOPY)
-        y = g.linear(xh, w, m.d_out, label, bias=bias, w_used=wq,
-                     out_dtype=self.amp if self.amp and self.setup.method is not Method.qlora else None)
-        if wq is not None:
-            g.drop(wq)
+            y = self._linear_4bit(xh, w, bias, m, label)
+        else:
+            wq = self.weight_for_matmul(w, label)
+            y = g.linear(xh, w, m.d_out, label, bias=bias, w_used=wq, out_dtype=self.amp)
+            if wq is not None:
+                g.drop(wq)
         r = self.lora.get(full_name)
         if r:
             y = self._lora(x_in, y, r, m, label)
@@ -143,6 +142,19 @@ class Ctx:
             g.drop(y)
             y = g.cast(prod, self._out_dtype(), label + " ia3 out")
             g.drop(prod)
+        return y
+
+    def _linear_4bit(self, x: T, w: T, bias: T | None, m: Module, label: str) -> T:
+        """bitsandbytes MatMul4Bit (frozen NF4 weight): dequantize to the compute dtype, matmul, free the
+        copy; keep only the packed weight (a parameter) for backward, which dequantizes it again to get the
+        input gradient (a transient weight-sized buffer then)."""
+        g = self.g
+        dtype = self.setup.dtype.value
+        wq = g.new(P(c=m.weight_params), m.d_out, dtype, label + " dequantized weight", WCOPY)
+        y = g.new(pscale(x.rows, m.d_out), m.d_out, x.dtype, label)
+        g.custom("matmul_4bit", [x] + ([bias] if bias is not None else []), [y], [],
+                 extra=P(c=m.weight_params * BYTES[dtype]))
+        g.drop(wq)
         return y
 
     def _out_dtype(self) -> str:

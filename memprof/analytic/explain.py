@@ -62,25 +62,25 @@ def _activation_terms(spec: ModelSpec, setup: RunSetup) -> list[Term]:
 
     scopes = []
     if "embed" in groups:
-        scopes.append(("embeddings", "embed", 1))
+        scopes.append(("embeddings", "embed", 1, ""))
     if rep.layers == 1:
-        scopes.append(("the block", "layer0", 1))
+        scopes.append(("the block", "layer0", 1, ""))
     elif rep.layers == 2:
-        scopes += [("first block", "layer0", 1), ("last block", "layer1", 1)]
+        scopes += [("first block", "layer0", 1, ""), ("last block", "layer1", 1, "")]
     elif labels("layer0") == labels("layer1") == labels("layer2"):
-        scopes.append((f"each block (x{L})", "layer1", L))
+        scopes.append((f"each block (x{L})", "layer1", L, "L"))
     else:
         # the first block's input may need no gradient; the last block's output feeds the head, not a block
-        scopes += [("first block", "layer0", 1), (f"each middle block (x{L - 2})", "layer1", L - 2),
-                   ("last block", "layer2", 1)]
-    scopes.append(("head and loss", "head", 1))
+        scopes += [("first block", "layer0", 1, ""), (f"each middle block (x{L - 2})", "layer1", L - 2, "(L-2)"),
+                   ("last block", "layer2", 1, "")]
+    scopes.append(("head and loss", "head", 1, ""))
     terms = []
-    for scope, seg, mult in scopes:
+    for scope, seg, mult, symbol in scopes:
         for label, dtype, poly in groups.get(seg, []):
             one = peval(poly, b, s)
             formula, sub = _poly_formula(poly, dtype, b, s)
-            if mult > 1:
-                formula, sub = f"L x ({formula})", f"{mult} x ({sub})"
+            if symbol:
+                formula, sub = f"{symbol} x ({formula})", f"{mult} x ({sub})"
             category = Category.activations
             if label.startswith("[weight copy] "):
                 category, label = Category.weight_copies, label.removeprefix("[weight copy] ")
