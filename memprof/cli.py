@@ -47,7 +47,7 @@ ModelArg = Annotated[Optional[str], typer.Argument(
     show_default=False)]
 ParamsOpt = Annotated[Optional[float], typer.Option(
     "--params", help="Instead of a model: a parameter count (3e9); a LLaMA-like shape is assumed and printed.")]
-FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="table | json | csv | markdown")]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="table | json | csv | markdown | html")]
 GpuOpt = Annotated[Optional[str], typer.Option(
     "--gpu", help="Check the fit on a GPU: a catalog name (A100-80GB, H100, 4090, T4, ...) or a size (24GiB, 80GB).")]
 
@@ -178,7 +178,7 @@ def estimate(
     gpu: GpuOpt = None,
     explain: Annotated[bool, typer.Option("--explain", help="Print every term with its formula and numbers.")] = False,
     trace: Annotated[bool, typer.Option(
-        "--trace", help="Run the real model and method as fake tensors instead (needs memprof[measure]).")] = False,
+        "--trace", help="Run the real model and method as fake tensors instead (needs memprof\\[measure]).")] = False,
     trace_layers: Annotated[str, typer.Option(
         "--trace-layers", help="Trace: 'auto' (2 and 3 blocks, extrapolated), 'full', or a block count.")] = "auto",
     peft_config: Annotated[Optional[Path], typer.Option("--peft-config", help="Trace: a peft config JSON to apply.")] = None,
@@ -324,6 +324,9 @@ def measure(
         if device == Device.cpu.value:
             extra.update({k: v for k, v in CPU_MEASURE_DEFAULTS.items() if run.get(k) is None})
         setup = resolve_run(run, extra)
+        from .runtime.runner import check_measurable
+
+        check_measurable(setup)  # before the progress bar: a refusal is one line
         from .report import progress_bar, render_measurement
 
         with progress_bar(console, enabled=fmt is Format.table) as progress:
@@ -351,6 +354,135 @@ def _measure_device(run: dict[str, Any]) -> tuple[str, str]:
                          if k not in given)
     note = f"CPU run; CPU defaults used: {defaults}" if defaults else "CPU run"
     return device, note
+
+
+@app.command()
+@with_run_options
+def compare(
+    model: ModelArg = None,
+    params: ParamsOpt = None,
+    methods: Annotated[str, typer.Option(
+        "--methods", help="Comma-separated methods: full, lora, qlora, adapter, bitfit, ia3, prefix, prompt.")
+    ] = "full,lora,adapter,bitfit",
+    batch_sizes: Annotated[Optional[str], typer.Option(
+        "--batch-sizes", help="Comma-separated batch sizes to sweep (instead of --batch-size).")] = None,
+    seq_lens: Annotated[Optional[str], typer.Option(
+        "--seq-lens", help="Comma-separated sequence lengths to sweep (instead of --seq-len).")] = None,
+    precisions: Annotated[Optional[str], typer.Option(
+        "--precisions", help="Comma-separated DTYPE[:REGIME] to sweep, e.g. fp32,bf16,fp16:amp,bf16:mixed "
+                             "(instead of --dtype/--regime).")] = None,
+    checkpointing: Annotated[Optional[str], typer.Option(
+        "--checkpointing", help="Sweep gradient checkpointing: off,on (instead of --grad-checkpointing).")] = None,
+    do_measure: Annotated[bool, typer.Option(
+        "--measure", help="Also measure each run in its own process (GPU when available, else CPU).")] = False,
+    do_trace: Annotated[bool, typer.Option(
+        "--trace", help="Also trace each run on fake tensors (needs memprof\\[measure]).")] = False,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="JSONL results file; runs already in it are reused.  "
+                      "[default: compare/<model>.jsonl with --measure or --trace, else none]")] = None,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="Measure again runs recorded as error or timeout (an OOM stays a result).")] = False,
+    warmup: Annotated[int, typer.Option("--warmup", min=1, help="Warm-up steps per measured run.")] = 1,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per measured run.")] = 3,
+    timeout: Annotated[Optional[float], typer.Option(
+        "--timeout", help="Kill a measured run after this many seconds.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch in measured runs.")] = None,
+    by_category: Annotated[bool, typer.Option(
+        "--by-category", help="Tables: also the estimated (and measured) bytes of each category.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Write a PNG of memory by category and step times (needs memprof\\[plot]).")] = None,
+    fmt: FormatOpt = Format.table,
+    run: dict | None = None,
+) -> None:
+    """Compare methods (full vs PEFT) across sizes and precisions: estimate, and trace / measure when asked."""
+    with user_errors():
+        assert run is not None
+        from .compare import compare as compare_runs
+        from .report import progress_bar, render_comparison
+        from .runtime.runner import default_name
+        from .sweep import MeasureOptions, parse_list, plan_setups, run_sweep
+
+        if plot is not None:
+            from .plot import check_plot_path
+
+            check_plot_path(plot)  # before the sweep, not after it
+        spec, note = resolve_model(model, params, run, any_family=do_measure or do_trace)
+        axes = _sweep_axes(run, batch_sizes, seq_lens, precisions, checkpointing)
+        extra, device_note = _sweep_device(run, axes) if do_measure else ({}, None)
+        note = "; ".join(n for n in (note, device_note) if n)
+        overrides = {**setup_overrides(run), **extra}
+        setups = plan_setups(parse_list(methods, "--methods"), overrides, file=run["config"], **axes)
+        if out is None and (do_measure or do_trace):
+            out = Path("compare") / f"{default_name(spec)}.jsonl"
+        options = MeasureOptions(warmup_steps=warmup, timed_steps=steps, timeout_s=timeout, cpu_threads=threads)
+        if note:
+            err_console.print(Text(f"note: {note}", style="dim"))
+        with progress_bar(err_console, enabled=err_console.is_terminal) as progress:
+            result = run_sweep(spec, setups, path=out, trace=do_trace, measure=options if do_measure else None,
+                               retry_failed=retry_failed, progress=progress)
+        if out is not None:
+            err_console.print(Text(f"{out}: {result.reused} of {result.planned} runs reused from earlier sweeps, "
+                                   f"{result.planned - result.reused} run now", style="dim"))
+        rows = compare_runs(result.rows)
+        render_comparison([r.to_row() for r in rows], fmt, console, by_category=by_category)
+        _plot(rows, plot)
+
+
+def _sweep_device(run: dict[str, Any], axes: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Measured sweeps: the device (auto -> cuda or cpu) and, on CPU, the CPU defaults no flag or axis overrides."""
+    device, _ = _measure_device(run)
+    if device != Device.cpu.value:
+        return {"device": device}, f"measured on {device}"
+    swept = {"batch_size": axes["batch_sizes"], "seq_len": axes["seq_lens"], "dtype": axes["precisions"]}
+    defaults = {k: v for k, v in CPU_MEASURE_DEFAULTS.items() if run.get(k) is None and not swept[k]}
+    used = ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in defaults.items())
+    return {"device": device, **defaults}, "measured on CPU" + (f"; CPU defaults used: {used}" if used else "")
+
+
+def _sweep_axes(run: dict[str, Any], batch_sizes: str | None, seq_lens: str | None, precisions: str | None,
+                checkpointing: str | None) -> dict[str, Any]:
+    """The swept lists; each replaces its single-value flag (giving both is an error)."""
+    from .sweep import parse_ints, parse_precisions, parse_switches
+
+    for listed, given, flags in ((batch_sizes, run["batch_size"], "--batch-sizes and --batch-size"),
+                                 (seq_lens, run["seq_len"], "--seq-lens and --seq-len"),
+                                 (precisions, run["dtype"] or run["regime"], "--precisions and --dtype/--regime"),
+                                 (checkpointing, run["grad_checkpointing"],
+                                  "--checkpointing and --grad-checkpointing")):
+        if listed is not None and given is not None:
+            raise ConfigError(f"give {flags.replace(' and ', ' or ')}, not both")
+    return {"batch_sizes": parse_ints(batch_sizes, "--batch-sizes"), "seq_lens": parse_ints(seq_lens, "--seq-lens"),
+            "precisions": parse_precisions(precisions),
+            "checkpointing": parse_switches(checkpointing, "--checkpointing")}
+
+
+def _plot(rows: list, path: Path | None) -> None:
+    if path is None:
+        return
+    from .plot import write_plot
+
+    err_console.print(Text(f"plot written to {write_plot(rows, path)}", style="dim"))
+
+
+@app.command()
+def report(
+    files: Annotated[list[Path], typer.Argument(
+        help="JSONL results of memprof compare or memprof measure (several files are joined).", show_default=False)],
+    by_category: Annotated[bool, typer.Option(
+        "--by-category", help="Tables: also the estimated (and measured) bytes of each category.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Write a PNG of memory by category and step times (needs memprof\\[plot]).")] = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Rebuild the comparison table from saved records, without running anything (estimates are recomputed)."""
+    with user_errors():
+        from .compare import compare as compare_runs
+        from .report import render_comparison
+        from .sweep import read_records, rows_from_records
+
+        rows = compare_runs(rows_from_records(read_records(files)))
+        render_comparison([r.to_row() for r in rows], fmt, console, by_category=by_category)
+        _plot(rows, plot)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Presentation: records -> rows -> rich table | json | csv | markdown (| DataFrame). The only module that formats.
+"""Presentation: records -> rows -> rich table | json | csv | markdown | html (| DataFrame). The only formatter.
 
 Humans get rounded GiB; machines (json, csv) get raw bytes. pandas is imported only for ``to_frame``.
 """
@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import html
 import io
 import json
 from enum import Enum
 from typing import Any, Iterable, Iterator, Sequence
 
 from rich.console import Console, Group
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -25,6 +27,7 @@ class Format(str, Enum):
     json = "json"
     csv = "csv"
     markdown = "markdown"
+    html = "html"
 
 
 CATEGORY_LABELS = {
@@ -173,12 +176,36 @@ def rows_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = Non
     return buf.getvalue()
 
 
-def rows_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+def rows_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+                  labels: dict[str, str] | None = None) -> str:
     columns = list(columns or _columns(rows))
-    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    out = ["| " + " | ".join(_md((labels or {}).get(c, c)) for c in columns) + " |",
+           "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        out.append("| " + " | ".join(_cell(row.get(c), c) for c in columns) + " |")
+        out.append("| " + " | ".join(_md(_cell(row.get(c), c)) for c in columns) + " |")
     return "\n".join(out) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def rows_html(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str | None = None,
+              labels: dict[str, str] | None = None, notes: Sequence[str] = ()) -> str:
+    """A self-contained HTML page with one table (cells formatted as in the rich table)."""
+    columns = list(columns or _columns(rows))
+    esc = html.escape
+    head = "".join(f"<th>{esc((labels or {}).get(c, c))}</th>" for c in columns)
+    body = "\n".join("<tr>" + "".join(f"<td>{esc(_cell(row.get(c), c))}</td>" for c in columns) + "</tr>"
+                     for row in rows)
+    caption = f"<caption>{esc(title)}</caption>" if title else ""
+    foot = "".join(f"<p>{esc(n)}</p>" for n in notes)
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>memprof</title><style>"
+            "body{font-family:sans-serif}table{border-collapse:collapse}caption{text-align:left;padding:4px 0}"
+            "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}"
+            "td:first-child,th:first-child{text-align:left}p{color:#555;font-size:90%}"
+            f"</style></head><body>\n<table>{caption}<thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>\n"
+            f"{foot}</body></html>\n")
 
 
 def rows_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str | None = None,
@@ -205,8 +232,10 @@ def render_rows(rows: Sequence[dict[str, Any]], fmt: Format, console: Console, c
         console.out(rows_json(rows), highlight=False)
     elif fmt is Format.csv:
         console.out(rows_csv(rows, columns), highlight=False, end="")
+    elif fmt is Format.html:
+        console.out(rows_html(rows, columns, title, labels), highlight=False, end="")
     else:
-        console.out(rows_markdown(rows, columns), highlight=False, end="")
+        console.out(rows_markdown(rows, columns, labels), highlight=False, end="")
 
 
 def to_frame(rows: Iterable[dict[str, Any]]):  # noqa: ANN201 (pandas.DataFrame)
@@ -231,9 +260,17 @@ def _cell(value: Any, column: str = "") -> str:
         return "yes" if value else "no"
     if isinstance(value, int) and column.endswith("_bytes"):
         return fmt_bytes(value)
+    if isinstance(value, int) and column.endswith("_params"):
+        return fmt_count(value)
     if isinstance(value, float):
         if column.endswith("_pct") or column.endswith("_frac"):
-            return fmt_pct(value)
+            if 0 < abs(value) < 1e-4:  # e.g. an estimate off by a few KiB: keep two significant digits
+                return f"{100 * value:.2g}%"
+            return fmt_pct(value, 2 if 0 < abs(value) < 0.01 else 1)
+        if column.endswith("_per_s"):
+            return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+        if column.startswith("speedup"):
+            return f"{value:.2f}x"
         if column.endswith("_s"):
             return f"{value:.4g}"
         return f"{value:.4g}"
@@ -321,3 +358,137 @@ def progress_bar(console: Console, enabled: bool = True) -> Iterator[Any]:
             bar.update(task, description=phase, completed=step, total=max(total, 1))
 
         yield update
+
+
+# ---- comparisons (memprof compare / report) -------------------------------------------------------------------
+COMPARISON_LABELS = {
+    "model": "model", "task": "task", "method": "method", "method_options": "options", "batch_size": "b",
+    "seq_len": "s", "dtype": "dtype", "regime": "regime", "optimizer": "optimizer", "attn_impl": "attention",
+    "device": "device", "grad_checkpointing": "grad ckpt", "dropout": "dropout", "status": "status",
+    "trainable_params": "trainable", "trainable_frac": "trainable %", "est_peak_bytes": "est. peak",
+    "est_device_total_bytes": "est. device total",
+    "traced_peak_bytes": "traced peak", "measured_peak_bytes": "measured peak",
+    "measured_rss_peak_bytes": "process RSS peak",
+    "est_compared_bytes": "est. as measured", "est_vs_measured_frac": "est. error",
+    "traced_vs_measured_frac": "trace error", "est_vs_traced_frac": "est. vs trace",
+    "est_saved_vs_full_frac": "saved vs full (est.)", "measured_saved_vs_full_frac": "saved vs full (measured)",
+    "flops_vs_full_frac": "FLOPs vs full", "step_time_s": "step (s)", "tokens_per_s": "tokens/s",
+    "speedup_vs_full": "speed-up vs full", "energy_per_step_j": "J/step", "note": "note",
+}
+_SETUP_COLUMNS = ("model", "task", "method", "method_options", "batch_size", "seq_len", "dtype", "regime", "optimizer",
+                  "attn_impl", "device", "grad_checkpointing", "dropout")
+_METRIC_COLUMNS = ("status", "trainable_params", "trainable_frac", "est_peak_bytes", "est_device_total_bytes",
+                   "traced_peak_bytes", "measured_peak_bytes", "measured_rss_peak_bytes", "est_compared_bytes",
+                   "est_vs_measured_frac", "traced_vs_measured_frac", "est_vs_traced_frac", "est_saved_vs_full_frac",
+                   "measured_saved_vs_full_frac", "flops_vs_full_frac", "step_time_s", "tokens_per_s",
+                   "speedup_vs_full", "energy_per_step_j", "note")
+
+
+def comparison_view(rows: Sequence[dict[str, Any]], by_category: bool = False
+                    ) -> tuple[str, list[str], dict[str, str], list[str]]:
+    """For human formats: (heading naming the setup shared by every row, columns, labels, footnotes).
+
+    Setup columns that vary become columns; metric columns that are empty in every row are left out.
+    """
+    def constant(c: str) -> bool:
+        return len({repr(r.get(c)) for r in rows}) <= 1
+
+    def present(c: str) -> bool:
+        return any(r.get(c) is not None for r in rows)
+
+    shared = [c for c in _SETUP_COLUMNS if constant(c) and rows and rows[0].get(c) not in (None, "")]
+    heading = " | ".join(f"{COMPARISON_LABELS[c]} {_cell(rows[0][c], c)}" for c in shared)
+    columns = [c for c in _SETUP_COLUMNS if not constant(c) or c == "method"]
+    for c in _METRIC_COLUMNS:
+        if c == "status" and all(r.get(c) == "ok" for r in rows):
+            continue
+        if c == "est_device_total_bytes" and all(r.get("device") != "cuda" for r in rows):
+            continue  # the CUDA context and allocator reserve exist on a GPU only
+        if c == "est_compared_bytes" and all(r.get(c) in (None, r.get("est_peak_bytes")) for r in rows):
+            continue  # the compared estimate is the plain one: no extra column
+        if present(c):
+            columns.append(c)
+        if c == "est_peak_bytes" and by_category:
+            columns += [f"est_{k.value}_bytes" for k in CATEGORIES if k is not Category.overhead
+                        and any(r.get(f"est_{k.value}_bytes") for r in rows)]
+        if c == "measured_peak_bytes" and by_category:
+            columns += [f"measured_{k.value}_bytes" for k in CATEGORIES if k is not Category.overhead
+                        and any(r.get(f"measured_{k.value}_bytes") for r in rows)]
+    labels = dict(COMPARISON_LABELS)
+    for k in CATEGORIES:
+        labels[f"est_{k.value}_bytes"] = f"est. {CATEGORY_LABELS[k]}"
+        labels[f"measured_{k.value}_bytes"] = f"measured {CATEGORY_LABELS[k]}"
+    return heading, columns, labels, comparison_notes(rows)
+
+
+def comparison_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Footnotes: what each number is, and where the measurements ran."""
+    notes = ["est. peak: analytic estimate of a plain training step's peak tensor memory (no CUDA context or "
+             "allocator reserve); saved vs full: 1 - peak / full fine-tuning's peak at the same model, size and "
+             "precision"]
+    if any(r.get("device") == "cuda" and r.get("est_device_total_bytes") is not None for r in rows):
+        notes.append("est. device total: peak + cuBLAS workspace + allocator reserve + CUDA context, what nvidia-smi "
+                     "would show for the process (typical overheads; set them with --cuda-context-mib, --reserve-frac)")
+    devices = {r.get("measured_device") for r in rows if r.get("measured_peak_bytes") is not None}
+    if devices:
+        notes.append("error: (prediction - measured) / measured, positive = over-estimate")
+    if "cpu" in devices:
+        notes.append("CPU measured peak: the tracker's live-tensor peak of one tracked step (exact storage bytes), "
+                     "compared with the tracked estimate (gradients accumulate out of place under a dispatch mode); "
+                     "process RSS peak: the worker's peak resident memory (Python, torch libraries, allocator caches; "
+                     "context only)")
+    if "cuda" in devices:
+        notes.append("CUDA measured peak: torch.cuda.max_memory_allocated, compared with the plain estimate + "
+                     "cuBLAS workspace")
+    if any(r.get("est_vs_traced_frac") is not None for r in rows):
+        notes.append("traced peak: the real model and method run on fake tensors under memprof's tracker (deep models: "
+                     "two depths traced and extrapolated); est. vs trace: (tracked estimate - traced) / traced")
+    if any(r.get("flops_vs_full_frac") is not None for r in rows):
+        notes.append("FLOPs vs full: analytic model FLOPs per step relative to full fine-tuning "
+                     "(frozen weights skip their weight gradients)")
+    if any(r.get("speedup_vs_full") is not None for r in rows):
+        notes.append("speed-up vs full: full fine-tuning's median step time / this method's")
+    for p in dict.fromkeys(r["provenance"] for r in rows if r.get("provenance")):
+        dates = sorted(r["measured_at"] for r in rows if r.get("provenance") == p and r.get("measured_at"))
+        when = f" ({dates[0][:16]} to {dates[-1][:16]})" if dates else ""
+        notes.append(f"measured on: {p}{when}")
+    return notes
+
+
+def _print_unwrapped(console: Console, table: Table) -> None:
+    """Print a wide table at its natural width (the terminal soft-wraps), not squeezed into the console's."""
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    width = console.width
+    console.width = max(width, natural)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+def render_comparison(rows: Sequence[dict[str, Any]], fmt: Format, console: Console, by_category: bool = False) -> None:
+    """Comparison rows (``ComparisonRow.to_row()``): every column raw in json/csv; a readable view otherwise."""
+    if fmt is Format.json:
+        console.out(rows_json(rows), highlight=False)
+        return
+    if fmt is Format.csv:
+        console.out(rows_csv(rows), highlight=False, end="")
+        return
+    heading, columns, labels, notes = comparison_view(rows, by_category)
+    if fmt is Format.table:  # one line per row (the terminal wraps); row notes below the table
+        columns = [c for c in columns if c != "note"]
+        table = rows_table(rows, columns, heading, labels)
+        _print_unwrapped(console, table)
+        for r in rows:
+            if r.get("note"):
+                where = [f"{labels.get(c, c)}={_cell(r.get(c), c)}" for c in columns
+                         if c in _SETUP_COLUMNS and c != "method"]
+                console.print(Text(" ".join([str(r["method"]), *where]) + f": {r['note']}", style="yellow"))
+        for n in notes:
+            console.print(Text(f"note: {n}", style="dim"))
+    elif fmt is Format.html:
+        console.out(rows_html(rows, columns, heading, labels, notes), highlight=False, end="")
+    else:
+        text = (f"{heading}\n\n" if heading else "") + rows_markdown(rows, columns, labels)
+        text += "".join(f"\n- {_md(n)}" for n in notes) + ("\n" if notes else "")
+        console.out(text, highlight=False, end="")

@@ -100,6 +100,7 @@ class Ctx:
         if w.rg:
             if id(w) not in self.wcache:
                 self.wcache[id(w)] = self.g.cast(w, self.amp, label + " weight copy", fate=WCOPY)
+                self.wcache[id(w)].st.carried = True
             return self.g.alias(self.wcache[id(w)])
         return self.g.cast(w, self.amp, label + " weight copy", fate=WCOPY)
 

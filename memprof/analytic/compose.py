@@ -54,6 +54,9 @@ class Segment:
     cands: tuple[Vec, ...]        # candidate peaks relative to the start (pruned: none dominated)
     shared: Vec = ()              # frees of tensors made outside the blocks (rope tables, masks) it performs:
                                   # for a repeated block, only its last repetition may free them
+    carried: Vec = ()             # frees of the middle block's carried tensors (sim.Storage.carried) this
+                                  # segment performs: at depth L it frees L-2 of them, the replay one
+    cand_carried: tuple[Vec, ...] = ()  # the carried bytes freed before each candidate (when carried)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def replay(spec: ModelSpec, setup: RunSetup, tracked: bool = False) -> Replay:
     for ev in g.events[n_forward_events:]:
         if ev.kind == "alloc" and ev.st is not None and ev.st.fate is None:
             ev.st.fate = TEMP
-    segments = _segments(g)
+    segments = _segments(g, ("layer1", "b:layer1") if layers == 3 else ())
     fwd_names = ["embed", *(f"layer{i}" for i in range(layers)), "head"]
     # the backward visits the blocks last to first: b:head, b:layer2 (last), b:layer1 (middle), b:layer0
     bwd_names = ["b:head", *(f"b:layer{i}" for i in reversed(range(layers))), "b:embed"]
@@ -118,42 +121,53 @@ def replay(spec: ModelSpec, setup: RunSetup, tracked: bool = False) -> Replay:
     )
 
 
-def _segments(g: Graph) -> dict[str, Segment]:
-    """Per-segment net changes and candidate peaks relative to each segment's start."""
+def _segments(g: Graph, middle: tuple[str, ...]) -> dict[str, Segment]:
+    """Per-segment net changes and candidate peaks relative to each segment's start. ``middle`` names the
+    repeated block's forward and backward segments (none when the replay has no middle block)."""
     index = {f: i for i, f in enumerate(FATES)}
     cur = [ZERO] * len(FATES)
     out: dict[str, Segment] = {}
-    name, start, cands = None, tuple(cur), []
+    name, start, cands, cand_carried = None, tuple(cur), [], []
     shared = [ZERO] * len(FATES)
+    carried = [ZERO] * len(FATES)
 
     def close() -> None:
         if name is not None and name != "setup":
             rel = [vsub(c, start) for c in cands] or [vzero()]
             if name in out:
                 raise AssertionError(f"segment {name} is not contiguous")
-            out[name] = Segment(name, vsub(tuple(cur), start), _prune(rel + [vzero()]), tuple(shared))
+            if any(p != ZERO for p in carried):  # candidates differ by what was freed before them: keep all
+                out[name] = Segment(name, vsub(tuple(cur), start), tuple(rel + [vzero()]), tuple(shared),
+                                    tuple(carried), tuple(cand_carried + [vzero()]))
+            else:
+                out[name] = Segment(name, vsub(tuple(cur), start), _prune(rel + [vzero()]), tuple(shared))
 
     for ev in g.events:
         if ev.kind == "seg":
             if ev.seg == name:
                 continue
             close()
-            name, start, cands = ev.seg, tuple(cur), []
+            name, start, cands, cand_carried = ev.seg, tuple(cur), [], []
             shared = [ZERO] * len(FATES)
+            carried = [ZERO] * len(FATES)
         elif ev.kind == "alloc":
             i = index[ev.st.fate]
             cur[i] = padd(cur[i], ev.st.nbytes)
             cands.append(tuple(cur))
+            cand_carried.append(tuple(carried))
         elif ev.kind == "free":
             i = index[ev.st.fate]
             cur[i] = psub(cur[i], ev.st.nbytes)
             if ev.st.seg in ("embed", "setup") and name not in ("embed", "b:embed"):
                 shared[i] = padd(shared[i], ev.st.nbytes)
+            if ev.st.carried and ev.st.seg in middle and name not in middle:
+                carried[i] = padd(carried[i], ev.st.nbytes)
         elif ev.kind == "cand":
             c = list(cur)
             i = index[TEMP]
             c[i] = padd(c[i], ev.extra)
             cands.append(tuple(c))
+            cand_carried.append(tuple(carried))
     close()
     return out
 
@@ -194,6 +208,11 @@ def _walk(segments: tuple[Segment, ...], repeated: int | None, times: int, live:
             last = vadd(live, vscale(per, times - 1))
             into.extend(vadd(last, c) for c in seg.cands)
             live = vsub(vadd(live, vscale(per, times)), shared)
+        elif seg.carried and times > 1:
+            # the replay freed one middle block's carried tensors here; the other times-1 go at the same point
+            more = times - 1
+            into.extend(vsub(vadd(live, c), vscale(k, more)) for c, k in zip(seg.cands, seg.cand_carried))
+            live = vsub(vadd(live, seg.delta), vscale(seg.carried, more))
         else:
             into.extend(vadd(live, c) for c in seg.cands)
             live = vadd(live, seg.delta)

@@ -66,10 +66,13 @@ PARAM_T, PARAM_F, GRAD, OPT, MASTER, WCOPY, ACT, TEMP, INPUT = (
 
 
 class Storage:
-    __slots__ = ("nbytes", "refs", "saved", "alive", "fate", "seg", "label", "dtype")
+    __slots__ = ("nbytes", "refs", "saved", "alive", "fate", "seg", "label", "dtype", "carried")
 
     def __init__(self, nbytes: Poly, seg: str, label: str, fate: str | None, dtype: str = "") -> None:
         self.dtype = dtype
+        # held by a per-step container beyond its block (autocast's weight cache, a prefix KV cache): every
+        # block's copy stays alive until the container is cleared, so a deeper model frees one per block
+        self.carried = False
         self.nbytes = nbytes
         self.refs = 0
         self.saved = 0

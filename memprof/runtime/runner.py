@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3Spec, LoraSpec, Method, Optimizer,
                       Overheads, PromptLearningSpec, QuantSpec, Regime, RunSetup, with_method_defaults)
-from ..errors import ConfigError
+from ..errors import ConfigError, DeviceUnavailableError
 from ..records import EnvInfo, Measurement, MemoryBreakdown, setup_row
 from ..spec import Family, ModelSpec, Task
 
@@ -291,6 +291,19 @@ def _run_child(argv: Sequence[str], job: Mapping[str, Any], timeout_s: float | N
         log_path.unlink(missing_ok=True)
 
 
+def check_measurable(setup: RunSetup) -> None:
+    """Refuse, before any process starts, what cannot run on the chosen device.
+
+    Raises:
+        DeviceUnavailableError: QLoRA or 8-bit AdamW (bitsandbytes CUDA kernels) on a CPU.
+    """
+    if setup.device is Device.cpu and setup.method is Method.qlora:
+        raise DeviceUnavailableError("QLoRA needs bitsandbytes' 4-bit CUDA kernels; measure it on a GPU "
+                                     "(--device cuda), or use --method lora on CPU (memprof trace emulates QLoRA)")
+    if setup.device is Device.cpu and setup.optimizer is Optimizer.adamw_8bit:
+        raise DeviceUnavailableError("adamw-8bit (bitsandbytes) runs on CUDA only; use --optimizer adamw on CPU")
+
+
 def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "measurements", name: str | None = None,
             timeout_s: float | None = None, isolate: bool = True, warmup_steps: int = 2, timed_steps: int = 5,
             breakdown: bool = True, pretrained: str | None = None, peft_config: str | Path | None = None,
@@ -320,6 +333,7 @@ def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "m
         ConfigError: timeout or memory limit without isolation; invalid step counts.
     """
     setup = with_method_defaults(setup)
+    check_measurable(setup)
     if warmup_steps < 1 or timed_steps < 1:
         raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")
     if not isolate:

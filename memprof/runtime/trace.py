@@ -19,12 +19,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import Device, RunSetup
+from ..config import Device, Method, QuantSpec, RunSetup
 from ..errors import ConfigError
 from ..records import Category, DeviceTotals, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
 from .build import enable_checkpointing, apply_method, build_base_model, check_positions, count_trainable, make_optimizer, synthetic_batch
 from .emulate import CudaEmulation
+from .quant import emulate_4bit
 from .step import BACKWARD_HEAD, BACKWARD_TAIL, backward_markers, backward_layer_phase, run_step
 from .tracker import MemoryTracker
 
@@ -69,6 +70,8 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
         warnings.simplefilter("ignore")
         model = build_base_model(spec, setup, "meta")
         model = apply_method(model, spec, setup, peft_config)
+        if setup.method is Method.qlora:  # bitsandbytes cannot run on fake tensors: emulate its memory
+            emulate_4bit(model, setup.quant or QuantSpec())
         emulation = CudaEmulation() if cuda else None
         if setup.grad_checkpointing:
             enable_checkpointing(model, **({"context_fn": emulation.checkpoint_contexts} if emulation else {}))

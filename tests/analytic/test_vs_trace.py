@@ -35,7 +35,8 @@ CONFIGS = {
     "phi3": {"model_type": "phi3", "vocab_size": 512, "hidden_size": H, "intermediate_size": I,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "pad_token_id": 0},
 }
-METHODS = [("full", {}), ("lora", {"lora": {"targets": "all-linear"}}), ("adapter", {"adapter": {"bottleneck": 16}}),
+METHODS = [("full", {}), ("lora", {"lora": {"targets": "all-linear"}}), ("qlora", {}),
+           ("adapter", {"adapter": {"bottleneck": 16}}),
            ("ia3", {}), ("prefix", {"prompt": {"num_virtual_tokens": 8}}), ("prompt", {"prompt": {"num_virtual_tokens": 8}})]
 
 
@@ -44,8 +45,11 @@ METHODS = [("full", {}), ("lora", {"lora": {"targets": "all-linear"}}), ("adapte
 CUDA_ROUNDING_BYTES = 512 * 512
 
 
-def _phase_errors(family: str, over: dict, task: Task | None = None) -> dict[str, tuple[float, int]]:
+def _phase_errors(family: str, over: dict, task: Task | None = None,
+                  layers: int | None = None) -> dict[str, tuple[float, int]]:
     spec = from_hf_config(CONFIGS[family], f"tiny-{family}", task=task)
+    if layers is not None:
+        spec = spec.with_layers(layers)
     setup = resolve_setup(None, {"batch_size": 4, "seq_len": 64, **over})
     est = estimate(spec, setup, tracked=True)  # a trace runs under dispatch modes: out-of-place accumulation
     traced = trace_depth(spec, setup)
@@ -94,6 +98,15 @@ def test_family_variants(family: str) -> None:
 def test_gradient_checkpointing(family: str, attn: str, method: str) -> None:
     _assert_close(_phase_errors(family, {"method": method, "attn_impl": attn, "grad_checkpointing": True,
                                          "dtype": "bf16", "prompt": {"num_virtual_tokens": 8} if method == "prompt" else None}))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_autocast_weight_copies_at_depth(family: str) -> None:
+    """Autocast caches every block's half weight copies until the forward ends; with checkpointing nothing
+    else keeps them, so at depth 6 the forward-end free must release four middle blocks' copies, not one
+    (the replay has one middle block). Compared per phase against a full-depth trace."""
+    _assert_close(_phase_errors(family, {"method": "full", "dtype": "fp16", "regime": "amp",
+                                         "grad_checkpointing": True}, layers=6))
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd-momentum", "adafactor", "lion"])

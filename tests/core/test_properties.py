@@ -55,7 +55,10 @@ def test_peft_is_below_full_fine_tuning(model: str, options: dict) -> None:
     """With AdamW (the optimizer the PEFT question is about): fewer trainable parameters, smaller model
     states between steps, and a lower peak for the methods that keep the sequence length. Prompt and prefix
     tuning lengthen the attended sequence by their virtual tokens, and plain SGD has no states to save, so a
-    short-sequence prompt-tuning step can legitimately peak above full fine-tuning: only states are compared."""
+    short-sequence prompt-tuning step can legitimately peak above full fine-tuning: only states are compared.
+    IA3 likewise in half precision: peft keeps the IA3 vectors in fp32, so scaling a bf16/fp16 activation
+    promotes the product (and what backward saves of it) to fp32; on bert-base bf16, batch 32, seq 101 the
+    fake-tensor trace also peaks 0.07% above full fine-tuning, so that is the model, not an estimator error."""
     if options["method"] == "full":
         return
     options = {**options, "optimizer": "adamw"}
@@ -65,7 +68,8 @@ def test_peft_is_below_full_fine_tuning(model: str, options: dict) -> None:
     _, full = _estimate(model, {**options, "method": "full"})
     assert peft.trainable_params < full.trainable_params
     assert peft.steady_bytes < full.steady_bytes
-    if options["method"] not in ("prompt", "prefix"):
+    promotes_to_fp32 = options["method"] == "ia3" and options["dtype"] != "fp32"
+    if options["method"] not in ("prompt", "prefix") and not promotes_to_fp32:
         assert peft.peak_bytes < full.peak_bytes
 
 

@@ -1,0 +1,366 @@
+"""Sweeps for ``memprof compare`` and the records behind ``memprof report``.
+
+A sweep estimates every (precision, checkpointing, batch size, sequence length, method) run of one model, and
+traces and measures it when asked. Results go to a JSONL file, one record per line, so a sweep resumes: runs
+whose records are already there are not repeated. Record formats (``schema``):
+
+- ``memprof.measurement/1``: written by ``runtime.runner.measure`` ({schema, written_at, measurement, setup,
+  spec}); OOM, error and timeout runs are records too;
+- ``memprof.estimate/1``: {schema, written_at, memprof_version, kind: analytic | traced, status: ok | n/a |
+  error, message, estimate: Estimate.to_row(), estimate_tracked (analytic only), setup, spec}.
+
+Reading a file back (``rows_from_records``) recomputes the analytic estimates from the stored spec and setup
+(they take microseconds and track the current estimator) and keeps stored traces and measurements.
+Side effects: measurements run in worker processes (runtime.runner), traces import the torch stack.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from . import __version__
+from .compare import key_of
+from .config import METHOD_OPTIONS, Method, RunSetup, parse_enum, resolve_setup
+from .errors import ConfigError, DependencyMissingError, DeviceUnavailableError, MemprofError, UnsupportedModelError
+from .records import setup_row
+from .spec import ModelSpec
+
+ESTIMATE_SCHEMA = "memprof.estimate/1"
+MEASUREMENT_SCHEMA = "memprof.measurement/1"  # runtime.runner.SCHEMA (not imported: keeps this module light)
+RETRYABLE = ("error", "timeout")  # --retry-failed runs these again; an OOM is a result and stays
+ProgressFn = Callable[[str, int, int], None]
+
+
+# ---- planning ------------------------------------------------------------------------------------------------
+def parse_list(text: str | None, what: str) -> tuple[str, ...]:
+    """'a, b,a' -> ('a', 'b'): a comma-separated option, stripped and de-duplicated in order."""
+    if text is None:
+        return ()
+    items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not items:
+        raise ConfigError(f"{what} must list at least one value")
+    return items
+
+
+def parse_ints(text: str | None, what: str) -> tuple[int, ...]:
+    values = []
+    for item in parse_list(text, what):
+        try:
+            values.append(int(item))
+        except ValueError:
+            raise ConfigError(f"{what} must be comma-separated integers, got {item!r}") from None
+    return tuple(values)
+
+
+def parse_precisions(text: str | None) -> tuple[tuple[str, str | None], ...]:
+    """'fp32,bf16,fp16:amp,bf16:mixed' -> ((fp32, None), (bf16, None), (fp16, amp), (bf16, mixed))."""
+    out = []
+    for item in parse_list(text, "--precisions"):
+        dtype, _, regime = item.partition(":")
+        out.append((dtype, regime or None))
+    return tuple(out)
+
+
+def parse_switches(text: str | None, what: str) -> tuple[bool, ...]:
+    """'off,on' -> (False, True)."""
+    words = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
+    out = []
+    for item in parse_list(text, what):
+        if item.lower() not in words:
+            raise ConfigError(f"{what} values must be on or off, got {item!r}")
+        out.append(words[item.lower()])
+    return tuple(out)
+
+
+def plan_setups(methods: Sequence[str], overrides: Mapping[str, Any], *, batch_sizes: Sequence[int] = (),
+                seq_lens: Sequence[int] = (), precisions: Sequence[tuple[str, str | None]] = (),
+                checkpointing: Sequence[bool] = (), file: Path | None = None) -> list[RunSetup]:
+    """Every combination, methods innermost (so each full run precedes the PEFT runs compared with it).
+
+    Args:
+        methods: method names (full, lora, ...).
+        overrides: resolve_setup overrides shared by all runs; method option groups (``lora``, ``adapter``,
+            ...) are passed only to the methods that read them.
+        batch_sizes, seq_lens, precisions ((dtype, regime or None)), checkpointing: the sweep's axes; an
+            empty axis keeps the value of ``overrides`` (or the default).
+        file: TOML run options (resolve_setup's precedence: defaults < file < overrides).
+
+    Raises:
+        ConfigError: an unknown method or an invalid option.
+    """
+    parsed = [parse_enum(Method, m, "method") for m in methods]
+    if not parsed:
+        raise ConfigError("give at least one method (--methods full,lora,...)")
+    setups = []
+    for (dtype, regime), ckpt, b, s, method in itertools.product(
+            precisions or [(None, None)], checkpointing or [None], batch_sizes or [None], seq_lens or [None], parsed):
+        run = dict(overrides)
+        for group in ("lora", "quant", "adapter", "ia3", "prompt"):
+            if group not in METHOD_OPTIONS[method]:
+                run.pop(group, None)
+        axes = {"method": method, "batch_size": b, "seq_len": s, "grad_checkpointing": ckpt, "dtype": dtype,
+                "regime": regime}
+        run.update({k: v for k, v in axes.items() if v is not None})
+        setups.append(resolve_setup(file, run))
+    return list(dict.fromkeys(setups))
+
+
+def measure_not_applicable(setup: RunSetup) -> str | None:
+    """Why a run cannot be measured on its device (checked before starting a worker), or None."""
+    if setup.method is Method.qlora and setup.device.value == "cpu":
+        return "QLoRA needs bitsandbytes' 4-bit CUDA kernels: not measured on CPU"
+    return None
+
+
+# ---- records -------------------------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def failed_row(spec: ModelSpec, setup: RunSetup, kind: str, status: str, message: str) -> dict[str, Any]:
+    """A row saying why an estimate, trace or measurement of this run does not exist."""
+    return {"kind": kind, **setup_row(spec, setup), "status": status, "message": message}
+
+
+def analytic_rows(spec: ModelSpec, setup: RunSetup) -> list[dict[str, Any]]:
+    """The plain and the tracked analytic estimate as rows (with FLOPs per step), or one n/a row saying why."""
+    from .analytic import estimate
+    from .analytic.flops import step_flops
+
+    try:
+        plain = estimate(spec, setup).to_row()
+        tracked = estimate(spec, setup, tracked=True).to_row()
+    except (ConfigError, UnsupportedModelError) as exc:
+        return [failed_row(spec, setup, "analytic", "n/a", str(exc))]
+    try:
+        plain["flops_per_step"] = step_flops(spec, setup).total_flops
+    except MemprofError:
+        plain["flops_per_step"] = None
+    tracked["kind"] = "analytic-tracked"
+    return [plain, tracked]
+
+
+def estimate_record(spec: ModelSpec, setup: RunSetup, kind: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A ``memprof.estimate/1`` record of the analytic rows or of a traced row."""
+    from .runtime.runner import setup_to_json, spec_to_json
+
+    first = rows[0]
+    record: dict[str, Any] = {"schema": ESTIMATE_SCHEMA, "written_at": _now(), "memprof_version": __version__,
+                              "kind": kind, "status": first.get("status", "ok"), "message": first.get("message")}
+    if record["status"] == "ok":
+        record["estimate"] = {k: v for k, v in first.items() if k != "kind"}
+        if len(rows) > 1:
+            record["estimate_tracked"] = {k: v for k, v in rows[1].items() if k != "kind"}
+    record.update(setup=setup_to_json(setup), spec=spec_to_json(spec))
+    return record
+
+
+def read_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """The records of memprof JSONL files (compare results or ``memprof measure`` output), in file order.
+
+    Raises:
+        ConfigError: a file that does not exist or holds no memprof records.
+    """
+    from .runtime.runner import read_measurements
+
+    records = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"results file {path} does not exist")
+        found = [r for r in read_measurements(path) if r.get("schema") in (ESTIMATE_SCHEMA, MEASUREMENT_SCHEMA)]
+        if not found:
+            raise ConfigError(f"{path} holds no memprof records (schema {ESTIMATE_SCHEMA} or {MEASUREMENT_SCHEMA})")
+        records += found
+    return records
+
+
+def _decode(record: Mapping[str, Any]) -> tuple[ModelSpec, RunSetup]:
+    from .runtime.runner import setup_from_json, spec_from_json
+
+    try:
+        return spec_from_json(record["spec"]), setup_from_json(record["setup"])
+    except KeyError as exc:
+        raise ConfigError(f"a {record.get('schema')} record has no {exc.args[0]}") from None
+
+
+def record_row(record: Mapping[str, Any], spec: ModelSpec, setup: RunSetup) -> dict[str, Any] | None:
+    """The stored row of a measurement or trace record (None for analytic records: they are recomputed)."""
+    if record["schema"] == MEASUREMENT_SCHEMA:
+        from .runtime.runner import measurement_from_dict
+
+        return measurement_from_dict(record["measurement"]).to_row()
+    if record.get("kind") != "traced":
+        return None
+    if record.get("status", "ok") != "ok":
+        return failed_row(spec, setup, "traced", record["status"], record.get("message") or "")
+    return {**record["estimate"], "kind": "traced"}
+
+
+def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """compare() input rows from saved records: analytic estimates recomputed, traces and measurements as stored."""
+    rows: list[dict[str, Any]] = []
+    estimated: set[tuple] = set()
+    for record in records:
+        spec, setup = _decode(record)
+        key = key_of(setup_row(spec, setup))
+        if key not in estimated:
+            estimated.add(key)
+            rows += analytic_rows(spec, setup)
+        row = record_row(record, spec, setup)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+# ---- running -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MeasureOptions:
+    """How each run is measured (``runtime.runner.measure`` arguments)."""
+
+    warmup_steps: int = 1
+    timed_steps: int = 3
+    timeout_s: float | None = None        # per run; a run past it is recorded with status timeout
+    cpu_threads: int | None = None        # torch intra-op threads in the worker (None: torch's default)
+    memory_limit_bytes: int | None = None  # worker address-space cap (tests)
+    isolate: bool = True                  # False: run in this process (no crash protection; tests)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    rows: list[dict[str, Any]]   # compare() input rows of the planned runs
+    planned: int                 # runs in the sweep
+    reused: int                  # runs whose needed records were all in the results file already
+    path: Path | None
+
+
+def _index(path: Path | None) -> dict[tuple[str, tuple], list[Mapping[str, Any]]]:
+    """Stored records of a results file by (kind, join key)."""
+    index: dict[tuple[str, tuple], list[Mapping[str, Any]]] = {}
+    if path is None or not path.is_file():
+        return index
+    for record in read_records([path]):
+        spec, setup = _decode(record)
+        kind = "measured" if record["schema"] == MEASUREMENT_SCHEMA else record.get("kind", "analytic")
+        index.setdefault((kind, key_of(setup_row(spec, setup))), []).append(record)
+    return index
+
+
+def _trace_row(spec: ModelSpec, setup: RunSetup) -> dict[str, Any]:
+    try:
+        from .runtime.trace import trace
+    except ImportError as exc:
+        raise DependencyMissingError(f"--trace needs the torch stack: pip install 'memprof[measure]' ({exc})") from None
+    try:
+        return trace(spec, setup).to_row()
+    except MemprofError as exc:
+        return failed_row(spec, setup, "traced", "error", f"{type(exc).__name__}: {exc}")
+
+
+def _label(setup: RunSetup) -> str:
+    regime = setup.effective_regime.value
+    precision = setup.dtype.value if regime == setup.dtype.value else f"{setup.dtype.value} {regime}"
+    return (f"{setup.method.value} b={setup.batch_size} s={setup.seq_len} {precision}"
+            + (" ckpt" if setup.grad_checkpointing else ""))
+
+
+def run_sweep(spec: ModelSpec, setups: Sequence[RunSetup], *, path: Path | None = None, trace: bool = False,
+              measure: MeasureOptions | None = None, retry_failed: bool = False,
+              progress: ProgressFn | None = None) -> SweepResult:
+    """Estimate every run (and trace / measure it), reusing and appending records of ``path``.
+
+    Args:
+        spec: the model.
+        setups: the runs (``plan_setups``); measured runs need ``device`` cpu or cuda set.
+        path: JSONL results file (``.jsonl``); None keeps nothing (no resume; measuring needs a file).
+        trace: also trace each run on fake tensors (torch stack, in this process).
+        measure: also measure each run in a worker process, with these options.
+        retry_failed: run again measurements recorded with status error or timeout (an OOM stays a result).
+        progress: ``progress(description, runs_done, runs_total)``, also during a measurement.
+
+    Returns:
+        The rows of every planned run for ``compare.compare`` and how many runs were reused.
+
+    Raises:
+        ConfigError: measuring without a results file, or a path that is not ``.jsonl``.
+        DependencyMissingError: tracing without the torch stack.
+    """
+    from .runtime.runner import append_jsonl
+
+    if path is not None and path.suffix != ".jsonl":
+        raise ConfigError(f"the results file must end in .jsonl, got {path}")
+    if measure is not None and path is None:
+        raise ConfigError("measuring needs a results file (--out FILE.jsonl)")
+    index = _index(path)
+    rows: list[dict[str, Any]] = []
+    reused = 0
+    for done, setup in enumerate(setups):
+        label = _label(setup)
+        if progress is not None:
+            progress(label, done, len(setups))
+        key = key_of(setup_row(spec, setup))
+        analytic = analytic_rows(spec, setup)
+        rows += analytic
+        fresh = False  # something was computed and recorded now (not reused from the file)
+        if path is not None and ("analytic", key) not in index:
+            append_jsonl(path, estimate_record(spec, setup, "analytic", analytic))
+            fresh = True
+        if analytic[0].get("status") == "n/a":  # the method does not apply: nothing to trace or measure
+            reused += not fresh
+            continue
+        if trace:
+            if progress is not None:
+                progress(f"{label}: tracing", done, len(setups))
+            row, ran = _traced_row(spec, setup, index.get(("traced", key), []), path)
+            rows.append(row)
+            fresh = fresh or ran
+        if measure is not None:
+            row, ran = _measure_row(spec, setup, index.get(("measured", key), []), path, measure, retry_failed,
+                                    lambda phase, step, total: progress(f"{label}: {phase} {step}/{total}", done,
+                                                                        len(setups)) if progress else None)
+            rows.append(row)
+            fresh = fresh or ran
+        reused += not fresh
+    if progress is not None:
+        progress("done", len(setups), len(setups))
+    return SweepResult(rows=rows, planned=len(setups), reused=reused, path=path)
+
+
+def _traced_row(spec: ModelSpec, setup: RunSetup, stored: Sequence[Mapping[str, Any]], path: Path | None
+                ) -> tuple[dict[str, Any], bool]:
+    """The trace row of a run: stored, or traced now and appended (second item: traced now)."""
+    if stored:
+        return record_row(stored[-1], spec, setup), False  # type: ignore[return-value]
+    from .runtime.runner import append_jsonl
+
+    row = _trace_row(spec, setup)
+    if path is not None:
+        append_jsonl(path, estimate_record(spec, setup, "traced", [row]))
+    return row, True
+
+
+def _measure_row(spec: ModelSpec, setup: RunSetup, stored: Sequence[Mapping[str, Any]], path: Path | None,
+                 options: MeasureOptions, retry_failed: bool, progress: ProgressFn) -> tuple[dict[str, Any], bool]:
+    """The measurement row of a run: stored, not applicable, or measured now (second item: measured now)."""
+    why = measure_not_applicable(setup)
+    if why is not None:
+        return failed_row(spec, setup, "measured", "n/a", why), False
+    ok = [r for r in stored if r["measurement"].get("status") == "ok"]
+    latest = (ok or list(stored))[-1:] if stored else []
+    if latest and not (retry_failed and latest[0]["measurement"].get("status") in RETRYABLE):
+        return record_row(latest[0], spec, setup), False  # type: ignore[return-value]
+    from .runtime.runner import measure
+
+    assert path is not None
+    try:
+        m = measure(spec, setup, out_dir=path.parent, name=path.stem, timeout_s=options.timeout_s,
+                    warmup_steps=options.warmup_steps, timed_steps=options.timed_steps,
+                    memory_limit_bytes=options.memory_limit_bytes, cpu_threads=options.cpu_threads,
+                    isolate=options.isolate, progress=progress)
+    except (DeviceUnavailableError, DependencyMissingError) as exc:  # refused before anything ran
+        return failed_row(spec, setup, "measured", "n/a", str(exc)), False
+    return m.to_row(), True
+
