@@ -42,6 +42,7 @@ class Ctx:
     saved_modules: tuple = ()                      # peft modules_to_save (trainable copy)
     params: dict = field(default_factory=dict)     # name -> param handle (tied weights share one)
     wcache: dict = field(default_factory=dict)     # autocast cache of half weight copies
+    kv_cache: list = field(default_factory=list)   # DynamicCache's per-layer keys/values (prefix tuning)
     extra_q: int = 0            # virtual tokens prepended to the sequence (prompt tuning)
     extra_kv: int = 0           # prefix length added to keys/values (prefix tuning)
 
@@ -287,6 +288,11 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
     impl = ctx.setup.attn_impl
     cuda = ctx.setup.device is Device.cuda
     qh, kh, vh = ctx.to_half(q, label + " q"), ctx.to_half(k, label + " k"), ctx.to_half(v, label + " v")
+    own_mask = mask is not None and impl is AttnImpl.sdpa
+    if own_mask:
+        # transformers hands SDPA a bool mask; aten::scaled_dot_product_attention converts it to the query's
+        # dtype at every call (convert_boolean_attn_mask: where(mask, 0, -inf)) and the kernels keep that one
+        mask = g.new(scores(ctx, 1), 1, qh.dtype, label + " mask (as float)")
     if impl is AttnImpl.sdpa and (cuda or dropout_p == 0):
         # flash / mem-efficient (CUDA) or the CPU flash kernel: keep q, k, v, out and a (b, a, s) fp32 lse.
         # GQA runs natively (enable_gqa) when there is no mask; otherwise repeat_kv copies k/v to a heads.
@@ -299,7 +305,7 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         out = g.new(tok(ctx, heads * d), heads * d, qh.dtype, label + " sdpa out")
         lse = g.new(tok(ctx, heads), heads, "fp32", label + " logsumexp")
         g.custom("sdpa", [qh, kh, vh], [out], [qh, kh, vh, out, lse, mask], extra=pscale(tok(ctx, heads * d), 4))
-        g.drop(lse, qh, kh, vh)
+        g.drop(lse, qh, kh, vh, mask if own_mask else None)
         return out, None  # the kernels write (b, s, a, d): transpose(1, 2).contiguous() is free
     # eager, and SDPA's math fallback on CPU (dropout > 0), which computes in fp32 for half inputs
     math_cpu = impl is AttnImpl.sdpa and qh.dtype in HALF
@@ -307,6 +313,11 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         q32, k32, v32 = (g.cast(t, "fp32", label + " (math fp32)") for t in (qh, kh, vh))
         g.drop(qh, kh, vh)
         qh, kh, vh = q32, k32, v32
+    # torch.matmul folds (b, a) into one batch dim: a copy for the projections' transposed (b, s, a, d)
+    # views, a view for contiguous (b, a, s, d) keys/values: DynamicCache's torch.cat (prefix tuning)
+    # and repeat_kv's reshape produce those (a .to(fp32) keeps the strides it is given). SDPA's math kernel
+    # scales k^T by sqrt(scale) first (_scaled_dot_product_attention_math): always a new key tensor.
+    contiguous_kv = bool(ctx.extra_kv)
     if kv_heads != heads:   # repeat_kv: expand + reshape copies
         kh2 = g.copy(kh, label + " k repeated")
         g.resize(kh2, kv_tok(ctx, heads * d))
@@ -314,8 +325,9 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         g.resize(vh2, kv_tok(ctx, heads * d))
         g.drop(kh, vh)
         kh, vh = kh2, vh2
-    qc = g.copy(qh, label + " q (bmm copy)")           # torch.matmul reshapes the transposed view: a copy
-    kc = g.copy(kh, label + " k^T (bmm copy)")
+        contiguous_kv = True
+    qc = g.copy(qh, label + " q (bmm copy)")
+    kc = g.alias(kh) if contiguous_kv and impl is AttnImpl.eager else g.copy(kh, label + " k^T (bmm copy)")
     g.drop(qh, kh)
     sc = g.bmm(qc, kc, scores(ctx, heads), 1, label + " scores")
     g.drop(qc, kc)
@@ -330,7 +342,7 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         g.drop(t2)
     if mask is not None:
         masked = g.add(scaled, mask, label + " masked scores")
-        g.drop(scaled)
+        g.drop(scaled, mask if own_mask else None)
         scaled = masked
     llama_like = ctx.spec.family is Family.llama
     sin = ctx.to_fp32(scaled, label + " softmax") if not llama_like else g.alias(scaled)
@@ -343,8 +355,9 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         probs = pc
     pd = g.dropout(probs, dropout_p, label + " attention dropout")
     g.drop(probs)
-    ph = ctx.to_half(pd, label + " probs")
-    vc = g.copy(vh, label + " v (bmm copy)")
+    # inside SDPA's math kernel autocast is off: the fp32 probabilities meet the fp32 values
+    ph = g.alias(pd) if math_cpu else ctx.to_half(pd, label + " probs")
+    vc = g.alias(vh) if contiguous_kv else g.copy(vh, label + " v (bmm copy)")
     g.drop(vh)
     out = g.bmm(ph, vc, tok(ctx, heads * d), heads * d, label + " attention out")
     g.drop(ph, vc)
@@ -666,6 +679,11 @@ def _prefix_kv(ctx: Ctx, k: T, v: T, i: int, width: int) -> tuple[T, T]:
     g.resize(kk, kv_tok(ctx, width))
     g.resize(vv, kv_tok(ctx, width))
     g.drop(k, v, *pk)
+    # the cache keeps the concatenations (layer.keys/values) until the model's forward returns; where
+    # attention saves something else (autocast's half copies, CPU SDPA's working copies) they outlive it
+    for t in (kk, vv):
+        ctx.kv_cache.append(g.alias(t))
+        t.st.carried = True
     return kk, vv
 
 
@@ -803,7 +821,9 @@ def forward(ctx: Ctx, layers: int) -> T:
     cos = sin = None
     if spec.family is not Family.bert and (setup.attn_impl is AttnImpl.eager or setup.method is Method.prefix):
         # create_causal_mask: a (b, 1, s, s_kv) additive mask in the model dtype, shared by all layers
-        held.append(g.new(scores(ctx, 1), 1, ctx.amp and "fp32" or ctx.wdt, "causal mask"))
+        # (bool for SDPA, which attention_core converts per call; eager adds the dtype's minimum)
+        held.append(g.new(scores(ctx, 1), 1, "bool" if setup.attn_impl is AttnImpl.sdpa
+                          else ctx.amp and "fp32" or ctx.wdt, "causal mask"))
         mask = held[-1]
     if spec.family is Family.llama:
         cos, sin = llama_rope(ctx)
@@ -825,12 +845,11 @@ def forward(ctx: Ctx, layers: int) -> T:
         g.drop(x)
         x = y
     g.segment("head")
-    g.drop(getattr(ctx, "prefix_store", None))
     if spec.family is Family.bert:
         loss = bert_head(ctx, x, held)
     else:
         loss = decoder_head(ctx, x, held)
-    g.drop(*peft_held)
+    g.drop(*peft_held, *ctx.kv_cache)
     ctx.end_autocast()
     return loss
 
@@ -919,9 +938,9 @@ def _prefix_encoder(ctx: Ctx) -> None:
         g.resize(pkv, P(b=n * width))
     g.drop(pidx)
     # get_prompt: .to(base model dtype) once, then view/permute/split into per-layer (k, v) views; each layer's
-    # DynamicCache.update concatenates its prefix with the new keys/values (a new tensor). The whole prefix
-    # storage dies after the last layer's update; memprof frees it when the head starts (the repeated-block
-    # replay cannot free it in one block only).
+    # DynamicCache.update concatenates its prefix with the new keys/values (a new tensor) and lets go of the
+    # views: the whole prefix storage dies with the last layer's update (the last block, never the repeated
+    # middle one), unless checkpointing keeps a block's inputs for its backward.
     if ctx.wdt != "fp32":
         cast = g.cast(pkv, ctx.wdt, "prefix key/values (cast)")
         g.drop(pkv)
@@ -929,5 +948,5 @@ def _prefix_encoder(ctx: Ctx) -> None:
     kvs = []
     for _ in range(getattr(ctx, "layers", spec.num_layers)):
         kvs.append((g.view(pkv, td, P(b=n * td)), g.view(pkv, td, P(b=n * td))))
-    ctx.prefix_store = pkv  # type: ignore[attr-defined]
+    g.drop(pkv)
     ctx.prefix_kv = kvs  # type: ignore[attr-defined]
