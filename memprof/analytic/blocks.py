@@ -127,6 +127,10 @@ class Ctx:
         xh = self.to_half(x_in, label)
         if self.setup.method is Method.qlora and m.role not in ("head", "classifier"):
             y = self._linear_4bit(xh, w, bias, m, label)
+            if y.dtype != x_in.dtype:  # Linear4bit.forward returns out.to(inp_dtype)
+                back = g.cast(y, x_in.dtype, label + " (back to the input dtype)")
+                g.drop(y)
+                y = back
         else:
             wq = self.weight_for_matmul(w, label)
             y = g.linear(xh, w, m.d_out, label, bias=bias, w_used=wq, out_dtype=self.amp)
@@ -147,15 +151,21 @@ class Ctx:
         return y
 
     def _linear_4bit(self, x: T, w: T, bias: T | None, m: Module, label: str) -> T:
-        """bitsandbytes MatMul4Bit (frozen NF4 weight): dequantize to the compute dtype, matmul, free the
-        copy; keep only the packed weight (a parameter) for backward, which dequantizes it again to get the
-        input gradient (a transient weight-sized buffer then)."""
+        """bitsandbytes MatMul4Bit (frozen NF4 weight) on x in the compute dtype (the run's dtype):
+        dequantize_4bit in the dtype the weight was stored from (the model's weight dtype), .to(x.dtype),
+        matmul, free the copies; keep only the packed weight (a parameter) for backward, which dequantizes
+        it again for the input gradient (transient weight-sized buffers then)."""
         g = self.g
-        dtype = self.setup.dtype.value
-        wq = g.new(P(c=m.weight_params), m.d_out, dtype, label + " dequantized weight", WCOPY)
+        stored, n = self.wdt, m.weight_params
+        wq = g.new(P(c=n), m.d_out, stored, label + " dequantized weight", WCOPY)
+        extra = BYTES[stored] * n
+        if stored != x.dtype:
+            wc = g.new(P(c=n), m.d_out, x.dtype, label + " dequantized weight (cast)", WCOPY)
+            g.drop(wq)
+            wq = wc
+            extra += BYTES[x.dtype] * n
         y = g.new(pscale(x.rows, m.d_out), m.d_out, x.dtype, label)
-        g.custom("matmul_4bit", [x] + ([bias] if bias is not None else []), [y], [],
-                 extra=P(c=m.weight_params * BYTES[dtype]))
+        g.custom("matmul_4bit", [x] + ([bias] if bias is not None else []), [y], [], extra=P(c=extra))
         g.drop(wq)
         return y
 

@@ -23,7 +23,7 @@ from ..config import Device, Method, QuantSpec, RunSetup
 from ..errors import ConfigError
 from ..records import Category, DeviceTotals, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
-from .build import enable_checkpointing, apply_method, build_base_model, check_positions, count_trainable, make_optimizer, synthetic_batch
+from .build import TORCH_DTYPE, enable_checkpointing, apply_method, build_base_model, check_positions, count_trainable, make_optimizer, synthetic_batch
 from .emulate import CudaEmulation
 from .quant import emulate_4bit
 from .step import BACKWARD_HEAD, BACKWARD_TAIL, backward_markers, backward_layer_phase, run_step
@@ -71,7 +71,7 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
         model = build_base_model(spec, setup, "meta")
         model = apply_method(model, spec, setup, peft_config)
         if setup.method is Method.qlora:  # bitsandbytes cannot run on fake tensors: emulate its memory
-            emulate_4bit(model, setup.quant or QuantSpec())
+            emulate_4bit(model, setup.quant or QuantSpec(), TORCH_DTYPE[setup.dtype])
         emulation = CudaEmulation() if cuda else None
         if setup.grad_checkpointing:
             enable_checkpointing(model, **({"context_fn": emulation.checkpoint_contexts} if emulation else {}))

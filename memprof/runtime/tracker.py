@@ -126,7 +126,7 @@ class MemoryTracker(TorchDispatchMode):
     def register_optimizer(self, optimizer: Any) -> None:
         """Register optimizer tensors created before tracking starts (mixed-regime master weights, and any
         state already allocated)."""
-        self.register(getattr(optimizer, "masters", ()), Category.master_weights)
+        self.register(self._masters(optimizer), Category.master_weights)
         for state in optimizer.state.values():
             self.register((v for v in state.values() if isinstance(v, torch.Tensor)), Category.optimizer_states)
 
@@ -226,10 +226,20 @@ class MemoryTracker(TorchDispatchMode):
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.numel() > 1:
                     self._resolve(value, Category.optimizer_states)
-        for m in getattr(optimizer, "masters", ()):
+        for m in self._masters(optimizer):
             self._resolve(m, Category.master_weights)
             if m.grad is not None:
                 self._resolve(m.grad, Category.gradients)
+
+    def _masters(self, optimizer: Any) -> list[torch.Tensor]:
+        """The mixed regime's fp32 master weights, less those that are a parameter's own storage (an fp32
+        adapter's ``p.detach().float()`` is ``p``): those stay trainable parameters, as the estimator counts."""
+        out = []
+        for m in getattr(optimizer, "masters", ()):
+            found = self._key_of(m)
+            if found is None or self._keys.get(found[0]) not in self._param_keys:
+                out.append(m)
+        return out
 
     def _resolve(self, t: torch.Tensor, label: Category) -> None:
         found = self._key_of(t)
@@ -263,3 +273,14 @@ class MemoryTracker(TorchDispatchMode):
 
     def live_breakdown(self) -> MemoryBreakdown:
         return self._categorise({k: (i.nbytes, i.phase, i.label) for k, i in self._live.items()})
+
+
+def label_in_active_trackers(t: torch.Tensor, label: Category) -> None:
+    """File ``t`` under ``label`` in every MemoryTracker now active (for tensors made by ops that say
+    nothing of their role, such as an emulated dequantization's ``torch.empty``)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    for mode in _get_current_dispatch_mode_stack():
+        if isinstance(mode, MemoryTracker):
+            mode.register([t], label)
+
