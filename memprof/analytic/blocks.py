@@ -318,17 +318,11 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         g.drop(lse, qh, kh, vh, mask if own_mask else None)
         return out, None  # the kernels write (b, s, a, d): transpose(1, 2).contiguous() is free
     # eager, and SDPA's math fallback on CPU (dropout > 0), which computes in fp32 for half inputs
-    math_cpu = impl is AttnImpl.sdpa and qh.dtype in HALF
-    if math_cpu:
-        q32, k32, v32 = (g.cast(t, "fp32", label + " (math fp32)") for t in (qh, kh, vh))
-        g.drop(qh, kh, vh)
-        qh, kh, vh = q32, k32, v32
     # torch.matmul folds (b, a) into one batch dim: a copy for the projections' transposed (b, s, a, d)
     # views, a view for contiguous (b, a, s, d) keys/values: DynamicCache's torch.cat (prefix tuning)
-    # and repeat_kv's reshape produce those (a .to(fp32) keeps the strides it is given). SDPA's math kernel
-    # scales k^T by sqrt(scale) first (_scaled_dot_product_attention_math): always a new key tensor.
+    # and repeat_kv's reshape produce those (a .to(fp32) or a scaling keeps the strides it is given)
     contiguous_kv = bool(ctx.extra_kv)
-    if kv_heads != heads:   # repeat_kv: expand + reshape copies
+    if kv_heads != heads:   # repeat_kv (the caller's, before attention): expand + reshape copies
         kh2 = g.copy(kh, label + " k repeated")
         g.resize(kh2, kv_tok(ctx, heads * d))
         vh2 = g.copy(vh, label + " v repeated")
@@ -336,12 +330,25 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         g.drop(kh, vh)
         kh, vh = kh2, vh2
         contiguous_kv = True
+    math = impl is AttnImpl.sdpa    # at::_scaled_dot_product_attention_math
+    math_cpu = math and qh.dtype in HALF
+    kernel_locals: list[T] = []     # C++ locals of the math kernel: alive until it returns
+    if math_cpu:                    # half inputs on CPU: computed in fp32 copies
+        q32, k32, v32 = (g.cast(t, "fp32", label + " (math fp32)") for t in (qh, kh, vh))
+        g.drop(qh, kh, vh)
+        qh, kh, vh = q32, k32, g.alias(v32)
+        kernel_locals += [g.alias(q32), g.alias(k32), v32]
+    if math:  # q and k^T scaled by sqrt(scale) before the matmul: new tensors in the layouts they came in
+        qs, ks = g.mul(qh, None, label + " q * sqrt(scale)"), g.mul(kh, None, label + " k^T * sqrt(scale)")
+        g.drop(qh, kh)
+        qh, kh = g.alias(qs), ks
+        kernel_locals.append(qs)
     qc = g.copy(qh, label + " q (bmm copy)")
-    kc = g.alias(kh) if contiguous_kv and impl is AttnImpl.eager else g.copy(kh, label + " k^T (bmm copy)")
+    kc = g.alias(kh) if contiguous_kv else g.copy(kh, label + " k^T (bmm copy)")
     g.drop(qh, kh)
     sc = g.bmm(qc, kc, scores(ctx, heads), 1, label + " scores")
     g.drop(qc, kc)
-    scaled = g.mul(sc, None, label + " scaled scores")
+    scaled = g.alias(sc) if math else g.mul(sc, None, label + " scaled scores")
     g.drop(sc)
     if ctx.spec.attn_softcap:
         t1 = g.mul(scaled, None, label + " /softcap")
@@ -351,7 +358,9 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         scaled = g.mul(t2, None, label + " *softcap")
         g.drop(t2)
     if mask is not None:
-        masked = g.add(scaled, mask, label + " masked scores")
+        # the math kernel adds in place (attn.add_) unless a tensor is subclass-like, which every tensor is
+        # under a dispatch mode (a tracked run): the same switch as gradient accumulation
+        masked = g.alias(scaled) if math and g.inplace_accumulation else g.add(scaled, mask, label + " masked scores")
         g.drop(scaled, mask if own_mask else None)
         scaled = masked
     llama_like = ctx.spec.family is Family.llama
@@ -371,10 +380,11 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
     g.drop(vh)
     out = g.bmm(ph, vc, tok(ctx, heads * d), heads * d, label + " attention out")
     g.drop(ph, vc)
-    if math_cpu:
+    if math_cpu:  # return (matmul(attn, v).to(half), attn.to(half)); the composite drops the second
         down = g.cast(out, q.dtype, label + " attention out (cast back)")
-        g.drop(out)
+        g.drop(g.cast(pd, q.dtype, label + " probs (returned, unused)"), out)
         out = down
+    g.drop(*kernel_locals)
     ctx_out = g.copy(out, label + " context")          # attn_output.transpose(1, 2).contiguous()
     g.drop(out)
     return ctx_out, pd
