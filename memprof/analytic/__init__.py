@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from ..config import Overheads, RunSetup, with_method_defaults
+from ..config import RunSetup, with_method_defaults
 from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
 from ..spec import Family, Task as SpecTask, check_sequence_length
 from ..config import Method
-from .compose import FATES, Timeline, timeline
+from .compose import FATES, Timeline, structural, timeline
 from .explain import explain_terms
 from .overheads import device_totals
 from .params import ParamCounts, method_params
@@ -29,14 +29,6 @@ from .states import StateBytes, state_bytes
 __all__ = ["estimate"]
 
 
-def _structural(setup: RunSetup) -> RunSetup:
-    """The part of a setup that changes the replay and the states (cache key): all but b, s, overheads."""
-    if setup.batch_size == 1 and setup.seq_len == 1 and setup.overheads == _DEFAULT_OVERHEADS:
-        return setup
-    return dataclasses.replace(setup, batch_size=1, seq_len=1, overheads=_DEFAULT_OVERHEADS)
-
-
-_DEFAULT_OVERHEADS = Overheads()
 # the replay's fates are MemoryBreakdown's fields, in order
 assert FATES == tuple(f.name for f in dataclasses.fields(MemoryBreakdown))
 
@@ -48,10 +40,10 @@ def _structure(spec: ModelSpec, setup: RunSetup, tracked: bool) -> tuple[ParamCo
     """Everything that does not depend on (b, s), cached per model and structural options."""
     key = (spec, setup.method, setup.dtype, setup.regime, setup.optimizer, setup.attn_impl, setup.device,
            setup.grad_checkpointing, setup.dropout, setup.lora, setup.quant, setup.adapter, setup.ia3, setup.prompt,
-           tracked)
+           tracked, setup.batch_size == 1)
     hit = _STRUCTURES.get(key)
     if hit is None:
-        struct = _structural(setup)
+        struct = structural(setup)
         hit = method_params(spec, struct), state_bytes(spec, struct), timeline(spec, struct, tracked)
         if len(_STRUCTURES) > 4096:
             _STRUCTURES.clear()

@@ -320,8 +320,10 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
     # eager, and SDPA's math fallback on CPU (dropout > 0), which computes in fp32 for half inputs
     # torch.matmul folds (b, a) into one batch dim: a copy for the projections' transposed (b, s, a, d)
     # views, a view for contiguous (b, a, s, d) keys/values: DynamicCache's torch.cat (prefix tuning)
-    # and repeat_kv's reshape produce those (a .to(fp32) or a scaling keeps the strides it is given)
-    contiguous_kv = bool(ctx.extra_kv)
+    # and repeat_kv's reshape produce those (a .to(fp32) or a scaling keeps the strides it is given).
+    # With a batch of one any (1, a, s, d) layout folds into (a, s, d) as a view.
+    batch_of_one = ctx.setup.batch_size == 1   # analytic._structural keeps this bit of b
+    contiguous_kv = bool(ctx.extra_kv) or batch_of_one
     if kv_heads != heads:   # repeat_kv (the caller's, before attention): expand + reshape copies
         kh2 = g.copy(kh, label + " k repeated")
         g.resize(kh2, kv_tok(ctx, heads * d))
@@ -343,7 +345,7 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         g.drop(qh, kh)
         qh, kh = g.alias(qs), ks
         kernel_locals.append(qs)
-    qc = g.copy(qh, label + " q (bmm copy)")
+    qc = g.alias(qh) if batch_of_one else g.copy(qh, label + " q (bmm copy)")
     kc = g.alias(kh) if contiguous_kv else g.copy(kh, label + " k^T (bmm copy)")
     g.drop(qh, kh)
     sc = g.bmm(qc, kc, scores(ctx, heads), 1, label + " scores")

@@ -11,10 +11,11 @@ sit at the ends).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
-from ..config import RunSetup
+from ..config import Overheads, RunSetup
 from ..spec import ModelSpec
 from .blocks import build_context, forward
 from .sim import ACT, TEMP, WCOPY, ZERO, Graph, Poly, dominated, padd, pscale, psub
@@ -231,6 +232,18 @@ def assemble(rep: Replay, num_layers: int) -> Timeline:
     return Timeline(fwd, bwd, end_fwd, live, tuple(vtotal(c) for c in fwd), tuple(vtotal(c) for c in bwd),
                     tuple(Timeline.sparse(c) for c in fwd), tuple(Timeline.sparse(c) for c in bwd),
                     Timeline.sparse(live))
+
+
+def structural(setup: RunSetup) -> RunSetup:
+    """The part of a setup that changes the replay and the states (cache key): all but b, s and the overheads,
+    except whether b is 1 (a batch of one makes some copies views: blocks.attention_core)."""
+    b = 1 if setup.batch_size == 1 else 2
+    if setup.batch_size == b and setup.seq_len == 1 and setup.overheads == _DEFAULT_OVERHEADS:
+        return setup
+    return dataclasses.replace(setup, batch_size=b, seq_len=1, overheads=_DEFAULT_OVERHEADS)
+
+
+_DEFAULT_OVERHEADS = Overheads()
 
 
 @functools.lru_cache(maxsize=512)

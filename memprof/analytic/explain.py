@@ -8,14 +8,13 @@ overheads.py.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 
 from ..config import Method, Optimizer, Regime, RunSetup
 from ..records import Category, Phase, Term
 from ..spec import ModelSpec
 from ..units import fmt_bytes_auto
-from .compose import replay
+from .compose import replay, structural
 from .overheads import allocator_reserve_bytes, cublas_workspace_bytes, cuda_context_bytes
 from .params import ParamCounts
 from .sim import BYTES, peval
@@ -51,8 +50,7 @@ def _poly_formula(poly: tuple, dtype: str, b: int, s: int) -> tuple[str, str]:
 
 
 def _activation_terms(spec: ModelSpec, setup: RunSetup) -> list[Term]:
-    structural = dataclasses.replace(setup, batch_size=1, seq_len=1)
-    rep = replay(spec, structural)
+    rep = replay(spec, structural(setup))
     b, s, L = setup.batch_size, setup.seq_len, spec.num_layers
     groups: "OrderedDict[str, list[tuple[str, str, tuple]]]" = OrderedDict()
     for seg, label, dtype, poly in rep.saved_terms:

@@ -117,6 +117,16 @@ def test_prefix_cache_at_depth(family: str, device: str, regime: dict) -> None:
                                          "prompt": {"num_virtual_tokens": 8}}, layers=5))
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_batch_of_one(family: str, attn: str, device: str) -> None:
+    """At b=1 torch.matmul folds any (1, heads, s, d) layout as a view: no copies of q, k, v for the scores
+    (eager, and SDPA's math kernel on CPU). The estimator keeps whether b is 1 in its structural cache key."""
+    _assert_close(_phase_errors(family, {"method": "lora", "device": device, "dtype": "bf16", "attn_impl": attn,
+                                         "batch_size": 1, "seq_len": 128}))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd-momentum", "adafactor", "lion"])
 def test_optimizers(optimizer: str) -> None:
     _assert_close(_phase_errors("llama", {"optimizer": optimizer, "dtype": "fp32"}))
