@@ -309,6 +309,19 @@ EXPLANATIONS: list[tuple[str, Any, str]] = [
      "breakdowns compared are of different moments (activations +, temporaries -)"),
 ]
 
+# The largest differences left within the targets, as far as they were investigated. (key, rows, finding.)
+KNOWN: list[tuple[str, str]] = [
+    ("K1", "Phi-3-mini LoRA / QLoRA (all-linear), fp32, part A: analytic 1.6-3.8% below the trace. Phi-3's rotary "
+     "embedding ends in a torch.cat, so q reaches SDPA contiguous in (b, heads, s, d); the fake CPU flash kernel "
+     "allocates its output like q (empty_like), transformers' attn_output.transpose(1, 2).contiguous() then "
+     "copies it, and LoRA on o_proj keeps that copy for backward. On a GPU, fp32 SDPA runs the memory-efficient "
+     "kernel, which writes (b, s, heads, d) and makes the copy free, as the estimator assumes; flash (half "
+     "precision) allocates like q, as the trace does, but there LoRA keeps an fp32 copy of the input instead, so "
+     "the copy is a transient. By our reading of the kernels the trace, not the estimator, is off on these fp32 "
+     "rows; no GPU was available to check, and the emulation is unchanged"),
+    ("K2", "gemma-2b prefix tuning, part A: analytic 1.4-2.5% above the trace; not investigated to the tensor"),
+]
+
 # What earlier runs of this validation found and what was fixed (the rows now meet the targets; kept so the table
 # says how the estimators got there). (key, first seen, the finding and the fix.)
 FIXED: list[tuple[str, str]] = [
@@ -506,6 +519,9 @@ def render_markdown(rows: list[dict[str, str]], header: dict[str, str]) -> str:
         if unexplained:
             out.append(f"- **not explained** ({unexplained} rows): not investigated to the tensor.")
         out.append("")
+    out += ["### Largest differences left (within the targets)", ""]
+    out += [f"- **{key}**: {what}." for key, what in KNOWN]
+    out.append("")
     out += ["### Found by earlier runs and fixed", "",
             "Earlier runs of this matrix missed targets on 53 rows; investigating them found estimator bugs and "
             "trace-side labelling issues, fixed in the code (the model, not the tolerance):", ""]
