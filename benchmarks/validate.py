@@ -616,7 +616,13 @@ def _row_a(r: dict[str, str]) -> str:
     return (head + f" {_gib(r, 'analytic_peak_bytes')} | {_gib(r, 'analytic_tracked_peak_bytes')} | "
             f"{_gib(r, 'traced_peak_bytes')} | {_p(r, 'plain_vs_tracked_frac')} | {_p(r, 'analytic_vs_traced_frac', 3)} | "
             f"{_p(r, 'worst_phase_vs_traced_frac', 3)} | {_cat(r, 'analytic_vs_traced')} | {_md(r['verdict'])} | "
-            f"{_md(r['note'])}{' (see ' + ', '.join(w.split(':')[0] for w in r['why'].split(' / ')) + ')' if r['why'] else ''} |")
+            f"{_note(r)} |")
+
+
+def _note(r: dict[str, str]) -> str:
+    """The row's note, and the keys of the explanations that apply to it."""
+    see = ", ".join(w.split(":")[0] for w in r["why"].split(" / ")) if r["why"] else ""
+    return _md(r["note"]) + (f" (see {see})" if see else "")
 
 
 def _row_b(r: dict[str, str]) -> str:
@@ -626,8 +632,7 @@ def _row_b(r: dict[str, str]) -> str:
     return (head + f" {_mib(r, 'analytic_peak_bytes')} | {_mib(r, 'analytic_tracked_peak_bytes')} | "
             f"{_mib(r, 'traced_peak_bytes')} | {_mib(r, 'measured_peak_bytes')} | {_p(r, 'analytic_vs_traced_frac', 3)} | "
             f"{_p(r, 'traced_vs_measured_frac', 3)} | {_p(r, 'analytic_vs_measured_frac', 3)} | "
-            f"{_cat(r, 'traced_vs_measured')} | {r.get('step_s', '')} | {_md(r['verdict'])} | {_md(r['note'])}"
-            f"{' (see ' + ', '.join(w.split(':')[0] for w in r['why'].split(' / ')) + ')' if r['why'] else ''} |")
+            f"{_cat(r, 'traced_vs_measured')} | {r.get('step_s', '')} | {_md(r['verdict'])} | {_note(r)} |")
 
 
 def environment() -> dict[str, str]:
