@@ -6,7 +6,11 @@ candidate peaks relative to where it started, per category. The first block diff
 a gradient), the last one too (the head, not a block, consumes its output); the middle ones are identical, so
 for L blocks the middle block's net change is applied L-2 times, and its candidate peaks are checked at the
 first and the last repetition (the live bytes before a repetition are linear in its index, so the extremes
-sit at the ends).
+sit at the ends). Two kinds of tensors cross a block's boundary and need the depth spelled out: tensors made
+before the blocks and freed inside one (masks, rope tables; ``Segment.shared``: only the last repetition frees
+them), and tensors a per-step container keeps beyond their block (autocast's weight cache, a prefix key/value
+cache; ``Segment.carried``: where the container is cleared, all L-2 middle blocks' copies go, not the one the
+replay made).
 """
 
 from __future__ import annotations
