@@ -211,6 +211,21 @@ class RunSetup:
         return self.batch_size * self.seq_len
 
 
+def check_runnable(setup: RunSetup) -> None:
+    """Combinations that are valid options but no training step runs as configured (checked by the estimators
+    and the harness, so a sweep records them as n/a rows instead of stopping).
+
+    Raises:
+        ConfigError: prefix tuning with gradient checkpointing (transformers' GradientCheckpointingLayer sets
+            past_key_values=None while training, modeling_layers.py, so the prefixes are dropped).
+    """
+    if setup.method is Method.prefix and setup.grad_checkpointing:
+        raise ConfigError(
+            "prefix tuning cannot run with gradient checkpointing: transformers drops the prefix cache "
+            "(past_key_values=None) in checkpointed layers, so encoders ignore the prefixes and decoders fail; "
+            "turn one of them off (prompt tuning works with checkpointing)")
+
+
 # `memprof measure` on a CPU: a size a 2-core machine finishes in minutes, in fp32 (CPU bf16 matmuls are slow).
 CPU_MEASURE_DEFAULTS: dict[str, Any] = {"dtype": Dtype.fp32, "batch_size": 8, "seq_len": 128}
 

@@ -360,7 +360,7 @@ def _measure_row(spec: ModelSpec, setup: RunSetup, stored: Sequence[Mapping[str,
                     warmup_steps=options.warmup_steps, timed_steps=options.timed_steps,
                     memory_limit_bytes=options.memory_limit_bytes, cpu_threads=options.cpu_threads,
                     isolate=options.isolate, progress=progress)
-    except (DeviceUnavailableError, DependencyMissingError) as exc:  # refused before anything ran
+    except (ConfigError, DeviceUnavailableError, DependencyMissingError) as exc:  # refused before anything ran
         return failed_row(spec, setup, "measured", "n/a", str(exc)), False
     return m.to_row(), True
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from ..config import RunSetup, with_method_defaults
+from ..config import RunSetup, check_runnable, with_method_defaults
 from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
 from ..spec import Family, Task as SpecTask, check_sequence_length
@@ -85,6 +85,7 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
         ConfigError: the method does not apply (no targets, BitFit on a bias-free model, ...).
     """
     setup = with_method_defaults(setup)
+    check_runnable(setup)
     if spec.family is not Family.llama:
         extra = setup.prompt.num_virtual_tokens if setup.method is Method.prompt and setup.prompt else 0
         check_sequence_length(spec, setup.seq_len + extra)

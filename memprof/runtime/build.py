@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..config import Dtype, LoraSpec, Method, Optimizer, Regime, RunSetup
+from ..config import Dtype, LoraSpec, Method, Optimizer, Regime, RunSetup, check_runnable
 from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError
 from ..spec import Family, ModelSpec, Task, check_sequence_length
 from .adapters import add_bottleneck_adapters, is_norm_module
@@ -163,6 +163,7 @@ def apply_method(model: nn.Module, spec: ModelSpec, setup: RunSetup, peft_config
     Raises:
         ConfigError: peft rejects the config (targets match nothing, ...) or the method trains nothing.
     """
+    check_runnable(setup)
     method = setup.method
     if peft_config is not None or method in (Method.lora, Method.qlora, Method.ia3, Method.prefix, Method.prompt):
         import peft

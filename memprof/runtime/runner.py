@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3Spec, LoraSpec, Method, Optimizer,
-                      Overheads, PromptLearningSpec, QuantSpec, Regime, RunSetup, with_method_defaults)
+                      Overheads, PromptLearningSpec, QuantSpec, Regime, RunSetup, check_runnable,
+                      with_method_defaults)
 from ..errors import ConfigError, DeviceUnavailableError
 from ..records import EnvInfo, Measurement, MemoryBreakdown, setup_row
 from ..spec import Family, ModelSpec, Task
@@ -295,8 +296,10 @@ def check_measurable(setup: RunSetup) -> None:
     """Refuse, before any process starts, what cannot run on the chosen device.
 
     Raises:
+        ConfigError: a combination no training step runs as configured (config.check_runnable).
         DeviceUnavailableError: QLoRA or 8-bit AdamW (bitsandbytes CUDA kernels) on a CPU.
     """
+    check_runnable(setup)
     if setup.device is Device.cpu and setup.method is Method.qlora:
         raise DeviceUnavailableError("QLoRA needs bitsandbytes' 4-bit CUDA kernels; measure it on a GPU "
                                      "(--device cuda), or use --method lora on CPU (memprof trace emulates QLoRA)")

@@ -92,6 +92,7 @@ def test_presets_lists_models_and_gpus() -> None:
     (["estimate"], "give a model"),
     (["estimate", "roberta-base", "--peft-config", "x.json"], "--peft-config needs --trace"),
     (["measure", "roberta-base", "--device", "tpu"], "device 'tpu' is not supported"),
+    (["estimate", "gpt2", "--method", "prefix", "--grad-checkpointing"], "prefix tuning cannot run with gradient"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
     r = run(*args)

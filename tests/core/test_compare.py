@@ -181,6 +181,15 @@ def test_methods_that_do_not_apply_do_not_abort_the_sweep() -> None:
     assert "BitFit trains nothing" in r.stdout and "lora" in r.stdout
 
 
+def test_combinations_that_cannot_run_are_n_a_rows() -> None:
+    # transformers drops the prefix cache in checkpointed layers: that run is n/a, the others go on
+    r = runner.invoke(app, ["compare", "gpt2", "--methods", "full,prefix", "--checkpointing", "off,on", "-f", "json"])
+    assert r.exit_code == 0, r.output
+    rows = {(x["method"], x["grad_checkpointing"]): x for x in json.loads(r.stdout)}
+    assert rows[("prefix", True)]["status"] == "n/a" and "gradient checkpointing" in rows[("prefix", True)]["note"]
+    assert all(x["status"] == "ok" for k, x in rows.items() if k != ("prefix", True))
+
+
 def test_estimate_only_sweep_with_out_is_reported_again(tmp_path: Path) -> None:
     out = tmp_path / "sweep.jsonl"
     first = runner.invoke(app, [*ROBERTA, "--out", str(out), "-f", "json"])
