@@ -297,21 +297,23 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
     g = ctx.g
     impl = ctx.setup.attn_impl
     cuda = ctx.setup.device is Device.cuda
-    qh, kh, vh = ctx.to_half(q, label + " q"), ctx.to_half(k, label + " k"), ctx.to_half(v, label + " v")
+    kernel = impl is AttnImpl.sdpa and (cuda or dropout_p == 0)  # flash / memory-efficient, not math
+    # transformers' repeat_kv runs in the model's dtype before the attention op, so autocast casts the repeated
+    # tensors: eager always repeats; SDPA repeats when a mask rules out native GQA (use_gqa_in_sdpa)
+    kr, vr, repeated_copy = g.alias(k), g.alias(v), False
+    repeated = kv_heads != heads and (impl is AttnImpl.eager or mask is not None)
+    if repeated:
+        kr, vr, repeated_copy = _repeat_kv(ctx, kr, vr, kv_heads, heads * d, label)
+    qh, kh, vh = ctx.to_half(q, label + " q"), ctx.to_half(kr, label + " k"), ctx.to_half(vr, label + " v")
+    g.drop(kr, vr)
     own_mask = mask is not None and impl is AttnImpl.sdpa
     if own_mask:
         # transformers hands SDPA a bool mask; aten::scaled_dot_product_attention converts it to the query's
         # dtype at every call (convert_boolean_attn_mask: where(mask, 0, -inf)) and the kernels keep that one
         mask = g.new(scores(ctx, 1), 1, qh.dtype, label + " mask (as float)")
-    if impl is AttnImpl.sdpa and (cuda or dropout_p == 0):
-        # flash / mem-efficient (CUDA) or the CPU flash kernel: keep q, k, v, out and a (b, a, s) fp32 lse.
-        # GQA runs natively (enable_gqa) when there is no mask; otherwise repeat_kv copies k/v to a heads.
-        if kv_heads != heads and mask is not None:
-            kh2, vh2 = g.copy(kh, label + " k repeated"), g.copy(vh, label + " v repeated")
-            g.resize(kh2, kv_tok(ctx, heads * d))
-            g.resize(vh2, kv_tok(ctx, heads * d))
-            g.drop(kh, vh)
-            kh, vh = kh2, vh2
+    if kernel:
+        # flash / mem-efficient (CUDA) or the CPU flash kernel: keep q, k, v, out and a (b, a, s) fp32 lse
+        # (GQA without a mask runs natively: enable_gqa)
         out = g.new(tok(ctx, heads * d), heads * d, qh.dtype, label + " sdpa out")
         lse = g.new(tok(ctx, heads), heads, "fp32", label + " logsumexp")
         g.custom("sdpa", [qh, kh, vh], [out], [qh, kh, vh, out, lse, mask], extra=pscale(tok(ctx, heads * d), 4))
@@ -319,19 +321,17 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         return out, None  # the kernels write (b, s, a, d): transpose(1, 2).contiguous() is free
     # eager, and SDPA's math fallback on CPU (dropout > 0), which computes in fp32 for half inputs
     # torch.matmul folds (b, a) into one batch dim: a copy for the projections' transposed (b, s, a, d)
-    # views, a view for contiguous (b, a, s, d) keys/values: DynamicCache's torch.cat (prefix tuning)
-    # and repeat_kv's reshape produce those (a .to(fp32) or a scaling keeps the strides it is given).
-    # With a batch of one any (1, a, s, d) layout folds into (a, s, d) as a view.
+    # views, a view for contiguous (b, a, s, d) keys/values: DynamicCache's torch.cat (prefix tuning),
+    # repeat_kv's reshape copy (GQA) and a cast of its stride-0 view (MQA) produce those (a .to(fp32) or a
+    # scaling keeps the strides it is given). With a batch of one any (1, a, s, d) layout folds as a view.
     batch_of_one = ctx.setup.batch_size == 1   # analytic._structural keeps this bit of b
-    contiguous_kv = bool(ctx.extra_kv) or batch_of_one
-    if kv_heads != heads:   # repeat_kv (the caller's, before attention): expand + reshape copies
-        kh2 = g.copy(kh, label + " k repeated")
-        g.resize(kh2, kv_tok(ctx, heads * d))
-        vh2 = g.copy(vh, label + " v repeated")
-        g.resize(vh2, kv_tok(ctx, heads * d))
-        g.drop(kh, vh)
-        kh, vh = kh2, vh2
-        contiguous_kv = True
+    if not repeated:
+        contiguous_k = contiguous_v = bool(ctx.extra_kv)
+    elif repeated_copy:
+        contiguous_k = contiguous_v = True
+    else:  # MQA's stride-0 view folds only once a cast (autocast) has materialised it
+        contiguous_k, contiguous_v = kh.dtype != k.dtype, vh.dtype != v.dtype
+    contiguous_k, contiguous_v = contiguous_k or batch_of_one, contiguous_v or batch_of_one
     math = impl is AttnImpl.sdpa    # at::_scaled_dot_product_attention_math
     math_cpu = math and qh.dtype in HALF
     kernel_locals: list[T] = []     # C++ locals of the math kernel: alive until it returns
@@ -340,13 +340,21 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         g.drop(qh, kh, vh)
         qh, kh, vh = q32, k32, g.alias(v32)
         kernel_locals += [g.alias(q32), g.alias(k32), v32]
+    if math and kv_heads != heads and not repeated:  # enable_gqa: the kernel's repeat_interleave copies
+        ke, ve = g.copy(kh, label + " k repeated"), g.copy(vh, label + " v repeated")
+        g.resize(ke, kv_tok(ctx, heads * d))
+        g.resize(ve, kv_tok(ctx, heads * d))
+        g.drop(kh, vh)
+        kh, vh = g.alias(ke), g.alias(ve)
+        kernel_locals += [ke, ve]
+        contiguous_k = contiguous_v = True
     if math:  # q and k^T scaled by sqrt(scale) before the matmul: new tensors in the layouts they came in
         qs, ks = g.mul(qh, None, label + " q * sqrt(scale)"), g.mul(kh, None, label + " k^T * sqrt(scale)")
         g.drop(qh, kh)
         qh, kh = g.alias(qs), ks
         kernel_locals.append(qs)
     qc = g.alias(qh) if batch_of_one else g.copy(qh, label + " q (bmm copy)")
-    kc = g.alias(kh) if contiguous_kv else g.copy(kh, label + " k^T (bmm copy)")
+    kc = g.alias(kh) if contiguous_k else g.copy(kh, label + " k^T (bmm copy)")
     g.drop(qh, kh)
     sc = g.bmm(qc, kc, scores(ctx, heads), 1, label + " scores")
     g.drop(qc, kc)
@@ -378,7 +386,7 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
     g.drop(probs)
     # inside SDPA's math kernel autocast is off: the fp32 probabilities meet the fp32 values
     ph = g.alias(pd) if math_cpu else ctx.to_half(pd, label + " probs")
-    vc = g.alias(vh) if contiguous_kv else g.copy(vh, label + " v (bmm copy)")
+    vc = g.alias(vh) if contiguous_v else g.copy(vh, label + " v (bmm copy)")
     g.drop(vh)
     out = g.bmm(ph, vc, tok(ctx, heads * d), heads * d, label + " attention out")
     g.drop(ph, vc)
@@ -390,6 +398,23 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
     ctx_out = g.copy(out, label + " context")          # attn_output.transpose(1, 2).contiguous()
     g.drop(out)
     return ctx_out, pd
+
+
+def _repeat_kv(ctx: Ctx, k: T, v: T, kv_heads: int, width: int, label: str) -> tuple[T, T, bool]:
+    """transformers' repeat_kv: expand (b, kv, 1, s, d) to (b, kv, n, s, d), reshape to (b, kv*n, s, d). A copy
+    (contiguous) for GQA; for MQA (kv = 1) the reshape merges a size-1 dim and stays a stride-0 view of k/v.
+    Returns the repeated k, v and whether they are new contiguous tensors."""
+    g = ctx.g
+    numel = kv_tok(ctx, width)
+    if kv_heads == 1:
+        kr, vr = g.view(k, None, numel), g.view(v, None, numel)
+        g.drop(k, v)
+        return kr, vr, False
+    kr, vr = g.copy(k, label + " k repeated"), g.copy(v, label + " v repeated")
+    g.resize(kr, numel)
+    g.resize(vr, numel)
+    g.drop(k, v)
+    return kr, vr, True
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_autocast_weight_copies_at_depth(family: str) -> None:
                                          "grad_checkpointing": True}, layers=6))
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "gemma"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("regime", [{"dtype": "fp32"}, {"dtype": "fp16", "regime": "amp"}], ids=["fp32", "amp"])
 def test_prefix_cache_at_depth(family: str, device: str, regime: dict) -> None:
@@ -125,6 +125,18 @@ def test_batch_of_one(family: str, attn: str, device: str) -> None:
     (eager, and SDPA's math kernel on CPU). The estimator keeps whether b is 1 in its structural cache key."""
     _assert_close(_phase_errors(family, {"method": "lora", "device": device, "dtype": "bf16", "attn_impl": attn,
                                          "batch_size": 1, "seq_len": 128}))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("regime", [{"dtype": "fp32"}, {"dtype": "fp16", "regime": "amp"}], ids=["fp32", "amp"])
+@pytest.mark.parametrize("method", ["prefix", "lora"])
+def test_repeat_kv(family: str, attn: str, regime: dict, method: str) -> None:
+    """Eager attention, or SDPA with a mask (prefix tuning's), makes transformers repeat k/v to every head
+    before the attention op (so autocast casts the repeated tensors): a copy for GQA (llama: 2 kv heads), a
+    stride-0 view for MQA (gemma: 1 kv head), which a cast materialises and eager's matmul otherwise copies."""
+    options = {"prompt": {"num_virtual_tokens": 8}} if method == "prefix" else {}
+    _assert_close(_phase_errors(family, {"method": method, "device": "cuda", "attn_impl": attn, **regime, **options}))
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd-momentum", "adafactor", "lion"])
