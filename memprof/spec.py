@@ -67,6 +67,7 @@ class ModelSpec:
     qk_norm: bool = False           # per-head RMSNorm on q and k (qwen3, gemma3)
     sandwich_norm: bool = False     # extra post-attention / pre- and post-FFN norms (gemma2, gemma3)
     fused_qkv: bool = False         # one qkv_proj and one gate_up_proj module (phi3)
+    rotary_cat: bool = False        # apply_rotary_pos_emb ends in torch.cat with the pass-through part (phi3)
     embed_scale: bool = False       # embeddings multiplied by sqrt(h) (gemma)
     attn_softcap: float | None = None   # tanh soft-capping of attention scores (gemma2)
     final_softcap: float | None = None  # tanh soft-capping of logits (gemma2)
@@ -244,7 +245,7 @@ _LLAMA_VARIANTS: dict[str, dict[str, Any]] = {
     "gemma": {"embed_scale": True, "tie": True},
     "gemma2": {"embed_scale": True, "tie": True, "sandwich_norm": True},
     "gemma3_text": {"embed_scale": True, "tie": True, "sandwich_norm": True, "qk_norm": True},
-    "phi3": {"fused_qkv": True},
+    "phi3": {"fused_qkv": True, "rotary_cat": True},
 }
 
 
@@ -276,7 +277,8 @@ def _llama(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_label
         qkv_bias=attention_bias or variant.get("qkv_bias", False), o_bias=attention_bias,
         mlp_bias=bool(_get(cfg, "mlp_bias", default=False)),
         qk_norm=variant.get("qk_norm", False), sandwich_norm=variant.get("sandwich_norm", False),
-        fused_qkv=variant.get("fused_qkv", False), embed_scale=variant.get("embed_scale", False),
+        fused_qkv=variant.get("fused_qkv", False), rotary_cat=variant.get("rotary_cat", False),
+        embed_scale=variant.get("embed_scale", False),
         attn_softcap=_get(cfg, "attn_logit_softcapping") if model_type == "gemma2" else None,
         final_softcap=_get(cfg, "final_logit_softcapping") if model_type == "gemma2" else None,
         hidden_dropout=resid_dropout, attention_dropout=float(_get(cfg, "attention_dropout", default=0.0)),

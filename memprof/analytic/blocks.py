@@ -289,11 +289,11 @@ def kv_tok(ctx: Ctx, k: float) -> tuple:
 
 # ---------------------------------------------------------------------------------------------------------
 def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int, dropout_p: float,
-                   causal: bool, mask: T | None, label: str) -> tuple[T, T | None]:
+                   causal: bool, mask: T | None, label: str, q_contiguous: bool = False) -> tuple[T, T | None]:
     """The attention interface (sdpa_attention_forward / eager_attention_forward) on q (b,a,s,d) and k/v
     (b,kv,s,d). Borrows q, k, v (the caller's locals keep them); returns the (b, s, a*d) output the output
     projection reads, and the attention weights eager returns (the layers keep them in ``_`` until they
-    return)."""
+    return). ``q_contiguous``: q is laid out as (b, a, s, d) (a torch.cat made it), not as a transposed view."""
     g = ctx.g
     impl = ctx.setup.attn_impl
     cuda = ctx.setup.device is Device.cuda
@@ -318,7 +318,14 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         lse = g.new(tok(ctx, heads), heads, "fp32", label + " logsumexp")
         g.custom("sdpa", [qh, kh, vh], [out], [qh, kh, vh, out, lse, mask], extra=pscale(tok(ctx, heads * d), 4))
         g.drop(lse, qh, kh, vh, mask if own_mask else None)
-        return out, None  # the kernels write (b, s, a, d): transpose(1, 2).contiguous() is free
+        # CUDA's memory-efficient kernel (fp32, or a mask) writes (b, s, a, d), so transformers'
+        # transpose(1, 2).contiguous() is free; flash (CUDA half precision, and the CPU kernel) allocates its
+        # output like q (empty_like), which is a copy away from (b, s, a, d) when q is laid out (b, a, s, d)
+        if q_contiguous and (not cuda or (qh.dtype in HALF and mask is None)):
+            ctx_out = g.copy(out, label + " context (contiguous copy)")
+            g.drop(out)
+            return ctx_out, None
+        return out, None
     # eager, and SDPA's math fallback on CPU (dropout > 0), which computes in fp32 for half inputs
     # torch.matmul folds (b, a) into one batch dim: a copy for the projections' transposed (b, s, a, d)
     # views, a view for contiguous (b, a, s, d) keys/values: DynamicCache's torch.cat (prefix tuning),
@@ -636,6 +643,10 @@ def _rotate(ctx: Ctx, x: T, cos: T, sin: T, label: str) -> T:
     g.drop(rot)
     out = g.add(a, b_, label + " rotated")
     g.drop(a, b_)
+    if ctx.spec.rotary_cat:  # Phi-3: cat([rotated, x_pass]) (x_pass empty at full rotary): a contiguous copy
+        full = g.cat([out], label + " rotated (cat)")
+        g.drop(out)
+        out = full
     return out
 
 
@@ -673,7 +684,8 @@ def llama_layer(ctx: Ctx, x: T, i: int, cos: T, sin: T, mask: T | None) -> T:
     g.drop(q, k)
     if ctx.extra_kv:
         kr, v = _prefix_kv(ctx, kr, v, i, kv * d)
-    c, weights = attention_core(ctx, qr, kr, v, a, kv, d, p_a, True, mask, "self-attention")
+    c, weights = attention_core(ctx, qr, kr, v, a, kv, d, p_a, True, mask, "self-attention",
+                                q_contiguous=spec.rotary_cat)
     o = lin(c, "self_attn.o_proj")
     g.drop(c, qr, kr, v)
     o = _adapter_after(ctx, o, "attn", i)
