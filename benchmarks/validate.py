@@ -353,6 +353,10 @@ FIXED: list[tuple[str, str]] = [
      "the targets): transformers' repeat_kv runs before the attention op, so autocast "
      "casts the repeated tensors; for MQA (one kv head) the repeat is a stride-0 view that a cast materialises "
      "and eager's matmul copies; SDPA's math kernel repeats k/v itself when there is no mask"),
+    ("F10", "Phi-3 (found on small configs, below 1% on the real rows): its rotary embedding ends in a torch.cat, "
+     "so q is laid out (b, heads, s, d); flash-like kernels (CUDA half precision, the CPU kernel) allocate SDPA's "
+     "output like q, and transformers' transpose(1, 2).contiguous() then copies it (kept by o_proj's backward "
+     "in full fine-tuning)"),
 ]
 
 
