@@ -620,14 +620,18 @@ def _md(text: str) -> str:
     return (text or "").replace("|", "/").replace("\n", " ")
 
 
-def _row_a(r: dict[str, str]) -> str:
+def _row(r: dict[str, str], cells: list[str]) -> str:
+    """A table row: the run's key columns, then ``cells`` and the verdict and note (an n/a row: blanks)."""
     head = f"| {r['model']} | {r['method']} | {r['precision']} | {r['batch_size']} | {r['seq_len']} |"
     if r["status"] == "n/a":
-        return head + f"{' |' * 7} n/a | {_md(r['note'])} |"
-    return (head + f" {_gib(r, 'analytic_peak_bytes')} | {_gib(r, 'analytic_tracked_peak_bytes')} | "
-            f"{_gib(r, 'traced_peak_bytes')} | {_p(r, 'plain_vs_tracked_frac')} | {_p(r, 'analytic_vs_traced_frac', 3)} | "
-            f"{_p(r, 'worst_phase_vs_traced_frac', 3)} | {_cat(r, 'analytic_vs_traced')} | {_md(r['verdict'])} | "
-            f"{_note(r)} |")
+        return head + f"{' |' * len(cells)} n/a | {_md(r['note'])} |"
+    return head + "".join(f" {c} |" for c in cells) + f" {_md(r['verdict'])} | {_note(r)} |"
+
+
+def _row_a(r: dict[str, str]) -> str:
+    return _row(r, [_gib(r, "analytic_peak_bytes"), _gib(r, "analytic_tracked_peak_bytes"), _gib(r, "traced_peak_bytes"),
+                    _p(r, "plain_vs_tracked_frac"), _p(r, "analytic_vs_traced_frac", 3),
+                    _p(r, "worst_phase_vs_traced_frac", 3), _cat(r, "analytic_vs_traced")])
 
 
 def _note(r: dict[str, str]) -> str:
@@ -637,13 +641,10 @@ def _note(r: dict[str, str]) -> str:
 
 
 def _row_b(r: dict[str, str]) -> str:
-    head = f"| {r['model']} | {r['method']} | {r['precision']} | {r['batch_size']} | {r['seq_len']} |"
-    if r["status"] == "n/a":
-        return head + f"{' |' * 9} n/a | {_md(r['note'])} |"
-    return (head + f" {_mib(r, 'analytic_peak_bytes')} | {_mib(r, 'analytic_tracked_peak_bytes')} | "
-            f"{_mib(r, 'traced_peak_bytes')} | {_mib(r, 'measured_peak_bytes')} | {_p(r, 'analytic_vs_traced_frac', 3)} | "
-            f"{_p(r, 'traced_vs_measured_frac', 3)} | {_p(r, 'analytic_vs_measured_frac', 3)} | "
-            f"{_cat(r, 'traced_vs_measured')} | {r.get('step_s', '')} | {_md(r['verdict'])} | {_note(r)} |")
+    return _row(r, [_mib(r, "analytic_peak_bytes"), _mib(r, "analytic_tracked_peak_bytes"), _mib(r, "traced_peak_bytes"),
+                    _mib(r, "measured_peak_bytes"), _p(r, "analytic_vs_traced_frac", 3),
+                    _p(r, "traced_vs_measured_frac", 3), _p(r, "analytic_vs_measured_frac", 3),
+                    _cat(r, "traced_vs_measured"), r.get("step_s", "")])
 
 
 def environment() -> dict[str, str]:

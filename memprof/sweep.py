@@ -109,13 +109,6 @@ def plan_setups(methods: Sequence[str], overrides: Mapping[str, Any], *, batch_s
     return list(dict.fromkeys(setups))
 
 
-def measure_not_applicable(setup: RunSetup) -> str | None:
-    """Why a run cannot be measured on its device (checked before starting a worker), or None."""
-    if setup.method is Method.qlora and setup.device.value == "cpu":
-        return "QLoRA needs bitsandbytes' 4-bit CUDA kernels: not measured on CPU"
-    return None
-
-
 # ---- records -------------------------------------------------------------------------------------------------
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -345,22 +338,23 @@ def _traced_row(spec: ModelSpec, setup: RunSetup, stored: Sequence[Mapping[str, 
 def _measure_row(spec: ModelSpec, setup: RunSetup, stored: Sequence[Mapping[str, Any]], path: Path | None,
                  options: MeasureOptions, retry_failed: bool, progress: ProgressFn) -> tuple[dict[str, Any], bool]:
     """The measurement row of a run: stored, not applicable, or measured now (second item: measured now)."""
-    why = measure_not_applicable(setup)
-    if why is not None:
-        return failed_row(spec, setup, "measured", "n/a", why), False
+    from .runtime.runner import check_measurable, measure  # no torch import: the worker imports it
+
+    try:  # refused before any process starts: QLoRA / 8-bit AdamW on CPU, prefix tuning + checkpointing
+        check_measurable(setup)
+    except (ConfigError, DeviceUnavailableError) as exc:
+        return failed_row(spec, setup, "measured", "n/a", str(exc)), False
     ok = [r for r in stored if r["measurement"].get("status") == "ok"]
     latest = (ok or list(stored))[-1:] if stored else []
     if latest and not (retry_failed and latest[0]["measurement"].get("status") in RETRYABLE):
         return record_row(latest[0], spec, setup), False  # type: ignore[return-value]
-    from .runtime.runner import measure
-
     assert path is not None
     try:
         m = measure(spec, setup, out_dir=path.parent, name=path.stem, timeout_s=options.timeout_s,
                     warmup_steps=options.warmup_steps, timed_steps=options.timed_steps,
                     memory_limit_bytes=options.memory_limit_bytes, cpu_threads=options.cpu_threads,
                     isolate=options.isolate, progress=progress)
-    except (ConfigError, DeviceUnavailableError, DependencyMissingError) as exc:  # refused before anything ran
+    except (DeviceUnavailableError, DependencyMissingError) as exc:  # refused before anything ran
         return failed_row(spec, setup, "measured", "n/a", str(exc)), False
     return m.to_row(), True
 

@@ -331,7 +331,7 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
     # views, a view for contiguous (b, a, s, d) keys/values: DynamicCache's torch.cat (prefix tuning),
     # repeat_kv's reshape copy (GQA) and a cast of its stride-0 view (MQA) produce those (a .to(fp32) or a
     # scaling keeps the strides it is given). With a batch of one any (1, a, s, d) layout folds as a view.
-    batch_of_one = ctx.setup.batch_size == 1   # analytic._structural keeps this bit of b
+    batch_of_one = ctx.setup.batch_size == 1   # compose.structural keeps this bit of b
     if not repeated:
         contiguous_k = contiguous_v = bool(ctx.extra_kv)
     elif repeated_copy:
@@ -348,10 +348,7 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         qh, kh, vh = q32, k32, g.alias(v32)
         kernel_locals += [g.alias(q32), g.alias(k32), v32]
     if math and kv_heads != heads and not repeated:  # enable_gqa: the kernel's repeat_interleave copies
-        ke, ve = g.copy(kh, label + " k repeated"), g.copy(vh, label + " v repeated")
-        g.resize(ke, kv_tok(ctx, heads * d))
-        g.resize(ve, kv_tok(ctx, heads * d))
-        g.drop(kh, vh)
+        ke, ve = _repeated_copies(ctx, kh, vh, heads * d, label)
         kh, vh = g.alias(ke), g.alias(ve)
         kernel_locals += [ke, ve]
         contiguous_k = contiguous_v = True
@@ -412,16 +409,22 @@ def _repeat_kv(ctx: Ctx, k: T, v: T, kv_heads: int, width: int, label: str) -> t
     (contiguous) for GQA; for MQA (kv = 1) the reshape merges a size-1 dim and stays a stride-0 view of k/v.
     Returns the repeated k, v and whether they are new contiguous tensors."""
     g = ctx.g
-    numel = kv_tok(ctx, width)
     if kv_heads == 1:
+        numel = kv_tok(ctx, width)
         kr, vr = g.view(k, None, numel), g.view(v, None, numel)
         g.drop(k, v)
         return kr, vr, False
+    return (*_repeated_copies(ctx, k, v, width, label), True)
+
+
+def _repeated_copies(ctx: Ctx, k: T, v: T, width: int, label: str) -> tuple[T, T]:
+    """k and v copied to every head (``width`` = heads * d per key position); consumes k and v."""
+    g = ctx.g
     kr, vr = g.copy(k, label + " k repeated"), g.copy(v, label + " v repeated")
-    g.resize(kr, numel)
-    g.resize(vr, numel)
+    g.resize(kr, kv_tok(ctx, width))
+    g.resize(vr, kv_tok(ctx, width))
     g.drop(k, v)
-    return kr, vr, True
+    return kr, vr
 
 
 # ---------------------------------------------------------------------------------------------------------
