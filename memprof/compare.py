@@ -190,9 +190,9 @@ def _measured_fields(m: Mapping[str, Any] | None, est: Mapping[str, Any] | None,
 
 def _notes(run: Mapping[str, Mapping[str, Any]]) -> str | None:
     notes = []
-    for kind, what in (("analytic", "no estimate"), ("traced", "trace failed"), ("measured", "measurement")):
+    for kind, what in (("analytic", "no estimate"), ("traced", "trace"), ("measured", "measurement")):
         row = run.get(kind)
-        if row is not None and not _ok(row) and row.get("message"):
+        if row is not None and row.get("message") and (not _ok(row) or kind == "analytic"):
             first = str(row["message"]).strip().splitlines()[0]
             notes.append(first if kind == "analytic" else f"{what} {row.get('status')}: {first}")
     return "; ".join(notes) or None

@@ -21,3 +21,13 @@ class DeviceUnavailableError(MemprofError):
 
 class DependencyMissingError(MemprofError):
     """An optional dependency (the torch stack, matplotlib) is needed but not installed."""
+
+
+class LibraryRefusalError(MemprofError):
+    """The installed transformers / peft / bitsandbytes refuse this method on this model (a deliberate refusal
+    in their code, not a memprof error): the run cannot happen with these versions. ``compat.refusal`` words it."""
+
+    def __init__(self, message: str, library: str | None = None, version: str | None = None,
+                 reason: str | None = None) -> None:
+        super().__init__(message)
+        self.library, self.version, self.reason = library, version, reason

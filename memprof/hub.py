@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DependencyMissingError, UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 from .presets import find_preset, preset_names
 from .spec import ModelSpec, Task, from_hf_config, parse_config_json, synthesize_from_params
 

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from .compare import BREAKDOWN_KEYS, ComparisonRow
 from .errors import ConfigError, DependencyMissingError
-from .report import COMPARISON_LABELS
+from .documents import COMPARISON_LABELS
 from .units import BYTES_PER_GIB
 
 # one colour per category, the same in every plot

@@ -190,7 +190,8 @@ class EnvInfo:
 
 @dataclass(frozen=True)
 class Measurement:
-    """A measured training run. ``status`` is ok | oom | error | timeout; failed runs keep the message."""
+    """A measured training run. ``status`` is ok | oom | error | timeout | n/a (the installed libraries refuse
+    the run); failed runs keep the message."""
 
     spec_name: str
     setup_row: dict[str, Any]

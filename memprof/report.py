@@ -1,6 +1,7 @@
-"""Presentation: records -> rows -> rich table | json | csv | markdown | html (| DataFrame). The only formatter.
-
-Humans get rounded GiB; machines (json, csv) get raw bytes. pandas is imported only for ``to_frame``.
+"""Presentation primitives: rows (flat dicts) -> rich table | json | csv | markdown | html (| DataFrame), one
+cell formatter, a progress bar. The views of each kind of record (estimate, measurement, comparison) are in
+documents.py; both are the only formatters. Humans get rounded GiB; machines (json, csv) get raw bytes. pandas
+is imported only for ``to_frame``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ import json
 from enum import Enum
 from typing import Any, Iterable, Iterator, Sequence
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
-from rich.text import Text
 
-from .records import CATEGORIES, Category, Estimate, MemoryBreakdown
-from .units import fmt_bytes, fmt_bytes_auto, fmt_count, fmt_pct
+from .units import fmt_bytes, fmt_count, fmt_pct
 
 
 class Format(str, Enum):
@@ -30,144 +29,8 @@ class Format(str, Enum):
     html = "html"
 
 
-CATEGORY_LABELS = {
-    Category.params_trainable: "trainable weights",
-    Category.params_frozen: "frozen weights",
-    Category.gradients: "gradients",
-    Category.optimizer_states: "optimizer states",
-    Category.master_weights: "fp32 master weights",
-    Category.weight_copies: "weight copies (autocast / dequantized)",
-    Category.activations: "activations (kept for backward)",
-    Category.temporaries: "temporaries",
-    Category.inputs: "batch",
-    Category.overhead: "overhead",
-}
-
-
-def describe_setup(est: Estimate) -> str:
-    """One line naming everything that defines the run (regime always stated)."""
-    s = est.setup
-    method = s.method.value
-    if s.lora is not None:
-        method += f" r={s.lora.r}"
-    if s.adapter is not None:
-        method += f" {s.adapter.variant.value} r={s.adapter.bottleneck_size(est.spec.hidden_size)}"
-    if s.prompt is not None:
-        method += f" {s.prompt.num_virtual_tokens} tokens"
-    parts = [
-        f"{est.spec.name} ({est.spec.source}, {est.spec.task.value})", method, f"b={s.batch_size} s={s.seq_len}",
-        s.dtype.value if s.dtype.value == s.effective_regime.value else f"{s.dtype.value} {s.effective_regime.value}",
-        s.optimizer.value, s.attn_impl.value, s.device.value,
-    ]
-    if s.grad_checkpointing:
-        parts.append("grad checkpointing")
-    if not s.dropout:
-        parts.append("no dropout")
-    return " | ".join(parts)
-
-
-def breakdown_rows(bd: MemoryBreakdown) -> list[tuple[str, int]]:
-    return [(CATEGORY_LABELS[c], bd.get(c)) for c in CATEGORIES if c is not Category.overhead and bd.get(c)]
-
-
-def estimate_renderables(est: Estimate, fit: Any = None, explain: bool = False, note: str | None = None,
-                         max_batch: int | None = None, max_seq: int | None = None) -> Group:
-    """The rich view of one estimate: breakdown at the peak, phases, device totals, fit, notes."""
-    title = Text(f"memprof {est.kind} estimate", style="bold")
-    head = Text(describe_setup(est))
-    share = est.trainable_params / est.total_params if est.total_params else 0
-    params = Text(f"parameters: {fmt_count(est.total_params)} total, {fmt_count(est.trainable_params)} trainable "
-                  f"({fmt_pct(share, 2)})")
-    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    table.add_column(f"at the peak ({est.peak_phase.value}, steady state)")
-    table.add_column("memory", justify="right")
-    table.add_column("share", justify="right")
-    total = est.peak_bytes or 1
-    for label, value in breakdown_rows(est.peak):
-        table.add_row(label, fmt_bytes(value), fmt_pct(value / total))
-    table.add_row(Text("peak tensor memory", style="bold"), Text(fmt_bytes(est.peak_bytes), style="bold"), "")
-    dev = est.device
-    if est.setup.device.value == "cuda":
-        table.add_row("+ cuBLAS workspace = allocated", fmt_bytes(dev.allocated_bytes), "")
-        table.add_row("+ allocator reserve = reserved", fmt_bytes(dev.reserved_bytes), "")
-        table.add_row(Text("+ CUDA context = device total", style="bold"),
-                      Text(fmt_bytes(dev.device_total_bytes), style="bold"), "")
-    phases = "  ".join(f"{p.value} {fmt_bytes(bd.total_bytes)}" for p, bd in est.phase_peaks)
-    lines = [title, head, params, Text(""), table, Text(""),
-             Text(f"phase peaks: {phases}"),
-             Text(f"first step: {fmt_bytes(est.first_step_peak_bytes)}   between steps: "
-                  f"{fmt_bytes(est.steady_bytes)}")]
-    if est.elapsed_s is not None:
-        lines.append(Text(f"traced in {est.elapsed_s:.1f} s"))
-    if fit is not None:
-        verdict = "fits" if fit.fits else "does NOT fit"
-        style = "green" if fit.fits else "red"
-        how = (f"{fmt_bytes(fit.margin_bytes)} free" if fit.fits else f"short by {fmt_bytes(-fit.margin_bytes)}")
-        lines.append(Text(f"{fit.gpu.name} ({fmt_bytes(fit.gpu.memory_bytes)}): {verdict}, {how} "
-                          f"({fmt_pct(fit.used_fraction)} used)", style=style))
-    if max_batch is not None:
-        lines.append(Text(f"largest batch size that fits at s={est.setup.seq_len}: {max_batch}"))
-    if max_seq is not None:
-        lines.append(Text(f"largest sequence length that fits at b={est.setup.batch_size}: {max_seq}"))
-    for n in ([note] if note else []) + list(est.notes):
-        lines.append(Text(f"note: {n}", style="dim"))
-    if explain:
-        lines.append(Text(""))
-        lines.append(terms_table(est))
-    return Group(*lines)
-
-
-def terms_table(est: Estimate) -> Group:
-    """--explain: every term as 'name: formula = numbers = bytes', grouped by category and scope."""
-    lines: list[Text] = [Text("terms: formula = numbers substituted = bytes", style="bold")]
-    category, scope = None, None
-    for t in est.terms:
-        if t.category is not category:
-            category, scope = t.category, None
-            lines.append(Text(CATEGORY_LABELS[t.category], style="bold"))
-        name = t.name
-        if ": " in t.name:
-            head, name = t.name.split(": ", 1)
-            if head != scope:
-                scope = head
-                lines.append(Text(f"  {head}", style="italic"))
-        indent = "    " if scope else "  "
-        source = f"  [{t.source}]" if t.source and t.category is not Category.activations else ""
-        line = Text(f"{indent}{name}: ")
-        line.append(f"{t.formula} = {t.substituted} = ", style="dim")
-        line.append(fmt_bytes_auto(t.bytes))
-        line.append(source, style="dim")
-        lines.append(line)
-    acts = [t for t in est.terms if t.category is Category.activations]
-    if acts:
-        lines.append(Text(f"  kept for backward at the end of the forward: {fmt_bytes_auto(sum(t.bytes for t in acts))}",
-                          style="bold"))
-        lines.append(Text(f"  [{acts[0].source}]", style="dim"))
-    return Group(*lines)
-
-
-def estimate_document(est: Estimate, fit: Any = None, note: str | None = None, max_batch: int | None = None,
-                      max_seq: int | None = None) -> dict[str, Any]:
-    """A JSON-ready dict of one estimate (raw bytes)."""
-    doc: dict[str, Any] = {"estimate": est.to_row(),
-                           "breakdown_bytes": est.peak.as_dict(),
-                           "phase_peaks_bytes": {p.value: bd.as_dict() for p, bd in est.phase_peaks},
-                           "notes": ([note] if note else []) + list(est.notes)}
-    if est.terms:
-        doc["terms"] = [{"category": t.category.value, "name": t.name, "formula": t.formula,
-                         "substituted": t.substituted, "bytes": t.bytes, "source": t.source} for t in est.terms]
-    if fit is not None:
-        doc["fit"] = {"gpu": fit.gpu.name, "gpu_memory_bytes": fit.gpu.memory_bytes, "needed_bytes": fit.needed_bytes,
-                      "fits": fit.fits, "margin_bytes": fit.margin_bytes}
-    if max_batch is not None:
-        doc["max_batch_size"] = max_batch
-    if max_seq is not None:
-        doc["max_seq_len"] = max_seq
-    return doc
-
-
 def rows_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    columns = list(columns or _columns(rows))
+    columns = list(columns or all_columns(rows))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -178,25 +41,25 @@ def rows_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = Non
 
 def rows_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
                   labels: dict[str, str] | None = None) -> str:
-    columns = list(columns or _columns(rows))
-    out = ["| " + " | ".join(_md((labels or {}).get(c, c)) for c in columns) + " |",
+    columns = list(columns or all_columns(rows))
+    out = ["| " + " | ".join(md_escape((labels or {}).get(c, c)) for c in columns) + " |",
            "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        out.append("| " + " | ".join(_md(_cell(row.get(c), c)) for c in columns) + " |")
+        out.append("| " + " | ".join(md_escape(fmt_cell(row.get(c), c)) for c in columns) + " |")
     return "\n".join(out) + "\n"
 
 
-def _md(text: str) -> str:
+def md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
 def rows_html(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str | None = None,
               labels: dict[str, str] | None = None, notes: Sequence[str] = ()) -> str:
     """A self-contained HTML page with one table (cells formatted as in the rich table)."""
-    columns = list(columns or _columns(rows))
+    columns = list(columns or all_columns(rows))
     esc = html.escape
     head = "".join(f"<th>{esc((labels or {}).get(c, c))}</th>" for c in columns)
-    body = "\n".join("<tr>" + "".join(f"<td>{esc(_cell(row.get(c), c))}</td>" for c in columns) + "</tr>"
+    body = "\n".join("<tr>" + "".join(f"<td>{esc(fmt_cell(row.get(c), c))}</td>" for c in columns) + "</tr>"
                      for row in rows)
     caption = f"<caption>{esc(title)}</caption>" if title else ""
     foot = "".join(f"<p>{esc(n)}</p>" for n in notes)
@@ -210,12 +73,12 @@ def rows_html(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = No
 
 def rows_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str | None = None,
                labels: dict[str, str] | None = None) -> Table:
-    columns = list(columns or _columns(rows))
+    columns = list(columns or all_columns(rows))
     table = Table(title=title, show_header=True, header_style="bold")
     for c in columns:
         table.add_column((labels or {}).get(c, c), overflow="fold")
     for row in rows:
-        table.add_row(*(_cell(row.get(c), c) for c in columns))
+        table.add_row(*(fmt_cell(row.get(c), c) for c in columns))
     return table
 
 
@@ -245,7 +108,7 @@ def to_frame(rows: Iterable[dict[str, Any]]):  # noqa: ANN201 (pandas.DataFrame)
     return pd.DataFrame(list(rows))
 
 
-def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+def all_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     seen: dict[str, None] = {}
     for row in rows:
         for k in row:
@@ -253,7 +116,7 @@ def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def _cell(value: Any, column: str = "") -> str:
+def fmt_cell(value: Any, column: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -277,71 +140,6 @@ def _cell(value: Any, column: str = "") -> str:
     return str(value)
 
 
-# ---- measurements -------------------------------------------------------------------------------------------
-MEASUREMENT_COLUMNS = ("model", "method", "batch_size", "seq_len", "regime", "device", "status", "trainable_params",
-                       "peak_bytes", "reserved_bytes", "device_used_bytes", "step_time_median_s", "tokens_per_s",
-                       "mfu", "energy_per_step_j")
-
-
-def render_measurement(m: Any, fmt: Format, console: Console, note: str | None = None) -> None:
-    """One measurement: its summary row (and breakdown at the peak in table mode)."""
-    row = m.to_row()
-    if fmt is not Format.table:
-        render_rows([row], fmt, console)
-        return
-    s = row
-    options = s.get("method_options") or ""
-    method = s["method"] + (f" [{options}]" if options else "")
-    precision = s["dtype"] if s["dtype"] == s["regime"] else f"{s['dtype']} {s['regime']}"
-    lines = [Text(f"memprof measurement ({m.device.upper()}{', ' + m.env.device_name if m.env and m.env.device_name else ''})",
-                  style="bold"),
-             Text(f"{m.spec_name} | {method} | b={s['batch_size']} s={s['seq_len']} | {precision} | {s['optimizer']} | "
-                  f"{s['attn_impl']}")]
-    if m.status != "ok":
-        lines.append(Text(f"status: {m.status}: {m.message}", style="bold red"))
-        console.print(Group(*lines))
-        return
-    table = Table(box=None, show_header=False, pad_edge=False)
-    table.add_column()
-    table.add_column(justify="right")
-    share = (m.trainable_params or 0) / (m.total_params or 1)
-    table.add_row("parameters (trainable)", f"{fmt_count(m.total_params)} ({fmt_count(m.trainable_params)}, "
-                                            f"{fmt_pct(share, 2)})")
-    peak_label = "peak allocated (max_memory_allocated)" if m.device == "cuda" else "peak live tensors (tracker)"
-    table.add_row(peak_label, fmt_bytes(m.peak_bytes))
-    if m.reserved_bytes is not None:
-        table.add_row("peak reserved (max_memory_reserved)", fmt_bytes(m.reserved_bytes))
-    if m.device_used_bytes is not None:
-        table.add_row("device memory used by the process (NVML)", fmt_bytes(m.device_used_bytes))
-    if m.rss_peak_bytes is not None:
-        table.add_row("process peak RSS (context)", fmt_bytes(m.rss_peak_bytes))
-    table.add_row("step time median (p10-p90)",
-                  f"{m.step_time_median_s:.3f} s ({m.step_time_p10_s:.3f}-{m.step_time_p90_s:.3f})")
-    table.add_row("throughput", f"{m.samples_per_s:.2f} samples/s, {m.tokens_per_s:,.0f} tokens/s")
-    if m.flops_per_step:
-        table.add_row("training FLOPs per step", f"{m.flops_per_step:.3e}")
-    if m.mfu is not None:
-        table.add_row("MFU", fmt_pct(m.mfu))
-    if m.energy_per_step_j is not None:
-        table.add_row("energy per step (NVML)", f"{m.energy_per_step_j:.1f} J")
-    lines += [Text(""), table]
-    if m.breakdown is not None:
-        bd = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
-        bd.add_column(f"tracked peak ({m.peak_phase or '-'})")
-        bd.add_column("memory", justify="right")
-        for label, value in breakdown_rows(m.breakdown):
-            bd.add_row(label, fmt_bytes(value))
-        bd.add_row("total (tracker)", fmt_bytes(m.breakdown.total_bytes))
-        lines += [Text(""), bd]
-    notes = ([note] if note else []) + list((m.extra or {}).get("notes", []))
-    lines += [Text(f"note: {n}", style="dim") for n in notes]
-    if m.env is not None:
-        e = m.env
-        lines.append(Text(f"torch {e.torch_version}, transformers {e.transformers_version}, peft {e.peft_version}, "
-                          f"{e.cpu_threads} CPU threads, {e.date}", style="dim"))
-    console.print(Group(*lines))
-
-
 @contextlib.contextmanager
 def progress_bar(console: Console, enabled: bool = True) -> Iterator[Any]:
     """A rich progress bar driven by ``progress(phase, step, total)`` callbacks (None when disabled)."""
@@ -360,102 +158,7 @@ def progress_bar(console: Console, enabled: bool = True) -> Iterator[Any]:
         yield update
 
 
-# ---- comparisons (memprof compare / report) -------------------------------------------------------------------
-COMPARISON_LABELS = {
-    "model": "model", "task": "task", "method": "method", "method_options": "options", "batch_size": "b",
-    "seq_len": "s", "dtype": "dtype", "regime": "regime", "optimizer": "optimizer", "attn_impl": "attention",
-    "device": "device", "grad_checkpointing": "grad ckpt", "dropout": "dropout", "status": "status",
-    "trainable_params": "trainable", "trainable_frac": "trainable %", "est_peak_bytes": "est. peak",
-    "est_device_total_bytes": "est. device total",
-    "traced_peak_bytes": "traced peak", "measured_peak_bytes": "measured peak",
-    "measured_rss_peak_bytes": "process RSS peak",
-    "est_compared_bytes": "est. as measured", "est_vs_measured_frac": "est. error",
-    "traced_vs_measured_frac": "trace error", "est_vs_traced_frac": "est. vs trace",
-    "est_saved_vs_full_frac": "saved vs full (est.)", "measured_saved_vs_full_frac": "saved vs full (measured)",
-    "flops_vs_full_frac": "FLOPs vs full", "step_time_s": "step (s)", "tokens_per_s": "tokens/s",
-    "speedup_vs_full": "speed-up vs full", "energy_per_step_j": "J/step", "note": "note",
-}
-_SETUP_COLUMNS = ("model", "task", "method", "method_options", "batch_size", "seq_len", "dtype", "regime", "optimizer",
-                  "attn_impl", "device", "grad_checkpointing", "dropout")
-_METRIC_COLUMNS = ("status", "trainable_params", "trainable_frac", "est_peak_bytes", "est_device_total_bytes",
-                   "traced_peak_bytes", "measured_peak_bytes", "measured_rss_peak_bytes", "est_compared_bytes",
-                   "est_vs_measured_frac", "traced_vs_measured_frac", "est_vs_traced_frac", "est_saved_vs_full_frac",
-                   "measured_saved_vs_full_frac", "flops_vs_full_frac", "step_time_s", "tokens_per_s",
-                   "speedup_vs_full", "energy_per_step_j", "note")
-
-
-def comparison_view(rows: Sequence[dict[str, Any]], by_category: bool = False
-                    ) -> tuple[str, list[str], dict[str, str], list[str]]:
-    """For human formats: (heading naming the setup shared by every row, columns, labels, footnotes).
-
-    Setup columns that vary become columns; metric columns that are empty in every row are left out.
-    """
-    def constant(c: str) -> bool:
-        return len({repr(r.get(c)) for r in rows}) <= 1
-
-    def present(c: str) -> bool:
-        return any(r.get(c) is not None for r in rows)
-
-    shared = [c for c in _SETUP_COLUMNS if constant(c) and rows and rows[0].get(c) not in (None, "")]
-    heading = " | ".join(f"{COMPARISON_LABELS[c]} {_cell(rows[0][c], c)}" for c in shared)
-    columns = [c for c in _SETUP_COLUMNS if not constant(c) or c == "method"]
-    for c in _METRIC_COLUMNS:
-        if c == "status" and all(r.get(c) == "ok" for r in rows):
-            continue
-        if c == "est_device_total_bytes" and all(r.get("device") != "cuda" for r in rows):
-            continue  # the CUDA context and allocator reserve exist on a GPU only
-        if c == "est_compared_bytes" and all(r.get(c) in (None, r.get("est_peak_bytes")) for r in rows):
-            continue  # the compared estimate is the plain one: no extra column
-        if present(c):
-            columns.append(c)
-        if c == "est_peak_bytes" and by_category:
-            columns += [f"est_{k.value}_bytes" for k in CATEGORIES if k is not Category.overhead
-                        and any(r.get(f"est_{k.value}_bytes") for r in rows)]
-        if c == "measured_peak_bytes" and by_category:
-            columns += [f"measured_{k.value}_bytes" for k in CATEGORIES if k is not Category.overhead
-                        and any(r.get(f"measured_{k.value}_bytes") for r in rows)]
-    labels = dict(COMPARISON_LABELS)
-    for k in CATEGORIES:
-        labels[f"est_{k.value}_bytes"] = f"est. {CATEGORY_LABELS[k]}"
-        labels[f"measured_{k.value}_bytes"] = f"measured {CATEGORY_LABELS[k]}"
-    return heading, columns, labels, comparison_notes(rows)
-
-
-def comparison_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Footnotes: what each number is, and where the measurements ran."""
-    notes = ["est. peak: analytic estimate of a plain training step's peak tensor memory (no CUDA context or "
-             "allocator reserve); saved vs full: 1 - peak / full fine-tuning's peak at the same model, size and "
-             "precision"]
-    if any(r.get("device") == "cuda" and r.get("est_device_total_bytes") is not None for r in rows):
-        notes.append("est. device total: peak + cuBLAS workspace + allocator reserve + CUDA context, what nvidia-smi "
-                     "would show for the process (typical overheads; set them with --cuda-context-mib, --reserve-frac)")
-    devices = {r.get("measured_device") for r in rows if r.get("measured_peak_bytes") is not None}
-    if devices:
-        notes.append("error: (prediction - measured) / measured, positive = over-estimate")
-    if "cpu" in devices:
-        notes.append("CPU measured peak: the tracker's live-tensor peak of one tracked step (exact storage bytes), "
-                     "compared with the tracked estimate (gradients accumulate out of place under a dispatch mode); "
-                     "process RSS peak: the worker's peak resident memory (Python, torch libraries, allocator caches; "
-                     "context only)")
-    if "cuda" in devices:
-        notes.append("CUDA measured peak: torch.cuda.max_memory_allocated, compared with the plain estimate + "
-                     "cuBLAS workspace")
-    if any(r.get("est_vs_traced_frac") is not None for r in rows):
-        notes.append("traced peak: the real model and method run on fake tensors under memprof's tracker (deep models: "
-                     "two depths traced and extrapolated); est. vs trace: (tracked estimate - traced) / traced")
-    if any(r.get("flops_vs_full_frac") is not None for r in rows):
-        notes.append("FLOPs vs full: analytic model FLOPs per step relative to full fine-tuning "
-                     "(frozen weights skip their weight gradients)")
-    if any(r.get("speedup_vs_full") is not None for r in rows):
-        notes.append("speed-up vs full: full fine-tuning's median step time / this method's")
-    for p in dict.fromkeys(r["provenance"] for r in rows if r.get("provenance")):
-        dates = sorted(r["measured_at"] for r in rows if r.get("provenance") == p and r.get("measured_at"))
-        when = f" ({dates[0][:16]} to {dates[-1][:16]})" if dates else ""
-        notes.append(f"measured on: {p}{when}")
-    return notes
-
-
-def _print_unwrapped(console: Console, table: Table) -> None:
+def print_unwrapped(console: Console, table: Table) -> None:
     """Print a wide table at its natural width (the terminal soft-wraps), not squeezed into the console's."""
     natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
     width = console.width
@@ -464,31 +167,3 @@ def _print_unwrapped(console: Console, table: Table) -> None:
         console.print(table)
     finally:
         console.width = width
-
-
-def render_comparison(rows: Sequence[dict[str, Any]], fmt: Format, console: Console, by_category: bool = False) -> None:
-    """Comparison rows (``ComparisonRow.to_row()``): every column raw in json/csv; a readable view otherwise."""
-    if fmt is Format.json:
-        console.out(rows_json(rows), highlight=False)
-        return
-    if fmt is Format.csv:
-        console.out(rows_csv(rows), highlight=False, end="")
-        return
-    heading, columns, labels, notes = comparison_view(rows, by_category)
-    if fmt is Format.table:  # one line per row (the terminal wraps); row notes below the table
-        columns = [c for c in columns if c != "note"]
-        table = rows_table(rows, columns, heading, labels)
-        _print_unwrapped(console, table)
-        for r in rows:
-            if r.get("note"):
-                where = [f"{labels.get(c, c)}={_cell(r.get(c), c)}" for c in columns
-                         if c in _SETUP_COLUMNS and c != "method"]
-                console.print(Text(" ".join([str(r["method"]), *where]) + f": {r['note']}", style="yellow"))
-        for n in notes:
-            console.print(Text(f"note: {n}", style="dim"))
-    elif fmt is Format.html:
-        console.out(rows_html(rows, columns, heading, labels, notes), highlight=False, end="")
-    else:
-        text = (f"{heading}\n\n" if heading else "") + rows_markdown(rows, columns, labels)
-        text += "".join(f"\n- {_md(n)}" for n in notes) + ("\n" if notes else "")
-        console.out(text, highlight=False, end="")

@@ -24,8 +24,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import __version__
 from .compare import key_of
+from .compat import known_refusal, refusal_error
 from .config import METHOD_OPTIONS, Method, RunSetup, parse_enum, resolve_setup
-from .errors import ConfigError, DependencyMissingError, DeviceUnavailableError, MemprofError, UnsupportedModelError
+from .errors import (ConfigError, DependencyMissingError, DeviceUnavailableError, LibraryRefusalError, MemprofError,
+                     UnsupportedModelError)
 from .records import setup_row
 from .spec import ModelSpec
 
@@ -134,6 +136,9 @@ def analytic_rows(spec: ModelSpec, setup: RunSetup) -> list[dict[str, Any]]:
     except MemprofError:
         plain["flops_per_step"] = None
     tracked["kind"] = "analytic-tracked"
+    rule = known_refusal(spec, setup)
+    if rule is not None:  # an estimate of a run the installed libraries refuse: say so beside the number
+        plain["message"] = f"estimate only: {refusal_error(rule, spec, setup)}"
     return [plain, tracked]
 
 
@@ -249,6 +254,8 @@ def _trace_row(spec: ModelSpec, setup: RunSetup) -> dict[str, Any]:
         raise DependencyMissingError(f"--trace needs the torch stack: pip install 'memprof[measure]' ({exc})") from None
     try:
         return trace(spec, setup).to_row()
+    except LibraryRefusalError as exc:  # the run cannot happen with the installed libraries
+        return failed_row(spec, setup, "traced", "n/a", str(exc))
     except MemprofError as exc:
         return failed_row(spec, setup, "traced", "error", f"{type(exc).__name__}: {exc}")
 
@@ -340,9 +347,9 @@ def _measure_row(spec: ModelSpec, setup: RunSetup, stored: Sequence[Mapping[str,
     """The measurement row of a run: stored, not applicable, or measured now (second item: measured now)."""
     from .runtime.runner import check_measurable, measure  # no torch import: the worker imports it
 
-    try:  # refused before any process starts: QLoRA / 8-bit AdamW on CPU, prefix tuning + checkpointing
-        check_measurable(setup)
-    except (ConfigError, DeviceUnavailableError) as exc:
+    try:  # refused before any process starts: QLoRA / 8-bit AdamW on CPU, prefix tuning + checkpointing, and what
+        check_measurable(setup, spec)  # the installed library versions refuse
+    except (ConfigError, DeviceUnavailableError, LibraryRefusalError) as exc:
         return failed_row(spec, setup, "measured", "n/a", str(exc)), False
     ok = [r for r in stored if r["measurement"].get("status") == "ok"]
     latest = (ok or list(stored))[-1:] if stored else []

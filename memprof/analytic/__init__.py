@@ -6,15 +6,15 @@ Known limitations (what the estimate does not capture; see also analytic/overhea
   inside backward (modelled for attention, approximated elsewhere);
 - padding masks (synthetic batches have none), KV caches (training only), gradient accumulation across
   micro-batches (one micro-batch is modelled), data-parallel buckets and communication buffers;
-- the scripts mirror transformers 5.x / peft 0.21 modeling code (blocks.py); other versions may differ,
+- the scripts mirror transformers 5.x / peft 0.21 modeling code (forward.py, families/*.py, each naming its upstream file); other versions may differ,
   and ``--trace`` runs the real code.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
+from ..compat import refusal_note
 from ..config import RunSetup, check_runnable, with_method_defaults
 from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
@@ -113,9 +113,12 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     steady = sb.params_trainable + sb.params_frozen + sb.optimizer_states + sb.master_weights + inputs
     terms = explain_terms(spec, setup, pc, sb, inputs, peak.total_bytes, peak_phase) if explain else ()
     notes: tuple[str, ...] = ()
+    refused = refusal_note(spec, setup)
+    if refused:
+        notes += (refused,)
     # the loss holds an fp32 log-softmax of the b*s*V logits, and its backward two more of that size
     if spec.task is SpecTask.causal_lm and 3 * spec.vocab_size * bs * 4 > 0.25 * peak.total_bytes:
-        notes = ("the loss over b*s*V logits (fp32 log-softmax and its gradients) is a large share of the peak; "
+        notes += ("the loss over b*s*V logits (fp32 log-softmax and its gradients) is a large share of the peak; "
                  "a chunked / fused cross-entropy would cut it",)
     return Estimate(
         kind="analytic", spec=spec, setup=setup, total_params=pc.total, trainable_params=pc.trainable,

@@ -1,6 +1,6 @@
 """Assemble a step's memory timeline for a model of any depth from one scripted replay (pure).
 
-The replay (blocks.py on sim.Graph) covers the embedding, the first block, one middle block, the last block
+The replay (forward.py and families/ on sim.Graph) covers the embedding, the first block, one middle block, the last block
 and the head, forward and backward. Each segment contributes (a) its net change of live bytes and (b) its
 candidate peaks relative to where it started, per category. The first block differs (its input may not need
 a gradient), the last one too (the head, not a block, consumes its output); the middle ones are identical, so
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..config import Overheads, RunSetup
 from ..spec import ModelSpec
-from .blocks import build_context, forward
+from .forward import build_context, forward
 from .sim import ACT, TEMP, WCOPY, ZERO, Graph, Poly, dominated, padd, pscale, psub
 
 FATES = ("params_trainable", "params_frozen", "gradients", "optimizer_states", "master_weights",
@@ -94,7 +94,7 @@ def replay(spec: ModelSpec, setup: RunSetup, tracked: bool = False) -> Replay:
     layers = min(spec.num_layers, 3)
     g = Graph(device=setup.device.value, inplace_accumulation=not tracked)
     ctx = build_context(g, spec, setup)
-    ctx.layers = layers  # type: ignore[attr-defined]
+    ctx.layers = layers
     loss = forward(ctx, layers)
     # fates of forward storages: alive now -> activation, already freed -> temporary
     saved_terms = []
@@ -240,7 +240,7 @@ def assemble(rep: Replay, num_layers: int) -> Timeline:
 
 def structural(setup: RunSetup) -> RunSetup:
     """The part of a setup that changes the replay and the states (cache key): all but b, s and the overheads,
-    except whether b is 1 (a batch of one makes some copies views: blocks.attention_core)."""
+    except whether b is 1 (a batch of one makes some copies views: attention.attention_core)."""
     b = 1 if setup.batch_size == 1 else 2
     if setup.batch_size == b and setup.seq_len == 1 and setup.overheads == _DEFAULT_OVERHEADS:
         return setup

@@ -1,6 +1,6 @@
 """A symbolic replay of autograd's memory behaviour, in pure Python (no torch).
 
-Model scripts (blocks.py) describe a forward pass op by op, as the transformers code runs it. Each op keeps
+Model scripts (forward.py, families/) describe a forward pass op by op, as the transformers code runs it. Each op keeps
 for backward what PyTorch's autograd keeps (tools/autograd/derivatives.yaml), and only when the other operand
 needs a gradient (``mm`` keeps ``self`` only if ``mat2`` requires grad), so frozen weights don't make their
 inputs stay alive. Sizes are polynomials in batch b and sequence length s over the basis

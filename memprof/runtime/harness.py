@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..compat import check_supported
 from ..config import Dtype, Method, Regime, RunSetup, with_method_defaults
 from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError, MemprofError
 from ..records import Category, EnvInfo, Measurement, MemoryBreakdown, Phase, setup_row
@@ -30,6 +31,7 @@ from ..spec import Family, ModelSpec
 from . import probes
 from .build import (TORCH_DTYPE, apply_method, build_base_model, check_positions, count_trainable, enable_checkpointing, make_optimizer,
                     synthetic_batch)
+from .refusals import library_refusals, what_runs
 from .step import block_modules, run_step
 from .tracker import MemoryTracker
 
@@ -228,33 +230,37 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 2, 
         DeviceUnavailableError: CUDA requested but absent; QLoRA on CPU.
         ConfigError: invalid step counts, or the model/method cannot be built.
         DependencyMissingError: QLoRA without bitsandbytes.
+        LibraryRefusalError: the installed transformers / peft refuse this method on this model.
     """
     if warmup_steps < 1 or timed_steps < 1:
         raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")
     setup = with_method_defaults(setup)
     device = _check_device(setup)
+    if peft_config is None:
+        check_supported(spec, setup)
     env = probes.env_info(device)
     base = dict(spec_name=spec.name, setup_row=setup_row(spec, setup), device=device, env=env,
                 warmup_steps=warmup_steps, timed_steps=timed_steps)
     phase = "build"
     try:
-        _progress(progress, "build", 0, 1)
-        run = build_run(spec, setup, device, pretrained, peft_config)
-        _progress(progress, "build", 1, 1)
-        phase = "warmup"
-        run_warmup(run, setup, device, warmup_steps, progress)
-        phase = "timed"
-        if device == "cuda":
-            probes.cuda_reset_peak()
-        energy_start = probes.nvml_energy_mj() if device == "cuda" else None
-        times = run_timed(run, setup, device, timed_steps, progress)
-        reads = _read(device, energy_start, timed_steps)
-        tracked = None
-        if breakdown:
-            phase = "breakdown"
-            _progress(progress, "breakdown", 0, 1)
-            tracked = tracked_step(run, setup, device)
-            _progress(progress, "breakdown", 1, 1)
+        with library_refusals(what_runs(spec, setup, peft_config)):
+            _progress(progress, "build", 0, 1)
+            run = build_run(spec, setup, device, pretrained, peft_config)
+            _progress(progress, "build", 1, 1)
+            phase = "warmup"
+            run_warmup(run, setup, device, warmup_steps, progress)
+            phase = "timed"
+            if device == "cuda":
+                probes.cuda_reset_peak()
+            energy_start = probes.nvml_energy_mj() if device == "cuda" else None
+            times = run_timed(run, setup, device, timed_steps, progress)
+            reads = _read(device, energy_start, timed_steps)
+            tracked = None
+            if breakdown:
+                phase = "breakdown"
+                _progress(progress, "breakdown", 0, 1)
+                tracked = tracked_step(run, setup, device)
+                _progress(progress, "breakdown", 1, 1)
     except MemprofError:
         raise
     except Exception as exc:  # noqa: BLE001 (OOM is a result; anything else propagates)

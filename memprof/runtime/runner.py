@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3Spec, LoraSpec, Method, Optimizer,
                       Overheads, PromptLearningSpec, QuantSpec, Regime, RunSetup, check_runnable,
                       with_method_defaults)
+from ..compat import check_supported
 from ..errors import ConfigError, DeviceUnavailableError
 from ..records import EnvInfo, Measurement, MemoryBreakdown, setup_row
 from ..spec import Family, ModelSpec, Task
@@ -292,14 +293,18 @@ def _run_child(argv: Sequence[str], job: Mapping[str, Any], timeout_s: float | N
         log_path.unlink(missing_ok=True)
 
 
-def check_measurable(setup: RunSetup) -> None:
-    """Refuse, before any process starts, what cannot run on the chosen device.
+def check_measurable(setup: RunSetup, spec: ModelSpec | None = None) -> None:
+    """Refuse, before any process starts, what cannot run on the chosen device (or, given the model, with the
+    installed library versions).
 
     Raises:
         ConfigError: a combination no training step runs as configured (config.check_runnable).
         DeviceUnavailableError: QLoRA or 8-bit AdamW (bitsandbytes CUDA kernels) on a CPU.
+        LibraryRefusalError: the installed transformers / peft refuse this method on this model.
     """
     check_runnable(setup)
+    if spec is not None:
+        check_supported(spec, setup)
     if setup.device is Device.cpu and setup.method is Method.qlora:
         raise DeviceUnavailableError("QLoRA needs bitsandbytes' 4-bit CUDA kernels; measure it on a GPU "
                                      "(--device cuda), or use --method lora on CPU (memprof trace emulates QLoRA)")
@@ -336,7 +341,7 @@ def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "m
         ConfigError: timeout or memory limit without isolation; invalid step counts.
     """
     setup = with_method_defaults(setup)
-    check_measurable(setup)
+    check_measurable(setup, None if peft_config else spec)
     if warmup_steps < 1 or timed_steps < 1:
         raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")
     if not isolate:

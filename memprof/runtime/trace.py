@@ -15,17 +15,19 @@ import contextlib
 import time
 import warnings
 from typing import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
+from ..compat import check_supported
 from ..config import Device, Method, QuantSpec, RunSetup
 from ..errors import ConfigError
-from ..records import Category, DeviceTotals, Estimate, MemoryBreakdown, Phase
+from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
 from .build import TORCH_DTYPE, enable_checkpointing, apply_method, build_base_model, check_positions, count_trainable, make_optimizer, synthetic_batch
 from .emulate import CudaEmulation
 from .quant import emulate_4bit
+from .refusals import library_refusals, what_runs
 from .step import BACKWARD_HEAD, BACKWARD_TAIL, backward_markers, backward_layer_phase, run_step
 from .tracker import MemoryTracker
 
@@ -63,10 +65,12 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
     if depth is not None and depth != spec.num_layers:
         spec = spec.with_layers(depth)
     check_positions(spec, setup)
+    if peft_config is None:
+        check_supported(spec, setup)
     cuda = setup.device is Device.cuda
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), library_refusals(what_runs(spec, setup, peft_config)):
         warnings.simplefilter("ignore")
         model = build_base_model(spec, setup, "meta")
         model = apply_method(model, spec, setup, peft_config)
@@ -168,6 +172,7 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
 
     Raises:
         ConfigError: the model cannot be built or the method cannot be applied.
+        LibraryRefusalError: the installed transformers / peft refuse this method on this model.
     """
     start = time.perf_counter()
     depth = spec.num_layers

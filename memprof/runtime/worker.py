@@ -51,7 +51,7 @@ def main() -> int:
     try:
         import torch
 
-        from ..errors import MemprofError
+        from ..errors import LibraryRefusalError, MemprofError
         from .build import load_peft_config
         from .harness import is_oom, run_measurement
         from .probes import env_info
@@ -74,6 +74,9 @@ def main() -> int:
                             progress=lambda phase, step, total: emit({"progress": [phase, step, total]}))
         emit({"result": measurement_to_dict(m)})
         return 0
+    except LibraryRefusalError as exc:  # the run cannot happen with these library versions: a result, not a crash
+        emit({"error": {"status": "n/a", "message": str(exc)}})
+        return 1
     except MemprofError as exc:
         emit({"error": {"status": "error", "message": f"{type(exc).__name__}: {exc}"}})
         return 1

@@ -12,6 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from refusals import skip_if_refused  # noqa: E402
 from memprof.config import resolve_setup  # noqa: E402
 from memprof.analytic import estimate  # noqa: E402
 from memprof.runtime.trace import trace_depth  # noqa: E402
@@ -51,6 +52,7 @@ def _phase_errors(family: str, over: dict, task: Task | None = None,
     if layers is not None:
         spec = spec.with_layers(layers)
     setup = resolve_setup(None, {"batch_size": 4, "seq_len": 64, **over})
+    skip_if_refused(spec, setup, lambda: trace_depth(spec, setup))
     est = estimate(spec, setup, tracked=True)  # a trace runs under dispatch modes: out-of-place accumulation
     traced = trace_depth(spec, setup)
     errors = {}

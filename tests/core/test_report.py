@@ -9,7 +9,8 @@ from rich.console import Console
 from memprof.config import resolve_setup
 from memprof.analytic import estimate
 from memprof.hub import resolve_spec
-from memprof.report import Format, estimate_document, render_rows, rows_csv, rows_markdown, to_frame
+from memprof.documents import estimate_document
+from memprof.report import Format, render_rows, rows_csv, rows_markdown, to_frame
 from memprof.units import fmt_bytes, fmt_count, fmt_pct
 
 

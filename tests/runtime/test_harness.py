@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 
+from refusals import skip_if_refused
 from tiny_configs import tiny_spec
 from memprof.config import AdapterSpec, Device, Dtype, Method, PromptLearningSpec, QuantSpec, RunSetup, with_method_defaults
 from memprof.errors import ConfigError, DeviceUnavailableError
@@ -52,6 +53,7 @@ CASES = [(f, m) for f in FAMILIES for m in METHODS if not (f == "llama" and m is
 @pytest.mark.parametrize(("family", "method"), CASES, ids=[f"{f}-{m.value}" for f, m in CASES])
 def test_record_is_sane(family: str, method: Method) -> None:
     spec, setup = tiny_spec(family), setup_for(method)
+    skip_if_refused(spec, setup, lambda: run_measurement(spec, setup, warmup_steps=1, timed_steps=1))
     m = measured(family, method)
     counts = method_params(spec, setup)
     assert m.status == "ok" and m.device == "cpu"

@@ -1,0 +1,178 @@
+"""The forward scripts' context: dtypes and autocast, trainability, and the linear/norm layers every family
+uses (pure). A script calls ``ctx.linear`` for each projection; the method wrapping it (LoRA, IA3, QLoRA's 4-bit
+matmul) is in peft_methods.py.
+
+Mirrors, with the family modules: torch.autocast's CUDA op lists (cast policies), transformers 5.23 nn.Linear /
+Conv1D / LayerNorm / RMSNorm usage, peft 0.21's ``modules_to_save`` and bias trainability rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import Device, Method, RunSetup
+from ..spec import ModelSpec, Task
+from . import peft_methods
+from .modules import Module
+from .sim import WCOPY, Graph, T
+
+
+@dataclass
+class Ctx:
+    """What a script needs to know besides the architecture: dtypes, autocast, method, trainability."""
+
+    g: Graph
+    spec: ModelSpec
+    setup: RunSetup
+    wdt: str                    # storage dtype of base weights (fp32 under fp32/AMP regimes)
+    amp: str | None             # autocast dtype (AMP regime) else None
+    lora: dict = field(default_factory=dict)       # full module name -> rank
+    ia3: dict = field(default_factory=dict)        # full module name -> is_feedforward
+    saved_modules: tuple = ()                      # peft modules_to_save (trainable copy)
+    params: dict = field(default_factory=dict)     # name -> param handle (tied weights share one)
+    wcache: dict = field(default_factory=dict)     # autocast cache of half weight copies
+    kv_cache: list = field(default_factory=list)   # DynamicCache's per-layer keys/values (prefix tuning)
+    extra_q: int = 0            # virtual tokens prepended to the sequence (prompt tuning)
+    extra_kv: int = 0           # prefix length added to keys/values (prefix tuning)
+    layers: int | None = None   # blocks in this replay (None: the spec's depth)
+    prefix_kv: list = field(default_factory=list)  # per-layer (key, value) prefix views (prefix tuning)
+
+    # ---- trainability ----------------------------------------------------------------------------------
+    def trainable(self, full_name: str, m: Module, kind: str) -> bool:
+        method = self.setup.method
+        if method is Method.full:
+            return True
+        is_head = m.role == "classifier" and self.spec.task is Task.seq_cls
+        if method in (Method.adapter, Method.bitfit):
+            if is_head:
+                return True
+            if method is Method.bitfit:
+                return kind == "bias"
+            return m.kind == "norm" and bool(self.setup.adapter and self.setup.adapter.train_norms)
+        if any(full_name == s or full_name.startswith(s + ".") for s in self.saved_modules):
+            return True   # the trainable copy is the one the forward uses
+        if method in (Method.lora, Method.qlora) and kind == "bias" and self.setup.lora is not None:
+            if self.setup.lora.bias == "all":
+                return True
+            if self.setup.lora.bias == "lora_only":
+                return full_name in self.lora
+        return False
+
+    def param(self, full_name: str, m: Module, kind: str = "weight") -> T:
+        key = f"{full_name}.{kind}"
+        if key not in self.params:
+            numel = m.weight_params if kind == "weight" else m.bias_params
+            width = m.d_out if m.kind in ("linear", "conv1d", "embedding") else m.d_in
+            self.params[key] = self.g.param(numel, width, self.wdt, self.trainable(full_name, m, kind), key)
+        return self.params[key]
+
+    @property
+    def out_dtype(self) -> str:
+        """dtype of a matmul's output: autocast's half dtype, else the weights' storage dtype."""
+        return self.amp or self.wdt
+
+    @property
+    def act(self) -> str:
+        """Activation dtype out of a base op (autocast outputs half from matmuls; storage dtype otherwise)."""
+        return self.wdt
+
+    # ---- autocast --------------------------------------------------------------------------------------
+    def to_half(self, x: T, label: str) -> T:
+        """Autocast's cast of an fp32 operand for a lower-precision op (a new copy, not cached)."""
+        if self.amp is None or x.dtype != "fp32":
+            return self.g.alias(x)
+        return self.g.cast(x, self.amp, label + " (autocast half copy)")
+
+    def to_fp32(self, x: T, label: str) -> T:
+        """Autocast's fp32 policy (CUDA: softmax, layer_norm, pow, rsqrt, sum, losses): upcast half input."""
+        if self.amp is None or self.setup.device is not Device.cuda or x.dtype == "fp32":
+            return self.g.alias(x)
+        return self.g.cast(x, "fp32", label + " (autocast fp32 copy)")
+
+    def weight_for_matmul(self, w: T, label: str) -> T | None:
+        """The tensor a matmul reads for weight ``w``: the cached half copy under autocast (rg leaves are
+        cached for the whole forward; frozen weights are cast at every use), else the parameter itself."""
+        if self.amp is None or w.dtype != "fp32":
+            return None
+        if w.rg:
+            if id(w) not in self.wcache:
+                self.wcache[id(w)] = self.g.cast(w, self.amp, label + " weight copy", fate=WCOPY)
+                self.wcache[id(w)].st.carried = True
+            return self.g.alias(self.wcache[id(w)])
+        return self.g.cast(w, self.amp, label + " weight copy", fate=WCOPY)
+
+    def end_autocast(self) -> None:
+        for t in self.wcache.values():
+            self.g.drop(t)
+        self.wcache.clear()
+
+    # ---- linear with its method wrapper (peft_methods.py) --------------------------------------------
+    def linear(self, x: T, full_name: str, m: Module, label: str) -> T:
+        g = self.g
+        w = self.param(full_name, m)
+        bias = self.param(full_name, m, "bias") if m.bias else None
+        ia3_ff = self.ia3.get(full_name)
+        x_in = x
+        if ia3_ff:
+            x_in = peft_methods.ia3_scale_input(self, x, full_name, m, label)
+        xh = self.to_half(x_in, label)
+        if self.setup.method is Method.qlora and m.role not in ("head", "classifier"):
+            y = peft_methods.linear_4bit(self, xh, bias, m, label)
+            if y.dtype != x_in.dtype:  # Linear4bit.forward returns out.to(inp_dtype)
+                back = g.cast(y, x_in.dtype, label + " (back to the input dtype)")
+                g.drop(y)
+                y = back
+        else:
+            wq = self.weight_for_matmul(w, label)
+            y = g.linear(xh, w, m.d_out, label, bias=bias, w_used=wq, out_dtype=self.amp)
+            if wq is not None:
+                g.drop(wq)
+        r = self.lora.get(full_name)
+        if r:
+            y = peft_methods.lora(self, x_in, y, r, m, label)
+        if x_in is not x:
+            g.drop(x_in)
+        g.drop(xh)
+        if ia3_ff is False:
+            y = peft_methods.ia3_scale_output(self, y, full_name, m, label)
+        return y
+
+    def norm(self, x: T, full_name: str, m: Module, label: str) -> T:
+        g = self.g
+        w = self.param(full_name, m)
+        if self.spec.norm == "layernorm":
+            b = self.param(full_name, m, "bias")
+            xin = self.to_fp32(x, label)
+            out = g.layer_norm(xin, w, b, label)
+            g.drop(xin)
+            return out
+        return self.rms_norm(x, w, label)
+
+    def rms_norm(self, x: T, w: T, label: str) -> T:
+        """LlamaRMSNorm: x32 = x.float(); x32 * rsqrt(mean(x32^2) + eps); w * that.to(x dtype).
+        Gemma: (x32 * rsqrt(...)) * (1 + w.float()), then .type_as(x)."""
+        g = self.g
+        dtype = x.dtype
+        x32 = g.cast(x, "fp32", label + " input (fp32)")
+        sq = g.unary(x32, label + " x^2", "input")  # pow(2) keeps its input (autocast: pow runs in fp32)
+        var = g.unary(sq, label + " mean(x^2)", "none", width=1)
+        g.drop(sq)
+        var_eps = g.add(var, None, label + " +eps")
+        g.drop(var)
+        rs = g.unary(var_eps, label + " rsqrt", "output")
+        g.drop(var_eps)
+        normed = g.mul(x32, rs, label + " normalised (fp32)")
+        g.drop(x32, rs)
+        if self.spec.model_type.startswith("gemma"):
+            w32 = g.cast(w, "fp32", label + " weight (fp32)")
+            w1 = g.add(w32, None, label + " 1 + w")
+            out32 = g.mul(normed, w1, label + " scaled (fp32)")
+            g.drop(normed, w32, w1)
+            out = g.cast(out32, dtype, label + " out")
+            g.drop(out32)
+            return out
+        nh = g.cast(normed, dtype, label + " normalised")
+        g.drop(normed)
+        out = g.mul(nh, w, label + " out", dtype=dtype)
+        g.drop(nh)
+        return out

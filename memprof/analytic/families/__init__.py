@@ -1,0 +1,1 @@
+"""One forward script per model family, each mirroring one upstream modeling file (named at its top)."""

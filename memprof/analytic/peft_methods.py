@@ -1,0 +1,230 @@
+"""The fine-tuning methods as the forward scripts run them (pure): peft 0.21's LoRA, IA3, prefix and prompt
+tuning, bitsandbytes' 4-bit matmul (QLoRA), and memprof's own bottleneck adapters (runtime/adapters.py).
+
+Mirrors peft 0.21.2: tuners/lora/layer.py (``Linear.forward``), tuners/ia3/layer.py (``Linear.forward``),
+tuners/prefix_tuning/model.py (``PrefixEncoder``), peft_model.py (``get_prompt``, prompt tuning's
+``inputs_embeds``), transformers' cache_utils.py (``DynamicCache.update``), and bitsandbytes' ``MatMul4Bit``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from ..config import AdapterVariant, IA3Spec, Method
+from .hf_layers import input_embeddings
+from .modules import Module, global_modules
+from .params import modules_to_save, prefix_token_dim, resolve_ia3_targets, resolve_lora_targets
+from .shapes import kv_tok, tok
+from .sim import BYTES, WCOPY, P, T, pscale
+
+if TYPE_CHECKING:
+    from .context import Ctx
+
+
+def configure(ctx: Ctx) -> None:
+    """What the method changes in the scripts: LoRA / IA3 targets, peft's modules_to_save, virtual tokens."""
+    spec, setup = ctx.spec, ctx.setup
+    method = setup.method
+    if method in (Method.lora, Method.qlora):
+        lora = setup.lora
+        assert lora is not None
+        ctx.lora = {name: lora.r for name, _ in resolve_lora_targets(spec, lora)}
+        ctx.saved_modules = modules_to_save(spec, lora.modules_to_save)
+    elif method is Method.ia3:
+        ctx.ia3 = {name: ff for name, _, ff in resolve_ia3_targets(spec, setup.ia3 or IA3Spec())}
+        ctx.saved_modules = modules_to_save(spec, None)
+    elif method in (Method.prefix, Method.prompt):
+        ctx.saved_modules = modules_to_save(spec, None)
+        n = setup.prompt.num_virtual_tokens if setup.prompt else 20
+        if method is Method.prompt:
+            ctx.extra_q = n
+        else:
+            ctx.extra_kv = n
+
+
+def linear_4bit(ctx: Ctx, x: T, bias: T | None, m: Module, label: str) -> T:
+    """bitsandbytes MatMul4Bit (frozen NF4 weight) on x in the compute dtype (the run's dtype):
+    dequantize_4bit in the dtype the weight was stored from (the model's weight dtype), .to(x.dtype),
+    matmul, free the copies; keep only the packed weight (a parameter) for backward, which dequantizes
+    it again for the input gradient (transient weight-sized buffers then)."""
+    g = ctx.g
+    stored, n = ctx.wdt, m.weight_params
+    wq = g.new(P(c=n), m.d_out, stored, label + " dequantized weight", WCOPY)
+    extra = BYTES[stored] * n
+    if stored != x.dtype:
+        wc = g.new(P(c=n), m.d_out, x.dtype, label + " dequantized weight (cast)", WCOPY)
+        g.drop(wq)
+        wq = wc
+        extra += BYTES[x.dtype] * n
+    y = g.new(pscale(x.rows, m.d_out), m.d_out, x.dtype, label)
+    g.custom("matmul_4bit", [x] + ([bias] if bias is not None else []), [y], [], extra=P(c=extra))
+    g.drop(wq)
+    return y
+
+def lora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
+    """peft lora.Linear.forward: result + B(A(dropout(x.to(A.dtype)))) * scaling, then .to(result dtype)."""
+    g = ctx.g
+    adt = "fp32"  # peft autocast_adapter_dtype: adapter weights fp32 on a half base
+    a_w = g.param(r * m.d_in, r, adt, True, label + ".lora_A")
+    b_w = g.param(m.d_out * r, m.d_out, adt, True, label + ".lora_B")
+    xa = g.cast(x, adt, label + " lora input (fp32)")
+    p = ctx.setup.lora.dropout if ctx.setup.lora else 0.0
+    xd = g.dropout(xa, p, label + " lora dropout")
+    xh = ctx.to_half(xd, label + " lora A")
+    wa = ctx.weight_for_matmul(a_w, label + " lora A")
+    a_out = g.linear(xh, a_w, r, label + " lora A out", w_used=wa, out_dtype=ctx.amp)
+    g.drop(xh, wa, xd, xa)
+    ah = ctx.to_half(a_out, label + " lora B")
+    wb = ctx.weight_for_matmul(b_w, label + " lora B")
+    b_out = g.linear(ah, b_w, m.d_out, label + " lora B out", w_used=wb, out_dtype=ctx.amp)
+    g.drop(ah, wb, a_out)
+    scaled = g.mul(b_out, None, label + " lora scaled")
+    g.drop(b_out)
+    dtype = "fp32" if "fp32" in (y.dtype, scaled.dtype) else y.dtype
+    summed = g.add(y, scaled, label + " + lora", dtype=dtype)
+    g.drop(y, scaled)
+    out = g.cast(summed, y.dtype, label + " lora out")
+    g.drop(summed)
+    return out
+
+def bottleneck_adapter(ctx: Ctx, y: T, label: str) -> T:
+    """memprof BottleneckAdapter: y + up(act(down(y.to(fp32)))).to(y.dtype)."""
+    g = ctx.g
+    ad = ctx.setup.adapter
+    assert ad is not None
+    h, r = ctx.spec.hidden_size, ad.bottleneck_size(ctx.spec.hidden_size)
+    down_w = g.param(h * r, r, "fp32", True, label + ".down")
+    down_b = g.param(r, r, "fp32", True, label + ".down.bias")
+    up_w = g.param(r * h, h, "fp32", True, label + ".up")
+    up_b = g.param(h, h, "fp32", True, label + ".up.bias")
+    z = g.cast(y, "fp32", label + " adapter input (fp32)")
+    zh = ctx.to_half(z, label + " down")
+    wd = ctx.weight_for_matmul(down_w, label + " down")
+    d = g.linear(zh, down_w, r, label + " adapter down", bias=down_b, w_used=wd, out_dtype=ctx.amp)
+    g.drop(zh, wd, z)
+    a = g.unary(d, label + " adapter act", "output" if ad.activation == "relu" else "input")
+    g.drop(d)
+    ah = ctx.to_half(a, label + " up")
+    wu = ctx.weight_for_matmul(up_w, label + " up")
+    u = g.linear(ah, up_w, h, label + " adapter up", bias=up_b, w_used=wu, out_dtype=ctx.amp)
+    g.drop(ah, wu, a)
+    uc = g.cast(u, y.dtype, label + " adapter out")
+    g.drop(u)
+    out = g.add(y, uc, label + " + adapter")
+    g.drop(uc, y)
+    return out
+
+
+def ia3_scale_input(ctx: Ctx, x: T, full_name: str, m: Module, label: str) -> T:
+    """peft ia3.Linear.forward, feedforward module: the input scaled, x.to(fp32) * l, back to x's dtype."""
+    g = ctx.g
+    lvec = g.param(m.d_in, m.d_in, "fp32", True, full_name + ".ia3_l")
+    x32 = g.cast(x, "fp32", label + " ia3 input (fp32)")
+    scaled = g.mul(x32, lvec, label + " ia3 scaled", dtype="fp32")
+    g.drop(x32)
+    x_in = g.cast(scaled, x.dtype, label + " ia3 scaled (cast back)")
+    g.drop(scaled)
+    return x_in
+
+
+def ia3_scale_output(ctx: Ctx, y: T, full_name: str, m: Module, label: str) -> T:
+    """peft ia3.Linear.forward, other targets: the output scaled, (y * l).to(y.dtype); consumes y."""
+    g = ctx.g
+    lvec = g.param(m.d_out, m.d_out, "fp32", True, full_name + ".ia3_l")
+    prod = g.mul(y, lvec, label + " ia3 scaled", dtype="fp32")
+    g.drop(y)
+    out = g.cast(prod, ctx.out_dtype, label + " ia3 out")
+    g.drop(prod)
+    return out
+
+
+def adapter_after(ctx: Ctx, y: T, site: str, i: int) -> T:
+    """memprof's bottleneck adapter at ``site`` (attn | ffn) of block i, if the method puts one there."""
+    ad = ctx.setup.adapter
+    if ctx.setup.method is not Method.adapter or ad is None:
+        return y
+    if site == "attn" and ad.variant is not AdapterVariant.houlsby:
+        return y
+    return bottleneck_adapter(ctx, y, f"adapter ({site})")
+
+
+def prefix_kv(ctx: Ctx, k: T, v: T, i: int, width: int) -> tuple[T, T]:
+    """Prefix tuning: DynamicCache.update concatenates the layer's prefix keys/values before the new ones."""
+    g = ctx.g
+    pk = ctx.prefix_kv[i]
+    kk = g.cat([pk[0], k], "keys with prefix")
+    vv = g.cat([pk[1], v], "values with prefix")
+    g.resize(kk, kv_tok(ctx, width))
+    g.resize(vv, kv_tok(ctx, width))
+    g.drop(k, v, *pk)
+    # the cache keeps the concatenations (layer.keys/values) until the model's forward returns; where
+    # attention saves something else (autocast's half copies, CPU SDPA's working copies) they outlive it
+    for t in (kk, vv):
+        ctx.kv_cache.append(g.alias(t))
+        t.st.carried = True
+    return kk, vv
+
+
+def prefix_encoder(ctx: Ctx) -> None:
+    """peft PrefixEncoder: embedding (b, p, L*2*token_dim) -> view/permute/split into per-layer (k, v)."""
+    g, spec, setup = ctx.g, ctx.spec, ctx.setup
+    n = ctx.extra_kv
+    td = prefix_token_dim(spec)
+    width = spec.num_layers * 2 * td
+    w = g.param(n * width, width, "fp32", True, "prefix_encoder.embedding")
+    pidx = g.new(P(b=n), 1, "int64", "prefix token ids")
+    if setup.prompt and setup.prompt.projection:
+        hidden = setup.prompt.projection_hidden or td
+        e = g.embedding(pidx, g.param(n * td, td, "fp32", True, "prefix emb"), td, "fp32", "prefix tokens")
+        g.resize(e, P(b=n * td))
+        w1 = g.param(td * hidden, hidden, "fp32", True, "prefix mlp 1")
+        h1 = g.linear(e, w1, hidden, "prefix mlp hidden")
+        g.drop(e)
+        th = g.unary(h1, "prefix tanh", "output")
+        g.drop(h1)
+        w2 = g.param(hidden * width, width, "fp32", True, "prefix mlp 2")
+        pkv = g.linear(th, w2, width, "prefix key/values")
+        g.drop(th)
+    else:
+        pkv = g.embedding(pidx, w, width, "fp32", "prefix key/values")
+        g.resize(pkv, P(b=n * width))
+    g.drop(pidx)
+    # get_prompt: .to(base model dtype) once, then view/permute/split into per-layer (k, v) views; each layer's
+    # DynamicCache.update concatenates its prefix with the new keys/values (a new tensor) and lets go of the
+    # views: the whole prefix storage dies with the last layer's update (the last block, never the repeated
+    # middle one), unless checkpointing keeps a block's inputs for its backward.
+    if ctx.wdt != "fp32":
+        cast = g.cast(pkv, ctx.wdt, "prefix key/values (cast)")
+        g.drop(pkv)
+        pkv = cast
+    kvs = []
+    for _ in range(ctx.layers or spec.num_layers):
+        kvs.append((g.view(pkv, td, P(b=n * td)), g.view(pkv, td, P(b=n * td))))
+    g.drop(pkv)
+    ctx.prefix_kv = kvs
+
+
+def prompt_embeddings(ctx: Ctx, ids: T, tail: Callable[[Ctx, T], tuple[T, list[T]]]
+                      ) -> tuple[T, list[T], list[T]]:
+    """peft prompt tuning (PeftModel.forward): frozen word embeddings of the ids, the trainable virtual-token
+    embeddings for the batch cast to the embedding dtype and concatenated in front (sequence s + p), then the
+    base model's embedding path with ``inputs_embeds`` (``tail``: the family's, which takes ``x``). Returns the first block's input, the base model's held
+    locals and PeftModel.forward's (inputs_embeds, prompts), which live until the loss is computed."""
+    g, spec = ctx.g, ctx.spec
+    n, h = ctx.extra_q, spec.hidden_size
+    mods = {m.name: m for m in global_modules(spec)}
+    name = next(m.name for m in global_modules(spec) if m.role == "embed")
+    words = input_embeddings(ctx, g.embedding(ids, ctx.param(name, mods[name]), h, ctx.wdt, "word embeddings"))
+    g.resize(words, P(bs=h))
+    prompt_w = g.param(n * h, h, "fp32", True, "prompt_encoder.embedding")
+    pidx = g.new(P(b=n), 1, "int64", "prompt token ids")
+    prompts = g.embedding(pidx, prompt_w, h, "fp32", "prompt embeddings")
+    g.resize(prompts, P(b=n * h))
+    pc = g.cast(prompts, ctx.wdt, "prompt embeddings (cast)")
+    g.drop(prompts)
+    x = g.cat([pc, words], "prompt + word embeddings")
+    g.resize(x, tok(ctx, h))
+    g.drop(words)
+    peft_held = [pc, pidx, g.alias(x)]
+    out, held = tail(ctx, x)
+    return out, held, peft_held

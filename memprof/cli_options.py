@@ -1,0 +1,196 @@
+"""The options every run command shares (estimate, fit, trace, measure, compare) and their resolution into a
+ModelSpec and a RunSetup: flag definitions, the flags -> resolve_setup overrides mapping, the measured device
+and the CPU defaults, the sweep axes. Commands are in cli.py; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from .config import CPU_MEASURE_DEFAULTS, Device, RunSetup, resolve_setup
+from .errors import ConfigError
+from .report import Format
+from .spec import ModelSpec, Task
+
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="Preset name or hub id (roberta-base, meta-llama/Llama-3.2-3B), or a local config.json / model directory.",
+    show_default=False)]
+ParamsOpt = Annotated[Optional[float], typer.Option(
+    "--params", help="Instead of a model: a parameter count (3e9); a LLaMA-like shape is assumed and printed.")]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="table | json | csv | markdown | html")]
+GpuOpt = Annotated[Optional[str], typer.Option(
+    "--gpu", help="Check the fit on a GPU: a catalog name (A100-80GB, H100, 4090, T4, ...) or a size (24GiB, 80GB).")]
+
+RUN_OPTIONS: list[tuple[str, Any]] = [
+    ("method", Annotated[Optional[str], typer.Option(
+        "--method", "-m", help="full | lora | qlora | adapter | bitfit | ia3 | prefix | prompt  [default: full]")]),
+    ("batch_size", Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Sequences per step.  [default: 1]")]),
+    ("seq_len", Annotated[Optional[int], typer.Option("--seq-len", "-s", help="Tokens per sequence.  [default: 512]")]),
+    ("dtype", Annotated[Optional[str], typer.Option("--dtype", help="fp32 | bf16 | fp16  [default: bf16]")]),
+    ("regime", Annotated[Optional[str], typer.Option(
+        "--regime", help="fp32 | pure | amp | mixed  [default: fp32 for fp32, pure for bf16, amp for fp16]")]),
+    ("optimizer", Annotated[Optional[str], typer.Option(
+        "--optimizer", help="adamw | adamw-8bit | sgd | sgd-momentum | adafactor | lion  [default: adamw]")]),
+    ("attn", Annotated[Optional[str], typer.Option("--attn", help="sdpa | eager  [default: sdpa]")]),
+    ("device", Annotated[Optional[str], typer.Option(
+        "--device", help="cuda | cpu (estimate: the device modelled; measure: also auto)  [default: cuda; measure: auto]")]),
+    ("grad_checkpointing", Annotated[Optional[bool], typer.Option(
+        "--grad-checkpointing/--no-grad-checkpointing", help="Recompute each block in backward.  [default: off]")]),
+    ("dropout", Annotated[Optional[bool], typer.Option(
+        "--dropout/--no-dropout", help="Keep the model's dropout probabilities.  [default: on]")]),
+    ("task", Annotated[Optional[str], typer.Option(
+        "--task", help="seq-cls | causal-lm  [default: seq-cls for encoders, causal-lm for decoders]")]),
+    ("num_labels", Annotated[Optional[int], typer.Option("--num-labels", help="Classes of a seq-cls head. [default: 2]")]),
+    ("lora_r", Annotated[Optional[int], typer.Option("--lora-r", help="LoRA/QLoRA rank.  [default: 8]")]),
+    ("lora_alpha", Annotated[Optional[int], typer.Option("--lora-alpha", help="LoRA alpha.  [default: 8]")]),
+    ("lora_dropout", Annotated[Optional[float], typer.Option("--lora-dropout", help="LoRA dropout.  [default: 0]")]),
+    ("lora_targets", Annotated[Optional[str], typer.Option(
+        "--lora-targets", help="Comma-separated module names, or all-linear.  [default: peft's for the model type]")]),
+    ("lora_bias", Annotated[Optional[str], typer.Option("--lora-bias", help="none | all | lora_only  [default: none]")]),
+    ("modules_to_save", Annotated[Optional[str], typer.Option(
+        "--modules-to-save", help="Comma-separated modules trained in full.  [default: the seq-cls head]")]),
+    ("quant_type", Annotated[Optional[str], typer.Option("--quant-type", help="QLoRA: nf4 | fp4  [default: nf4]")]),
+    ("double_quant", Annotated[Optional[bool], typer.Option(
+        "--double-quant/--no-double-quant", help="QLoRA: quantize the quantization constants.  [default: on]")]),
+    ("adapter_variant", Annotated[Optional[str], typer.Option(
+        "--adapter-variant", help="houlsby (after attention and FFN) | pfeiffer (after FFN)  [default: houlsby]")]),
+    ("adapter_size", Annotated[Optional[int], typer.Option("--adapter-size", help="Bottleneck size r. [default: 64]")]),
+    ("adapter_reduction", Annotated[Optional[int], typer.Option(
+        "--adapter-reduction", help="Bottleneck as hidden_size // factor (instead of --adapter-size).")]),
+    ("adapter_act", Annotated[Optional[str], typer.Option("--adapter-act", help="relu | gelu  [default: relu]")]),
+    ("adapter_train_norms", Annotated[Optional[bool], typer.Option(
+        "--adapter-train-norms/--adapter-freeze-norms", help="Also train the norm layers.  [default: frozen]")]),
+    ("ia3_targets", Annotated[Optional[str], typer.Option("--ia3-targets", help="IA3 target modules (comma-separated).")]),
+    ("ia3_feedforward", Annotated[Optional[str], typer.Option(
+        "--ia3-feedforward", help="IA3 targets whose input is scaled (comma-separated).")]),
+    ("virtual_tokens", Annotated[Optional[int], typer.Option(
+        "--virtual-tokens", help="Prefix/prompt tuning: virtual tokens.  [default: 20]")]),
+    ("prefix_projection", Annotated[Optional[bool], typer.Option(
+        "--prefix-projection/--no-prefix-projection", help="Prefix tuning through an MLP.  [default: off]")]),
+    ("cuda_context_mib", Annotated[Optional[float], typer.Option(
+        "--cuda-context-mib", help="CUDA context size assumed, MiB.  [default: 500]")]),
+    ("reserve_frac", Annotated[Optional[float], typer.Option(
+        "--reserve-frac", help="Allocator reserve as a fraction of the allocated peak.  [default: 0.05]")]),
+    ("config", Annotated[Optional[Path], typer.Option(
+        "--config", help="TOML file of run options (flags override it).")]),
+]
+
+
+def with_run_options(fn: Callable) -> Callable:
+    """Give a command every RUN_OPTIONS flag; they arrive as one dict in its ``run`` argument."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.name != "run"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann)
+             for name, ann in RUN_OPTIONS]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        run = {name: kwargs.pop(name, None) for name, _ in RUN_OPTIONS}
+        return fn(*args, run=run, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params + extra)  # type: ignore[attr-defined]
+    return wrapper
+
+
+def setup_overrides(run: dict[str, Any]) -> dict[str, Any]:
+    """Flags -> resolve_setup overrides (None = not given; option groups only when one of theirs is given)."""
+    groups = {
+        "lora": {"r": run["lora_r"], "alpha": run["lora_alpha"], "dropout": run["lora_dropout"],
+                 "targets": run["lora_targets"], "bias": run["lora_bias"], "modules_to_save": run["modules_to_save"]},
+        "quant": {"quant_type": run["quant_type"], "double_quant": run["double_quant"]},
+        "adapter": {"variant": run["adapter_variant"], "bottleneck": run["adapter_size"],
+                    "reduction_factor": run["adapter_reduction"], "activation": run["adapter_act"],
+                    "train_norms": run["adapter_train_norms"]},
+        "ia3": {"targets": run["ia3_targets"], "feedforward": run["ia3_feedforward"]},
+        "prompt": {"num_virtual_tokens": run["virtual_tokens"], "projection": run["prefix_projection"]},
+        "overheads": {"cuda_context_bytes": None if run["cuda_context_mib"] is None else int(run["cuda_context_mib"] * 2**20),
+                      "allocator_reserve_frac": run["reserve_frac"]},
+    }
+    out: dict[str, Any] = {
+        "method": run["method"], "batch_size": run["batch_size"], "seq_len": run["seq_len"], "dtype": run["dtype"],
+        "regime": run["regime"], "optimizer": run["optimizer"], "attn_impl": run["attn"], "device": run["device"],
+        "grad_checkpointing": run["grad_checkpointing"], "dropout": run["dropout"],
+    }
+    for name, values in groups.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            out[name] = given
+    return out
+
+
+def resolve_run(run: dict[str, Any], extra: dict[str, Any] | None = None) -> RunSetup:
+    overrides = setup_overrides(run)
+    overrides.update(extra or {})
+    return resolve_setup(run["config"], overrides)
+
+
+def resolve_model(model: str | None, params: float | None, run: dict[str, Any], any_family: bool = False
+                  ) -> tuple[ModelSpec, str | None]:
+    from .config import parse_enum
+    from .hub import load_spec_any, resolve_spec
+
+    task = parse_enum(Task, run["task"], "task") if run["task"] else None
+    if any_family and model is not None and params is None:
+        return load_spec_any(model, task=task, num_labels=run["num_labels"]), None
+    return resolve_spec(model, params, task=task, num_labels=run["num_labels"])
+
+
+def measure_device(run: dict[str, Any]) -> tuple[str, str]:
+    from .runtime.probes import cuda_available
+
+    requested = (run["device"] or "auto").lower()
+    if requested not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"device '{run['device']}' is not supported; choose one of: auto, cuda, cpu")
+    if requested == "cuda" and not cuda_available():
+        from .errors import DeviceUnavailableError
+
+        raise DeviceUnavailableError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    device = "cuda" if requested == "cuda" or (requested == "auto" and cuda_available()) else "cpu"
+    given = [k for k in CPU_MEASURE_DEFAULTS if run.get(k) is not None]
+    defaults = ", ".join(f"{k}={v.value if hasattr(v, 'value') else v}" for k, v in CPU_MEASURE_DEFAULTS.items()
+                         if k not in given)
+    note = f"CPU run; CPU defaults used: {defaults}" if defaults else "CPU run"
+    return device, note
+
+
+def resolve_measure_run(run: dict[str, Any]) -> tuple[RunSetup, str | None]:
+    """The measured run: the device (auto -> cuda or cpu) and, on CPU, the CPU defaults for what no flag sets;
+    returns the setup and, on CPU, a note naming the defaults used."""
+    device, defaults_note = measure_device(run)
+    extra: dict[str, Any] = {"device": device}
+    if device == Device.cpu.value:
+        extra.update({k: v for k, v in CPU_MEASURE_DEFAULTS.items() if run.get(k) is None})
+    return resolve_run(run, extra), defaults_note if device == Device.cpu.value else None
+
+
+def sweep_device(run: dict[str, Any], axes: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Measured sweeps: the device (auto -> cuda or cpu) and, on CPU, the CPU defaults no flag or axis overrides."""
+    device, _ = measure_device(run)
+    if device != Device.cpu.value:
+        return {"device": device}, f"measured on {device}"
+    swept = {"batch_size": axes["batch_sizes"], "seq_len": axes["seq_lens"], "dtype": axes["precisions"]}
+    defaults = {k: v for k, v in CPU_MEASURE_DEFAULTS.items() if run.get(k) is None and not swept[k]}
+    used = ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in defaults.items())
+    return {"device": device, **defaults}, "measured on CPU" + (f"; CPU defaults used: {used}" if used else "")
+
+
+def sweep_axes(run: dict[str, Any], batch_sizes: str | None, seq_lens: str | None, precisions: str | None,
+                checkpointing: str | None) -> dict[str, Any]:
+    """The swept lists; each replaces its single-value flag (giving both is an error)."""
+    from .sweep import parse_ints, parse_precisions, parse_switches
+
+    for listed, given, flags in ((batch_sizes, run["batch_size"], "--batch-sizes and --batch-size"),
+                                 (seq_lens, run["seq_len"], "--seq-lens and --seq-len"),
+                                 (precisions, run["dtype"] or run["regime"], "--precisions and --dtype/--regime"),
+                                 (checkpointing, run["grad_checkpointing"],
+                                  "--checkpointing and --grad-checkpointing")):
+        if listed is not None and given is not None:
+            raise ConfigError(f"give {flags.replace(' and ', ' or ')}, not both")
+    return {"batch_sizes": parse_ints(batch_sizes, "--batch-sizes"), "seq_lens": parse_ints(seq_lens, "--seq-lens"),
+            "precisions": parse_precisions(precisions),
+            "checkpointing": parse_switches(checkpointing, "--checkpointing")}

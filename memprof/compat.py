@@ -1,0 +1,176 @@
+"""Library versions: the ones memprof was tested with, the installed ones, and the combinations the installed
+libraries refuse to run (pure: stdlib only; reads installed package metadata, never imports torch or
+transformers).
+
+The analytic scripts mirror specific library code (analytic/forward.py, analytic/families/*.py name the files
+and versions); ``constraints.txt`` pins the set the test suite and the validation passed with, and
+``benchmarks/drift.py`` checks newer releases. A refusal is a combination that a library rejects on purpose
+(an explicit ``raise`` in its code): memprof reports it in one line naming the library, its version and its
+reason, instead of a traceback, and sweeps record it as ``n/a``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from .config import Method, RunSetup
+from .errors import LibraryRefusalError
+from .spec import ModelSpec, Task
+
+# The versions of constraints.txt (a test keeps the two equal). README "Install" names them too.
+TESTED_VERSIONS: dict[str, str] = {
+    "torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2", "accelerate": "1.15.0",
+}
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
+
+
+@functools.cache
+def installed_version(library: str) -> str | None:
+    """The installed distribution's version (``2.13.0+cpu`` for the CPU wheel), or None when not installed."""
+    from importlib import metadata  # only when a rule needs it: keeps `memprof estimate` fast
+
+    try:
+        return metadata.version(library)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def installed_versions() -> dict[str, str | None]:
+    return {lib: installed_version(lib) for lib in LIBRARIES}
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'5.24.0' -> (5, 24, 0); '2.13.0+cpu' -> (2, 13, 0); '0.22.0.dev0' -> (0, 22, 0) (pre-releases count as
+    their release: a rule stated for 5.24 covers 5.24.0rc1)."""
+    release = re.match(r"\d+(?:\.\d+)*", version.strip().lstrip("v"))
+    if release is None:
+        raise ValueError(f"not a version: {version!r}")
+    parts = [int(p) for p in release.group(0).split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b,
+        "==": lambda a, b: a == b}
+
+
+def satisfies(version: str | None, specifier: str) -> bool:
+    """``satisfies('5.24.0', '>=5.24')``; comma-separated clauses must all hold; None (not installed) never does."""
+    if version is None:
+        return False
+    have = version_tuple(version)
+    for clause in specifier.split(","):
+        m = re.fullmatch(r"\s*(>=|<=|==|>|<)\s*([0-9][0-9A-Za-z.+]*)\s*", clause)
+        if m is None:
+            raise ValueError(f"not a version specifier: {clause!r}")
+        if not _OPS[m.group(1)](have, version_tuple(m.group(2))):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class KnownRefusal:
+    """A combination a library refuses while ``when`` holds for the library versions (all clauses)."""
+
+    raised_by: str                         # the library whose code raises
+    methods: tuple[Method, ...]
+    tasks: tuple[Task, ...] | None         # None: every task
+    model_types: tuple[str, ...] | None    # None: every architecture
+    when: tuple[tuple[str, str], ...]      # (library, specifier): the versions where it refuses
+    reason: str                            # the library's own message
+    cause: str                             # what changed, read from the libraries' source
+
+    def matches(self, spec: ModelSpec, setup: RunSetup) -> bool:
+        return (setup.method in self.methods and (self.tasks is None or spec.task in self.tasks)
+                and (self.model_types is None or spec.model_type in self.model_types))
+
+    def holds_for(self, versions: dict[str, str | None]) -> bool:
+        return all(satisfies(versions.get(lib), spec) for lib, spec in self.when)
+
+    def condition(self) -> str:
+        return " with ".join(f"{lib} {spec}" for lib, spec in self.when)
+
+
+KNOWN_REFUSALS: tuple[KnownRefusal, ...] = (
+    # peft 0.21.2 peft_model.py, PeftModelForSequenceClassification._prefix_tuning_forward: the prefix goes in
+    # as `past_key_values` only if the base model's or its backbone's forward() names that argument; from
+    # transformers 5.24 every model's forward takes `cache` instead (deprecate_kwarg("past_key_values",
+    # "5.40.0", new_name="cache")), so peft raises. Causal-LM prefix tuning passes the keyword through and runs.
+    KnownRefusal(
+        raised_by="peft", methods=(Method.prefix,), tasks=(Task.seq_cls,), model_types=None,
+        when=(("transformers", ">=5.24"), ("peft", "<=0.21.2")),
+        reason="Model does not support past key values which are required for prefix tuning.",
+        cause="transformers 5.24 renamed the models' past_key_values argument to cache, which peft's "
+              "sequence-classification prefix path does not look for",
+    ),
+)
+
+
+def known_refusal(spec: ModelSpec, setup: RunSetup, versions: dict[str, str | None] | None = None
+                  ) -> KnownRefusal | None:
+    """The rule under which the libraries (installed ones unless ``versions``) refuse this run, if any."""
+    for rule in KNOWN_REFUSALS:
+        if rule.matches(spec, setup) and rule.holds_for(installed_versions() if versions is None else versions):
+            return rule
+    return None
+
+
+def refusal_error(rule: KnownRefusal, spec: ModelSpec, setup: RunSetup,
+                  versions: dict[str, str | None] | None = None) -> LibraryRefusalError:
+    versions = installed_versions() if versions is None else versions
+    others = ", ".join(f"{lib} {versions.get(lib)}" for lib, _ in rule.when if lib != rule.raised_by)
+    version = versions.get(rule.raised_by) or "?"
+    return refusal(rule.raised_by, version, f"{rule.reason.rstrip('.')} ({rule.cause})",
+                   what=run_description(spec, setup) + (f" under {others}" if others else ""),
+                   tested=tested_line(rule.when))
+
+
+def refusal(library: str, version: str | None, reason: str, *, what: str, tested: str = "") -> LibraryRefusalError:
+    """'peft 0.21.2 refuses prefix tuning on X (seq-cls) under transformers 5.24.0: <reason>; <tested> run it'."""
+    message = f"{library} {version or '(version unknown)'} refuses {what}: {reason}"
+    return LibraryRefusalError(message + (f"; {tested} run it" if tested else ""), library, version, reason)
+
+
+def check_supported(spec: ModelSpec, setup: RunSetup) -> None:
+    """Raise the refusal of the installed libraries for this run, before anything is built.
+
+    Raises:
+        LibraryRefusalError: a KNOWN_REFUSALS rule holds for the installed versions.
+    """
+    rule = known_refusal(spec, setup)
+    if rule is not None:
+        raise refusal_error(rule, spec, setup)
+
+
+def refusal_note(spec: ModelSpec, setup: RunSetup) -> str | None:
+    """For the analytic estimate (which does not run the libraries): a note when some library versions refuse
+    this run, saying whether the installed ones do."""
+    for rule in KNOWN_REFUSALS:
+        if not rule.matches(spec, setup):
+            continue
+        if rule.holds_for(installed_versions()):
+            return (f"the installed libraries refuse this run ({refusal_error(rule, spec, setup)}); the estimate is "
+                    f"of the run under {tested_line(rule.when)}, where it works")
+        return (f"{rule.raised_by} refuses this run under {rule.condition()} ({rule.reason.rstrip('.')}: "
+                f"{rule.cause})")
+    return None
+
+
+def tested_line(libraries: tuple[tuple[str, str], ...] | None = None) -> str:
+    names = [lib for lib, _ in libraries] if libraries else list(TESTED_VERSIONS)
+    return "memprof's tested " + ", ".join(f"{lib} {TESTED_VERSIONS[lib]}" for lib in names if lib in TESTED_VERSIONS)
+
+
+def method_name(setup: RunSetup) -> str:
+    """How the method reads in a sentence ('prefix tuning', 'LoRA')."""
+    return {Method.prefix: "prefix tuning", Method.prompt: "prompt tuning", Method.lora: "LoRA",
+            Method.qlora: "QLoRA", Method.ia3: "IA3", Method.bitfit: "BitFit", Method.adapter: "bottleneck adapters",
+            Method.full: "full fine-tuning"}[setup.method]
+
+
+def run_description(spec: ModelSpec, setup: RunSetup) -> str:
+    """'prefix tuning on FacebookAI/roberta-base (seq-cls)': what a refusal refuses."""
+    return f"{method_name(setup)} on {spec.name} ({spec.task.value})"
