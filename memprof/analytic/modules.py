@@ -162,8 +162,27 @@ def all_module_names(spec: ModelSpec) -> tuple[tuple[str, Module], ...]:
     prefix = layer_prefix(spec)
     globals_ = global_modules(spec)
     out = [(m.name, m) for m in globals_ if m.role == "embed" or m.name.endswith("embeddings.LayerNorm")]
+    block = registration_order(spec, layer_modules(spec))
     for i in range(spec.num_layers):
         p = prefix.format(i=i)
-        out += [(p + m.name, m) for m in layer_modules(spec)]
+        out += [(p + m.name, m) for m in block]
     out += [(m.name, m) for m in globals_ if (m.name, m) not in out]
     return tuple(out)
+
+
+def registration_order(spec: ModelSpec, mods: tuple[Module, ...]) -> tuple[Module, ...]:
+    """A block's modules in the order its ``__init__`` registers them (``model.parameters()`` order, which
+    for-loop optimizers visit). BERT and GPT-2 register in forward order. A LLaMA-style decoder layer registers
+    ``self_attn`` (q, k, v, o, then Qwen3/Gemma-3's q/k norms; Phi-3's Phi3Attention makes o_proj before
+    qkv_proj), then ``mlp``, then its norms (LlamaDecoderLayer.__init__, transformers 5.23)."""
+    if spec.family is not Family.llama:
+        return mods
+
+    def rank(m: Module) -> tuple[int, int]:
+        if m.name.startswith("self_attn."):
+            if m.kind == "norm":
+                return 1, 0
+            return 0, int(spec.fused_qkv and m.name != "self_attn.o_proj")
+        return (2, 0) if m.name.startswith("mlp.") else (3, 0)
+
+    return tuple(sorted(mods, key=rank))
