@@ -187,6 +187,8 @@ def _status(case: dict[str, Any] | None) -> str:
         return "-"
     if case["status"] == "ok":
         return f"ok ({100 * case['analytic_error']:+.2f}%)"
+    if case["status"] == "refused":
+        return "refused (memprof rule)" if case["predicted_refusal"] else "refused (no memprof rule)"
     return case["status"]
 
 

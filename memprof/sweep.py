@@ -7,7 +7,8 @@ whose records are already there are not repeated. Record formats (``schema``):
 - ``memprof.measurement/1``: written by ``runtime.runner.measure`` ({schema, written_at, measurement, setup,
   spec}); OOM, error and timeout runs are records too;
 - ``memprof.estimate/1``: {schema, written_at, memprof_version, kind: analytic | traced, status: ok | n/a |
-  error, message, estimate: Estimate.to_row(), estimate_tracked (analytic only), setup, spec}.
+  error, message, versions (installed libraries), tested_versions (those the analytic scripts mirror),
+  estimate: Estimate.to_row(), estimate_tracked (analytic only), setup, spec}.
 
 Reading a file back (``rows_from_records``) recomputes the analytic estimates from the stored spec and setup
 (they take microseconds and track the current estimator) and keeps stored traces and measurements.
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import __version__
 from .compare import key_of
-from .compat import known_refusal, refusal_error
+from .compat import TESTED_VERSIONS, installed_versions, known_refusal, refusal_error
 from .config import METHOD_OPTIONS, Method, RunSetup, parse_enum, resolve_setup
 from .errors import (ConfigError, DependencyMissingError, DeviceUnavailableError, LibraryRefusalError, MemprofError,
                      UnsupportedModelError)
@@ -148,7 +149,10 @@ def estimate_record(spec: ModelSpec, setup: RunSetup, kind: str, rows: Sequence[
 
     first = rows[0]
     record: dict[str, Any] = {"schema": ESTIMATE_SCHEMA, "written_at": _now(), "memprof_version": __version__,
-                              "kind": kind, "status": first.get("status", "ok"), "message": first.get("message")}
+                              "kind": kind, "status": first.get("status", "ok"), "message": first.get("message"),
+                              # the libraries installed when it was made; the analytic scripts mirror the tested ones
+                              "versions": {k: v for k, v in installed_versions().items() if v},
+                              "tested_versions": TESTED_VERSIONS}
     if record["status"] == "ok":
         record["estimate"] = {k: v for k, v in first.items() if k != "kind"}
         if len(rows) > 1:

@@ -32,3 +32,25 @@ def test_cli_estimate_does_not_import_torch() -> None:
 
 def test_measure_runner_does_not_import_torch_in_the_parent() -> None:
     assert _modules_after("import memprof.runtime.runner, memprof.runtime") == set()
+
+
+def test_modules_stay_small_and_say_what_they_mirror() -> None:
+    """Issue 9: one reason to change per module. No module past ~500 lines unless its docstring says why; every
+    analytic script names the transformers release it mirrors, which must be the tested one (moving the pin in
+    constraints.txt means re-reading those files against the new modeling code)."""
+    import re
+    from pathlib import Path
+
+    from memprof.compat import TESTED_VERSIONS
+
+    root = Path(__file__).resolve().parents[2] / "memprof"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        if text.count("\n") > 520:
+            assert "Longer than 500 lines because" in text[:2000], f"{path.relative_to(root)}: split it or say why"
+    tested = ".".join(TESTED_VERSIONS["transformers"].split(".")[:2])
+    scripts = [*(root / "analytic" / "families").glob("[!_]*.py"),
+               *(root / "analytic" / name for name in ("forward.py", "attention.py", "heads.py", "hf_layers.py"))]
+    for path in scripts:
+        named = set(re.findall(r"transformers (\d+\.\d+)", path.read_text()[:1500]))
+        assert named == {tested}, f"{path.name} mirrors transformers {named or '?'}, the tested version is {tested}"

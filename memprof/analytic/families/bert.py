@@ -1,8 +1,8 @@
 """BERT / RoBERTa encoders, op by op (pure): BertEmbeddings, BertLayer (BertSelfAttention, BertSelfOutput,
 feed-forward chunk), BertPooler + classifier, RoBERTa's position ids and RobertaClassificationHead.
 
-Mirrors transformers 5.23.0 models/bert/modeling_bert.py and models/roberta/modeling_roberta.py; prefix
-tuning on these needs a ``past_key_values`` argument that transformers 5.24 renamed (memprof/compat.py).
+Mirrors transformers 5.23.0 models/bert/modeling_bert.py and models/roberta/modeling_roberta.py (newer
+releases refuse prefix tuning with a classification head: memprof/compat.py).
 """
 
 from __future__ import annotations
