@@ -18,7 +18,7 @@ from rich.text import Text
 
 from .cli_options import (FormatOpt, GpuOpt, ModelArg, ParamsOpt, resolve_measure_run, resolve_model, resolve_run,
                           setup_overrides, sweep_axes, sweep_device, with_run_options)
-from .config import RunSetup
+from .config import Device, RunSetup
 from .errors import ConfigError, LibraryRefusalError, MemprofError
 from .documents import estimate_document, estimate_renderables
 from .report import Format, render_rows
@@ -173,6 +173,10 @@ def fit(
     model: ModelArg = None,
     params: ParamsOpt = None,
     gpu: Annotated[str, typer.Option("--gpu", help="GPU name from the catalog or a size (24GiB).")] = "A100-80GB",
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Then run real steps at the predicted batch size on this machine's device (each in its own "
+                         "process), backing off after an OOM (needs memprof\\[measure]).")] = False,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="--verify: seconds per attempt.")] = None,
     fmt: FormatOpt = Format.table,
     run: dict | None = None,
 ) -> None:
@@ -182,13 +186,22 @@ def fit(
         from .analytic import estimate as run_estimate
         from .analytic.fit import check_fit, max_batch_size, max_seq_len, resolve_gpu
 
-        spec, note = resolve_model(model, params, run)
+        spec, note = resolve_model(model, params, run, any_family=False)
         setup = resolve_run(run)
         target = resolve_gpu(gpu)
         best_b = max_batch_size(spec, setup, target)
         best_s = max_seq_len(spec, setup, target)
         est = run_estimate(spec, setup)
         _render_estimate(est, fmt, fit=check_fit(est, target), note=note, max_batch=best_b, max_seq=best_s)
+        if verify:
+            from .cli_options import measure_device
+            from .documents import render_fit_check
+            from .runtime.runner import check_measurable
+            from .verify import verify_batch_size
+
+            device, _ = measure_device({**run, "device": None})
+            check_measurable(dataclasses.replace(setup, device=Device(device)), spec)
+            render_fit_check(verify_batch_size(spec, setup, target, device, timeout_s=timeout), fmt, console)
 
 
 @app.command()

@@ -415,3 +415,28 @@ def render_steps(rows: Sequence[dict[str, Any]], fmt: Format, console: Console) 
     else:
         console.out(f"{heading}\n\n" + rows_markdown(rows, columns, STEP_LABELS) + f"\n- {md_escape(notes[0])}\n",
                     highlight=False, end="")
+
+
+def render_fit_check(check: Any, fmt: Format, console: Console) -> None:
+    """``fit --verify``: predicted against confirmed batch size, every attempt, the phase that limits it."""
+    rows = [{"batch_size": a.batch_size, "status": a.status, "device_total_bytes": a.device_total_bytes,
+             "peak_phase": a.peak_phase, "message": a.message} for a in check.attempts]
+    if fmt is Format.json:
+        console.out(json.dumps({"predicted_batch_size": check.predicted, "confirmed_batch_size": check.confirmed,
+                                "device": check.device, "budget_bytes": check.budget_bytes,
+                                "limiting_phase": check.limiting_phase, "attempts": rows, "note": check.note},
+                               indent=2), highlight=False)
+        return
+    if fmt is not Format.table:
+        render_rows(rows, fmt, console)
+        return
+    lines = [Text(""), Text(f"verified on {check.device}: predicted b={check.predicted}, confirmed "
+                            + (f"b={check.confirmed}" if check.confirmed is not None else "none") +
+                            (f" (the {check.limiting_phase} phase sets its peak)" if check.limiting_phase else ""),
+                            style="bold green" if check.confirmed == check.predicted else "bold yellow")]
+    for a in check.attempts:
+        total = fmt_bytes(a.device_total_bytes) if a.device_total_bytes is not None else "-"
+        lines.append(Text(f"  b={a.batch_size}: {a.status}, device total {total} of {fmt_bytes(check.budget_bytes)}"
+                          + (f" ({a.message.splitlines()[0][:120]})" if a.message else "")))
+    lines.append(Text(f"note: {check.note}", style="dim"))
+    console.print(Group(*lines))

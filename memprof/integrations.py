@@ -364,10 +364,12 @@ class MemprofCallback(TrainerCallback):
     """
 
     def __init__(self, out: str | Path | None = "measurements", name: str | None = None, warn_margin: float = 0.10,
-                 trainer: Any = None, overrides: dict[str, Any] | None = None) -> None:
+                 trainer: Any = None, overrides: dict[str, Any] | None = None, fit_check: bool = False) -> None:
         self.out, self.name, self.warn_margin, self.trainer, self.overrides = out, name, warn_margin, trainer, overrides
+        self.fit_check = fit_check
         self.profiler: StepProfiler | None = None
         self.max_peak_bytes = 0
+        self.predicted_max_batch: int | None = None
 
     @property
     def records(self) -> list[StepRecord]:
@@ -379,6 +381,30 @@ class MemprofCallback(TrainerCallback):
         self.profiler = StepProfiler(model, optimizer, args=args, overrides=self.overrides, out=self.out,
                                      name=self.name, warn_margin=self.warn_margin, hooks=False,
                                      rank=getattr(args, "process_index", None))
+        if self.fit_check:
+            self._predict_fit(args, kwargs.get("train_dataloader"))
+
+    def _predict_fit(self, args: Any, loader: Any) -> None:
+        """fit_check: before the first step, the largest per-device batch the estimate says fits this GPU at the
+        dataset's longest sequence; a warning when the configured batch is larger (the long batch would OOM).
+        Verifying with real steps needs the device free: run ``memprof fit --verify`` before training."""
+        profiler = self.profiler
+        if profiler is None or profiler.setup is None or profiler.spec is None or profiler.device != "cuda":
+            return
+        longest = _longest(getattr(loader, "dataset", None))
+        if longest is None:
+            return
+        from .analytic.fit import Gpu, max_batch_size
+
+        gpu = Gpu(profiler.env.device_name or "this GPU", int(profiler.env.device_total_memory_bytes or 0))
+        setup = step_setup(profiler.setup, 1, longest, True)
+        self.predicted_max_batch = max_batch_size(profiler.spec, setup, gpu)
+        wanted = int(getattr(args, "per_device_train_batch_size", 1))
+        if self.predicted_max_batch < wanted:
+            warnings.warn(f"memprof: at the longest sequence in the training set ({longest} tokens) the largest "
+                          f"batch that fits {gpu.name} is predicted to be {self.predicted_max_batch}, below "
+                          f"per_device_train_batch_size={wanted}: the step that meets it would run out of memory",
+                          stacklevel=2)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.profiler is not None:
@@ -407,6 +433,24 @@ def attach(trainer: Any, **options: Any) -> MemprofCallback:
     callback = MemprofCallback(trainer=trainer, **options)
     trainer.add_callback(callback)
     return callback
+
+
+def _longest(dataset: Any, limit: int = 1_000_000) -> int | None:
+    """The longest ``input_ids`` of a map-style dataset of dicts (None when it cannot be read cheaply)."""
+    try:
+        n = len(dataset)
+    except TypeError:
+        return None
+    if not n or n > limit:
+        return None
+    longest = 0
+    for i in range(n):
+        row = dataset[i]
+        ids = row.get("input_ids") if isinstance(row, dict) else None
+        if ids is None:
+            return None
+        longest = max(longest, len(ids))
+    return longest or None
 
 
 def _shape(shapes: list[tuple[int, int, int, bool]]) -> tuple[int, int, int, bool]:

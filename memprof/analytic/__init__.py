@@ -131,7 +131,7 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     after_step = steady + (0 if setup.effective_regime is Regime.mixed else sb.gradients)
     if setup.zero_grad is ZeroGrad.zeros and setup.effective_regime is not Regime.mixed:
         steady += sb.gradients  # zeroed in place, not freed
-    terms = explain_terms(spec, setup, pc, sb, inputs, peak.total_bytes, peak_phase) if explain else ()
+    terms = explain_terms(spec, setup, pc, sb, inputs, peak.total_bytes, peak_phase, kept) if explain else ()
     notes: tuple[str, ...] = ()
     refused = refusal_note(spec, setup)
     if refused:

@@ -183,3 +183,16 @@ def test_describe_run_reads_peft_and_training_arguments(tmp_path: Path) -> None:
     loha = peft.get_peft_model(_model(lora=False), peft.LoHaConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
     _, none, notes = describe_run(loha)
     assert none is None and "not in memprof's analytic model" in notes[0]
+
+
+def test_trainer_defaults_are_the_installed_transformers() -> None:
+    """memprof's Trainer loop (config.Loop.trainer) states the Trainer's defaults; here they are read back from
+    the installed transformers, so a release that changes one fails this test (and the drift check)."""
+    args = transformers.TrainingArguments(output_dir="/tmp/memprof-defaults", report_to=[])
+    assert args.optim.value == "adamw_torch_fused"  # torch >= 2.8 (training_args.py) -> OptimizerImpl.fused
+    assert args.use_cache is False                  # Trainer sets model.config.use_cache from it
+    assert args.max_grad_norm == 1.0                # gradients clipped before the step (run_step's trainer loop)
+    from memprof.config import RunSetup
+
+    assert RunSetup(loop=Loop.trainer).effective_optimizer_impl is OptimizerImpl.fused
+    assert RunSetup(loop=Loop.trainer).use_cache is False
