@@ -6,6 +6,12 @@
     python benchmarks/validate.py --parts A --no-render & python benchmarks/validate.py --parts B --no-render
                                                      # both parts at once on 2 cores; then --render-only
 
+Parts C and D repeat A and B for the loop around the model (issue 13: the optimizer kernel, gradient accumulation,
+in-place zeroing, padded batches, kept outputs, a KV cache, the Trainer's defaults) on four architectures. Part E
+trains narrow copies with a real transformers Trainer (variable-length padded batches, gradient accumulation) under
+memprof's callback and compares every step's measured peak with the estimate of that step's shape
+(validation_steps.csv).
+
 Part A, full depth, CUDA modelled: every architecture at its real depth x every method x four precision regimes x
 batch/sequence sizes. Analytic (plain, and ``tracked=True``) against the trace (depths 2 and 3 extrapolated to
 the full depth; CUDA kernels emulated on fake CPU tensors, 512-byte blocks).
@@ -82,9 +88,27 @@ NARROW: dict[str, dict[str, int]] = {
     "Phi-3-mini-4k-instruct": {"hidden_size": 384, "num_attention_heads": 4, "num_key_value_heads": 4,
                                "intermediate_size": 1024, "vocab_size": 8192, "pad_token_id": 0},
 }
+# Parts C and D (issue 13): the loop around the model. Each variant against a plain torch loop's row of A / B.
+LOOP_VARIANTS: dict[str, dict[str, Any]] = {
+    "fused AdamW": {"optimizer_impl": "fused"},
+    "for-loop AdamW": {"optimizer_impl": "for-loop"},
+    "foreach AdamW": {"optimizer_impl": "foreach"},
+    "zero_grad zeros": {"zero_grad": "zeros"},
+    "grad accum 2": {"grad_accum": 2},
+    "padded": {"padded": True},
+    "kept outputs": {"keep_outputs": True},
+    "KV cache": {"use_cache": True},
+    "KV cache kept": {"use_cache": True, "keep_outputs": True},
+    "Trainer": {"loop": "trainer"},
+    "Trainer, accum 4, padded": {"loop": "trainer", "grad_accum": 4, "padded": True},
+}
+LOOP_MODELS = ("bert-base-uncased", "gpt2", "Llama-3.2-1B", "Qwen2.5-0.5B")
+LOOP_METHODS = ("full", "lora")
+LOOP_PRECISIONS = ("fp32", "bf16", "fp16-amp")
+LOOP_SIZE = (4, 256)
 CATEGORIES = ("params_trainable", "params_frozen", "gradients", "optimizer_states", "master_weights",
               "weight_copies", "activations", "temporaries", "inputs")
-KEY = ("part", "model", "layers", "method", "precision", "batch_size", "seq_len")
+KEY = ("part", "model", "layers", "method", "precision", "batch_size", "seq_len", "loop")
 COLUMNS = (
     *KEY, "family", "device", "status", "verdict", "why", "note", "total_params", "trainable_params",
     "analytic_peak_bytes", "analytic_tracked_peak_bytes", "traced_peak_bytes", "measured_peak_bytes",
@@ -102,7 +126,7 @@ COLUMNS = (
 
 @dataclass(frozen=True)
 class Job:
-    part: str            # "A" full depth, CUDA modelled | "B" 2 blocks, CPU measured
+    part: str            # "A"/"C" full depth, CUDA modelled | "B"/"D" 2 blocks, CPU measured (C, D: loop variants)
     model: str           # preset name (+ " narrow" for the narrow copies)
     method: str
     precision: str       # key of REGIMES
@@ -110,11 +134,12 @@ class Job:
     seq_len: int
     layers: str = "full"  # "full" or the block count the model was cut to
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    loop: str = ""       # key of LOOP_VARIANTS ("" = a plain torch loop)
 
     @property
     def key(self) -> tuple[str, ...]:
         return (self.part, self.model, self.layers, self.method, self.precision, str(self.batch_size),
-                str(self.seq_len))
+                str(self.seq_len), self.loop)
 
 
 def jobs(parts: str, models: tuple[str, ...], methods: tuple[str, ...], precisions: tuple[str, ...]) -> Iterator[Job]:
@@ -132,6 +157,18 @@ def jobs(parts: str, models: tuple[str, ...], methods: tuple[str, ...], precisio
                     else:
                         for b, s in NARROW_SIZES:
                             yield Job("B", f"{model} narrow", method, precision, b, s, "2", options)
+    for model in (m for m in models if m in LOOP_MODELS):
+        for method in (m for m in methods if m in LOOP_METHODS):
+            options = METHOD_OPTIONS.get(model, {}).get(method, {})
+            for loop, over in LOOP_VARIANTS.items():
+                if "C" in parts:
+                    for precision in (p for p in precisions if p in LOOP_PRECISIONS):
+                        yield Job("C", model, method, precision, *LOOP_SIZE, "full", {**options, **over}, loop)
+                if "D" in parts and "fp32" in precisions:
+                    # fp32 CPU kernels; the LLaMA-style models as their narrow copies (2 blocks at 2048-wide
+                    # fp32 with a 128k vocabulary would dominate the run)
+                    name = model if model in ("bert-base-uncased", "gpt2") else f"{model} narrow"
+                    yield Job("D", name, method, "fp32", *CPU_SIZE, "2", {**options, **over}, loop)
 
 
 # ---- one row ------------------------------------------------------------------------------------------------------
@@ -189,7 +226,7 @@ def run_job(job: Job) -> dict[str, Any]:
     from memprof.runtime.trace import trace
 
     spec = model_spec(job)
-    device = "cuda" if job.part == "A" else "cpu"
+    device = "cuda" if job.part in ("A", "C") else "cpu"
     row: dict[str, Any] = dict(zip(KEY, job.key))
     row.update(family=FAMILY[job.model.removesuffix(" narrow")], device=device + ("" if device == "cpu" else " (modelled)"))
     setup = resolve_setup(None, {"method": job.method, "batch_size": job.batch_size, "seq_len": job.seq_len,
@@ -209,7 +246,7 @@ def run_job(job: Job) -> dict[str, Any]:
         row["trace_s"] = round(time.perf_counter() - start, 2)
     except MemprofError as exc:
         errors["traced"] = str(exc)
-    if job.part == "B" and (plain is not None or traced is not None):
+    if job.part in ("B", "D") and (plain is not None or traced is not None):
         if job.method == "qlora":
             errors["measured"] = "not measured: QLoRA needs bitsandbytes' CUDA kernels"
         else:
@@ -375,9 +412,10 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames and tuple(reader.fieldnames) != COLUMNS:
+        fields = tuple(reader.fieldnames or ())
+        if fields and fields != COLUMNS and fields != tuple(c for c in COLUMNS if c != "loop"):
             raise SystemExit(f"{path} has other columns than this script writes; move it away to start afresh")
-        return list(reader)
+        return [{**r, "loop": r.get("loop") or ""} for r in reader]  # before parts C/D: every row a torch loop
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -455,7 +493,9 @@ def render_markdown(rows: list[dict[str, str]], header: dict[str, str]) -> str:
     missing = [r for r in rows if r["status"] != "n/a" and not r["verdict"].startswith("meets")]
     a_rows = [r for r in ok if r["part"] == "A"]
     b_rows = [r for r in ok if r["part"] == "B"]
-    measured = [r for r in b_rows if r.get("measured_peak_bytes")]
+    c_rows = [r for r in ok if r["part"] == "C"]
+    d_rows = [r for r in ok if r["part"] == "D"]
+    measured = [r for r in b_rows + d_rows if r.get("measured_peak_bytes")]
     out = [
         "# Validation: analytic vs traced vs measured",
         "",
@@ -491,7 +531,9 @@ def render_markdown(rows: list[dict[str, str]], header: dict[str, str]) -> str:
         f"- rows: {len(rows)}: {len(ok)} compared, {len(na)} n/a (the method does not apply; the row says why), "
         f"{len(err)} with one estimator failing",
         f"- part A (full depth, CUDA modelled): {len(a_rows)} compared rows; part B (2 blocks, CPU kernels): "
-        f"{len(b_rows)} compared rows, {len(measured)} of them measured",
+        f"{len(b_rows)} compared rows; parts C and D (the loop around the model: optimizer kernel, accumulation, "
+        f"zeroing, padding, kept outputs, KV cache, the Trainer) at full depth and on CPU: {len(c_rows)} and "
+        f"{len(d_rows)} compared rows; {len(measured)} rows measured on CPU in all",
     ]
     for key, what, pool in (("analytic_vs_traced_frac", "analytic (tracked) vs traced, peak", ok),
                             ("worst_phase_vs_traced_frac", "analytic (tracked) vs traced, any phase's peak", ok),
@@ -512,11 +554,13 @@ def render_markdown(rows: list[dict[str, str]], header: dict[str, str]) -> str:
     out.append("")
     if missing:
         out += ["### Rows missing a target, and why", "",
-                "| part | model | method | precision | b | s | misses | why (below) |", "|---|---|---|---|---|---|---|---|"]
+                "| part | model | method | precision | b | s | loop | misses | why (below) |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in missing:
             keys = ", ".join(w.split(":")[0] for w in r["why"].split(" / ")) if r["why"] else ""
             out.append(f"| {r['part']} | {r['model']} | {r['method']} | {r['precision']} | {r['batch_size']} | "
-                       f"{r['seq_len']} | {_md(r['verdict'].removeprefix('misses: '))} | {keys} |")
+                       f"{r['seq_len']} | {r['loop'] or 'torch'} | {_md(r['verdict'].removeprefix('misses: '))} | "
+                       f"{keys} |")
         out += ["", "Why, as found by investigating these rows (tensor-level snapshots of the trace at the phase peak "
                 "against the analytic replay):", ""]
         for key, _test, why in EXPLANATIONS:
@@ -584,10 +628,25 @@ def render_markdown(rows: list[dict[str, str]], header: dict[str, str]) -> str:
             "analytic vs traced | traced vs measured | analytic vs measured | worst category, traced vs measured | "
             "step s | verdict | note |", "|" + "---|" * 16]
     out += [_row_b(r) for r in rows if r["part"] == "B"]
+    loops = "; ".join(f"*{k}*: " + ", ".join(f"{o}={v}" for o, v in over.items()) for k, over in LOOP_VARIANTS.items())
+    out += ["", "## Part C: the loop around the model, full depth, CUDA modelled (GiB)", "",
+            "The same comparison as part A for the loop settings a run can differ by (issue 13), at b=4, s=256: "
+            f"{loops}. Each row's reference is its own trace (the loop run as `runtime/step.run_step` runs it).", "",
+            "| model | method | precision | b | s | loop | analytic plain | analytic tracked | traced | plain vs tracked | "
+            "analytic vs traced | any phase | worst category | verdict | note |", "|" + "---|" * 15]
+    out += [_row_a(r) for r in rows if r["part"] == "C"]
+    out += ["", "## Part D: the loop around the model, 2 blocks, CPU kernels, measured (MiB)", "",
+            f"fp32 at b={CPU_SIZE[0]}, s={CPU_SIZE[1]}; bert-base-uncased and gpt2 at their real widths, the "
+            "LLaMA-style models as their narrow copies.", "",
+            "| model | method | precision | b | s | loop | analytic plain | analytic tracked | traced | measured | "
+            "analytic vs traced | traced vs measured | analytic vs measured | worst category, traced vs measured | "
+            "step s | verdict | note |", "|" + "---|" * 17]
+    out += [_row_b(r) for r in rows if r["part"] == "D"]
     out += ["", "## Columns of validation.csv", "",
-            "- key: `part` (A full depth CUDA modelled, B 2 blocks CPU), `model`, `layers`, `method`, `precision` "
-            "(fp32 | bf16 = pure bf16 | fp16-amp | bf16-mixed = bf16 weights with fp32 master weights and states), "
-            "`batch_size`, `seq_len`;",
+            "- key: `part` (A full depth CUDA modelled, B 2 blocks CPU; C and D the same for the loop variants), "
+            "`model`, `layers`, `method`, `precision` (fp32 | bf16 = pure bf16 | fp16-amp | bf16-mixed = bf16 weights "
+            "with fp32 master weights and states), `batch_size`, `seq_len`, `loop` (a LOOP_VARIANTS key; empty: a "
+            "plain torch loop);",
             "- `status` ok | n/a (the method does not apply; `note` says why) | error (one estimator failed); "
             "`verdict` meets targets | misses: what; `note`: estimator messages and the investigated reason for a miss;",
             "- `*_peak_bytes`: analytic plain, analytic tracked, traced, measured; `*_phase`: the phase of each peak;",
@@ -623,6 +682,8 @@ def _md(text: str) -> str:
 def _row(r: dict[str, str], cells: list[str]) -> str:
     """A table row: the run's key columns, then ``cells`` and the verdict and note (an n/a row: blanks)."""
     head = f"| {r['model']} | {r['method']} | {r['precision']} | {r['batch_size']} | {r['seq_len']} |"
+    if r["part"] in ("C", "D"):
+        head += f" {r['loop']} |"
     if r["status"] == "n/a":
         return head + f"{' |' * len(cells)} n/a | {_md(r['note'])} |"
     return head + "".join(f" {c} |" for c in cells) + f" {_md(r['verdict'])} | {_note(r)} |"
@@ -645,6 +706,90 @@ def _row_b(r: dict[str, str]) -> str:
                     _mib(r, "measured_peak_bytes"), _p(r, "analytic_vs_traced_frac", 3),
                     _p(r, "traced_vs_measured_frac", 3), _p(r, "analytic_vs_measured_frac", 3),
                     _cat(r, "traced_vs_measured"), r.get("step_s", "")])
+
+
+# ---- part E: a real Trainer, per step ------------------------------------------------------------------------------
+TRAINER_MODELS = ("gpt2", "Llama-3.2-1B")   # narrow copies, 2 blocks, fp32, CPU
+TRAINER_RUN = {"batch_size": 4, "grad_accum": 2, "steps": 4, "sequences": 32, "lengths": (16, 128), "seed": 0}
+STEP_COLUMNS = ("model", "method", "step", "micro_batches", "shapes", "real_tokens", "measured_peak_bytes",
+                "estimate_peak_bytes", "drift_frac", "forward_peak_bytes", "backward_peak_bytes", "optimizer_peak_bytes")
+
+
+def trainer_steps() -> list[dict[str, Any]]:
+    """Train each narrow copy with transformers' Trainer on variable-length, right-padded batches (gradient
+    accumulation 2, its default fused AdamW) under memprof's callback; one row per optimizer step."""
+    import random
+
+    import torch
+    import transformers
+
+    from memprof.config import resolve_setup
+    from memprof.integrations import attach
+    from memprof.runtime.build import apply_method, build_base_model
+
+    cfg = TRAINER_RUN
+    rng = random.Random(cfg["seed"])
+    lengths = [rng.randint(*cfg["lengths"]) for _ in range(cfg["sequences"])]
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(r["input_ids"]) for r in rows)
+        ids = torch.zeros(len(rows), n, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, :len(r["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    out = []
+    for model_name in TRAINER_MODELS:
+        spec = model_spec(Job("E", f"{model_name} narrow", "full", "fp32", 0, 0, "2"))
+        data = [{"input_ids": [rng.randrange(3, spec.vocab_size) for _ in range(k)]} for k in lengths]
+        for method in ("full", "lora"):
+            setup = resolve_setup(None, {"method": method, "dtype": "fp32", "device": "cpu", "batch_size": 1,
+                                         "seq_len": max(lengths), **METHOD_OPTIONS.get(model_name, {}).get(method, {})})
+            torch.manual_seed(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = apply_method(build_base_model(spec, setup, "cpu"), spec, setup)
+                args = transformers.TrainingArguments(
+                    output_dir="/tmp/memprof-validate-trainer", per_device_train_batch_size=cfg["batch_size"],
+                    gradient_accumulation_steps=cfg["grad_accum"], max_steps=cfg["steps"], report_to=[],
+                    use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1000)
+                trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+                callback = attach(trainer, out=None)
+                trainer.train()
+            for r in callback.records:
+                out.append({"model": f"{model_name} narrow", "method": method, "step": r.step,
+                            "micro_batches": r.micro_batches, "shapes": f"b={r.batch_size} s<={r.seq_len}",
+                            "real_tokens": r.real_tokens, "measured_peak_bytes": r.peak_bytes,
+                            "estimate_peak_bytes": r.estimate_peak_bytes, "drift_frac": r.drift_frac,
+                            **{f"{p}_peak_bytes": v for p, v in r.phase_peaks.items()}})
+    return out
+
+
+def render_steps(rows: list[dict[str, str]]) -> list[str]:
+    if not rows:
+        return []
+    worst, which = _worst(rows, "drift_frac")
+    cfg = TRAINER_RUN
+    out = ["", "## Part E: a real transformers Trainer, every step (CPU, MiB)", "",
+           f"Narrow copies (2 blocks, fp32) trained by `transformers.Trainer` for {cfg['steps']} optimizer steps: "
+           f"{cfg['sequences']} sequences of {cfg['lengths'][0]}-{cfg['lengths'][1]} random tokens (seed "
+           f"{cfg['seed']}), per-device batch {cfg['batch_size']}, right-padded to each batch's longest, "
+           f"gradient accumulation {cfg['grad_accum']}, the Trainer's default fused AdamW; `memprof.integrations."
+           "attach(trainer)` records each step (the tracker's live-tensor peak on CPU) and estimates it at its own "
+           "micro-batch shapes (the first micro-batch without gradients, the second with them; tracked). The "
+           "first step has no optimizer state yet and is compared with the first-step estimate.", "",
+           f"Worst drift: {100 * worst:+.3f}% ({which['model']} {which['method']} step {which['step']})." if which
+           else "", "",
+           "| model | method | step | micro-batches | shape | real tokens | measured | estimate | drift | forward | "
+           "backward | optimizer |", "|" + "---|" * 12]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['method']} | {r['step']} | {r['micro_batches']} | {r['shapes']} | "
+                   f"{r['real_tokens']} | {_mib(r, 'measured_peak_bytes')} | {_mib(r, 'estimate_peak_bytes')} | "
+                   f"{_p(r, 'drift_frac', 3)} | {_mib(r, 'forward_peak_bytes')} | {_mib(r, 'backward_peak_bytes')} | "
+                   f"{_mib(r, 'optimizer_peak_bytes')} |")
+    return out
 
 
 def environment() -> dict[str, str]:
@@ -673,7 +818,9 @@ def environment() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "estimates", help="folder of validation.csv / .md")
-    parser.add_argument("--parts", default="A,B", help="A (full depth, traced) and/or B (2 blocks, CPU measured)")
+    parser.add_argument("--parts", default="A,B,C,D,E",
+                        help="A (full depth, traced), B (2 blocks, CPU measured), C and D (the same for the loop "
+                             "variants), E (real Trainer runs, per step)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--precisions", default=",".join(REGIMES))
@@ -701,17 +848,26 @@ def main() -> None:
             append_row(csv_path, row)
             print(f"[{i}/{len(todo)}] {' '.join(job.key)}: {row['status']} {row.get('verdict') or ''} "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
+    steps_path = args.out / "validation_steps.csv"
+    if "E" in args.parts and not args.render_only:
+        steps = trainer_steps()
+        with steps_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=STEP_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows({k: _csv_value(r.get(k)) for k in STEP_COLUMNS} for r in steps)
+        print(f"part E: {len(steps)} Trainer steps -> {steps_path}", flush=True)
     if args.no_render:
         return
     rows = read_rows(csv_path)
-    order = {k: i for i, k in enumerate(j.key for j in jobs("AB", MODELS, METHODS, tuple(REGIMES)))}
+    order = {k: i for i, k in enumerate(j.key for j in jobs("ABCD", MODELS, METHODS, tuple(REGIMES)))}
     rows.sort(key=lambda r: order.get(tuple(r[k] for k in KEY), len(order)))
     for r in rows:  # the reasons are kept here, not with the runs, so a new finding needs no re-run
         r["why"] = explain(r)
     write_rows(csv_path, rows)
     header = {**environment(), "command": "python benchmarks/validate.py" + (
         " " + shlex.join(a for a in sys.argv[1:] if a != "--render-only") if [a for a in sys.argv[1:] if a != "--render-only"] else "")}
-    md_path.write_text(render_markdown(rows, header))
+    steps = list(csv.DictReader(steps_path.open(newline=""))) if steps_path.exists() else []
+    md_path.write_text(render_markdown(rows, header) + "\n".join(render_steps(steps)) + ("\n" if steps else ""))
     print(f"wrote {md_path} ({len(rows)} rows)")
 
 

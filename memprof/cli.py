@@ -6,6 +6,7 @@ for its own usage errors; nothing here computes memory.
 """
 
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from rich.text import Text
 
 from .cli_options import (FormatOpt, GpuOpt, ModelArg, ParamsOpt, resolve_measure_run, resolve_model, resolve_run,
                           setup_overrides, sweep_axes, sweep_device, with_run_options)
-from .config import RunSetup
+from .config import Device, RunSetup
 from .errors import ConfigError, LibraryRefusalError, MemprofError
 from .documents import estimate_document, estimate_renderables
 from .report import Format, render_rows
@@ -60,6 +61,14 @@ def estimate(
     trace_layers: Annotated[str, typer.Option(
         "--trace-layers", help="Trace: 'auto' (2 and 3 blocks, extrapolated), 'full', or a block count.")] = "auto",
     peft_config: Annotated[Optional[Path], typer.Option("--peft-config", help="Trace: a peft config JSON to apply.")] = None,
+    seq_lens: Annotated[Optional[Path], typer.Option(
+        "--seq-lens", help="A file of sequence lengths (one per line, 'length count' pairs, JSON, CSV/JSONL length "
+                           "column): the distribution of per-step peaks over one epoch; -s is then the maximum "
+                           "length [default: the longest].")] = None,
+    batching: Annotated[str, typer.Option(
+        "--batching", help="With --seq-lens: longest | bucketed | packed | max-length.")] = "longest",
+    mfu_assumed: Annotated[float, typer.Option(
+        "--mfu", min=0.01, max=1.0, help="With --seq-lens and --gpu: the MFU step times assume.")] = 0.4,
     fmt: FormatOpt = Format.table,
     run: dict | None = None,
 ) -> None:
@@ -67,6 +76,11 @@ def estimate(
     with user_errors():
         assert run is not None
         spec, note = resolve_model(model, params, run, any_family=trace)
+        if seq_lens is not None:
+            if trace:
+                raise ConfigError("--seq-lens works with the analytic estimate, not --trace")
+            _estimate_lengths(spec, run, seq_lens, batching, gpu, mfu_assumed, fmt, note)
+            return
         setup = resolve_run(run)
         if trace:
             est = _trace(spec, setup, trace_layers, peft_config)
@@ -78,6 +92,33 @@ def estimate(
             est = run_estimate(spec, setup, explain=explain)
         fit = _fit(est, gpu)
         _render_estimate(est, fmt, fit=fit, explain=explain, note=note)
+
+
+def _estimate_lengths(spec: ModelSpec, run: dict[str, Any], path: Path, batching: str, gpu: str | None,
+                      mfu_assumed: float, fmt: Format, note: str | None) -> None:
+    from .analytic import estimate as run_estimate
+    from .analytic.lengths import Batching, distribution, load_lengths
+    from .config import parse_enum
+    from .documents import render_distribution
+
+    lengths = load_lengths(path)
+    if run["seq_len"] is None:
+        run = {**run, "seq_len": max(lengths)}
+    setup = resolve_run(run)
+    dist = distribution(spec, setup, lengths, parse_enum(Batching, batching, "batching"))
+    worst = max(dist.worst.micro_batches, key=lambda b: b.batch_size * b.seq_len)
+    est = run_estimate(spec, dataclasses.replace(setup, batch_size=worst.batch_size, seq_len=worst.seq_len,
+                                                 padded=setup.padded or worst.masked))
+    render_distribution(dist, est, fmt, console, fit=_fit(est, gpu), gpu=_gpu(gpu), mfu_assumed=mfu_assumed,
+                        note=note)
+
+
+def _gpu(gpu: str | None) -> Any:
+    if gpu is None:
+        return None
+    from .analytic.fit import resolve_gpu
+
+    return resolve_gpu(gpu)
 
 
 def _trace(spec: ModelSpec, setup: RunSetup, layers: str, peft_config: Path | None):  # noqa: ANN202
@@ -132,6 +173,10 @@ def fit(
     model: ModelArg = None,
     params: ParamsOpt = None,
     gpu: Annotated[str, typer.Option("--gpu", help="GPU name from the catalog or a size (24GiB).")] = "A100-80GB",
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Then run real steps at the predicted batch size on this machine's device (each in its own "
+                         "process), backing off after an OOM (needs memprof\\[measure]).")] = False,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="--verify: seconds per attempt.")] = None,
     fmt: FormatOpt = Format.table,
     run: dict | None = None,
 ) -> None:
@@ -141,13 +186,22 @@ def fit(
         from .analytic import estimate as run_estimate
         from .analytic.fit import check_fit, max_batch_size, max_seq_len, resolve_gpu
 
-        spec, note = resolve_model(model, params, run)
+        spec, note = resolve_model(model, params, run, any_family=False)
         setup = resolve_run(run)
         target = resolve_gpu(gpu)
         best_b = max_batch_size(spec, setup, target)
         best_s = max_seq_len(spec, setup, target)
         est = run_estimate(spec, setup)
         _render_estimate(est, fmt, fit=check_fit(est, target), note=note, max_batch=best_b, max_seq=best_s)
+        if verify:
+            from .cli_options import measure_device
+            from .documents import render_fit_check
+            from .runtime.runner import check_measurable
+            from .verify import verify_batch_size
+
+            device, _ = measure_device({**run, "device": None})
+            check_measurable(dataclasses.replace(setup, device=Device(device)), spec)
+            render_fit_check(verify_batch_size(spec, setup, target, device, timeout_s=timeout), fmt, console)
 
 
 @app.command()
@@ -304,6 +358,9 @@ def report(
         "--by-category", help="Tables: also the estimated (and measured) bytes of each category.")] = False,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="Write a PNG of memory by category and step times (needs memprof\\[plot]).")] = None,
+    steps: Annotated[bool, typer.Option(
+        "--steps", help="Per-step records of a profiled run (memprof.integrations): one row per step and rank; "
+                        "--plot draws memory per step against the estimate.")] = False,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Rebuild the comparison table from saved records, without running anything (estimates are recomputed)."""
@@ -312,6 +369,22 @@ def report(
         from .documents import render_comparison
         from .sweep import read_records, rows_from_records
 
+        if steps:
+            from .sweep import step_rows
+
+            if plot is not None:
+                from .plot import check_plot_path
+
+                check_plot_path(plot)
+            from .documents import render_steps
+
+            rows_ = step_rows(read_records(files))
+            render_steps(rows_, fmt, console)
+            if plot is not None:
+                from .plot import write_steps_plot
+
+                err_console.print(Text(f"plot written to {write_steps_plot(rows_, plot)}", style="dim"))
+            return
         rows = compare_runs(rows_from_records(read_records(files)))
         render_comparison([r.to_row() for r in rows], fmt, console, by_category=by_category)
         _plot(rows, plot)

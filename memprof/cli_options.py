@@ -72,6 +72,23 @@ RUN_OPTIONS: list[tuple[str, Any]] = [
         "--virtual-tokens", help="Prefix/prompt tuning: virtual tokens.  [default: 20]")]),
     ("prefix_projection", Annotated[Optional[bool], typer.Option(
         "--prefix-projection/--no-prefix-projection", help="Prefix tuning through an MLP.  [default: off]")]),
+    ("loop", Annotated[Optional[str], typer.Option(
+        "--loop", help="torch | trainer: the training loop (trainer: transformers' Trainer defaults).  [default: torch]")]),
+    ("optimizer_impl", Annotated[Optional[str], typer.Option(
+        "--optimizer-impl", help="foreach | fused | for-loop  [default: the loop's: torch foreach on CUDA, for-loop on "
+                                 "CPU; trainer fused AdamW]")]),
+    ("zero_grad", Annotated[Optional[str], typer.Option(
+        "--zero-grad", help="none (set_to_none) | zeros (gradients kept, zeroed in place)  [default: none]")]),
+    ("grad_accum", Annotated[Optional[int], typer.Option(
+        "--grad-accum", help="Micro-batches per optimizer step (gradients held between them).  [default: 1]")]),
+    ("padded", Annotated[Optional[bool], typer.Option(
+        "--padded/--no-padded", help="Batches carry padding (an attention mask in every layer).  [default: off]")]),
+    ("keep_outputs", Annotated[Optional[bool], typer.Option(
+        "--keep-outputs/--no-keep-outputs", help="The loop holds the model output (logits) until the next "
+                                                 "forward.  [default: off]")]),
+    ("use_cache", Annotated[Optional[bool], typer.Option(
+        "--use-cache/--no-use-cache", help="Decoders build a KV cache in training (config.use_cache left on).  "
+                                           "[default: off]")]),
     ("cuda_context_mib", Annotated[Optional[float], typer.Option(
         "--cuda-context-mib", help="CUDA context size assumed, MiB.  [default: 500]")]),
     ("reserve_frac", Annotated[Optional[float], typer.Option(
@@ -115,6 +132,9 @@ def setup_overrides(run: dict[str, Any]) -> dict[str, Any]:
         "method": run["method"], "batch_size": run["batch_size"], "seq_len": run["seq_len"], "dtype": run["dtype"],
         "regime": run["regime"], "optimizer": run["optimizer"], "attn_impl": run["attn"], "device": run["device"],
         "grad_checkpointing": run["grad_checkpointing"], "dropout": run["dropout"],
+        "loop": run["loop"], "optimizer_impl": run["optimizer_impl"], "zero_grad": run["zero_grad"],
+        "grad_accum": run["grad_accum"], "padded": run["padded"], "keep_outputs": run["keep_outputs"],
+        "use_cache": run["use_cache"],
     }
     for name, values in groups.items():
         given = {k: v for k, v in values.items() if v is not None}

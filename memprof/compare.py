@@ -23,7 +23,7 @@ from .records import CATEGORIES, Category
 
 # records.setup_row's columns: the join key (tests check they match)
 KEY_COLUMNS = ("model", "task", "method", "batch_size", "seq_len", "dtype", "regime", "optimizer", "attn_impl",
-               "device", "grad_checkpointing", "dropout", "method_options")
+               "device", "grad_checkpointing", "dropout", "method_options", "loop_options")
 # a method's baseline is the full fine-tune of the same model at the same size and precision
 GROUP_COLUMNS = tuple(c for c in KEY_COLUMNS if c not in ("method", "method_options"))
 KINDS = ("analytic", "analytic-tracked", "traced", "measured")

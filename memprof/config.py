@@ -66,6 +66,25 @@ class Device(str, Enum):
     cpu = "cpu"
 
 
+class Loop(str, Enum):
+    """The training loop around the model: it decides the optimizer kernel, when gradients are freed, what the
+    loop keeps alive. Each field a loop sets can be overridden (``optimizer_impl``, ``zero_grad``, ...)."""
+
+    torch = "torch"       # model(**batch).loss.backward(); optimizer.step(); optimizer.zero_grad()
+    trainer = "trainer"   # transformers Trainer: adamw_torch_fused (torch >= 2.8), model.zero_grad(), loss / K
+
+
+class OptimizerImpl(str, Enum):
+    foreach = "foreach"    # _foreach_* over a (device, dtype) group: group-sized temporaries (torch's CUDA default)
+    fused = "fused"        # one fused kernel, in place: no parameter-sized temporaries (Trainer's default AdamW)
+    for_loop = "for-loop"  # one tensor at a time: temporaries of the largest tensors (torch's CPU default)
+
+
+class ZeroGrad(str, Enum):
+    none = "none"    # zero_grad(set_to_none=True): gradients freed after the step (torch >= 2.0, Trainer)
+    zeros = "zeros"  # zero_grad(set_to_none=False): gradients kept between steps, zeroed in place
+
+
 class AdapterVariant(str, Enum):
     houlsby = "houlsby"    # after attention output and after FFN output (Houlsby et al. 2019)
     pfeiffer = "pfeiffer"  # after FFN output only (Pfeiffer et al. 2020)
@@ -186,10 +205,25 @@ class RunSetup:
     ia3: IA3Spec | None = None
     prompt: PromptLearningSpec | None = None
     overheads: Overheads = field(default_factory=Overheads)
+    # ---- the loop around the model (defaults: a plain torch loop, one micro-batch, no padding) ----------------
+    loop: Loop = Loop.torch
+    optimizer_impl: OptimizerImpl | None = None  # None = the loop's: torch foreach on CUDA / for-loop on CPU; Trainer fused
+    zero_grad: ZeroGrad = ZeroGrad.none   # zeros keeps every gradient alive between steps
+    grad_accum: int = 1                   # micro-batches per optimizer step (K): gradients held between them
+    padded: bool = False                  # batches carry padding: a b x s mask reaches every attention layer
+    keep_outputs: bool = False            # the loop holds the model output (logits) until backward ends
+    use_cache: bool = False               # decoders build a KV cache in training (config.use_cache left on)
 
     def __post_init__(self) -> None:
         _check_int("batch size", self.batch_size, 1, 1 << 20)
         _check_int("sequence length", self.seq_len, 1, 1 << 22)
+        _check_int("gradient accumulation steps", self.grad_accum, 1, 1 << 16)
+        for name in ("grad_checkpointing", "dropout", "padded", "keep_outputs", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name.replace('_', ' ')} must be true or false, got {getattr(self, name)!r}")
+        if self.optimizer_impl is OptimizerImpl.fused and self.optimizer not in FUSED_OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer.value} has no fused kernel; fused applies to: "
+                              f"{', '.join(o.value for o in FUSED_OPTIMIZERS)}")
         if self.regime is Regime.fp32 and self.dtype is not Dtype.fp32:
             raise ConfigError(f"regime fp32 needs --dtype fp32, got {self.dtype.value}")
         if self.regime in (Regime.pure, Regime.amp, Regime.mixed) and self.dtype is Dtype.fp32:
@@ -210,6 +244,32 @@ class RunSetup:
     def tokens(self) -> int:
         return self.batch_size * self.seq_len
 
+    @property
+    def effective_optimizer_impl(self) -> OptimizerImpl:
+        """The optimizer kernel the loop runs: the explicit one, else the loop's default (torch 2.13's
+        _default_to_fused_or_foreach: foreach on CUDA, the for-loop on CPU; transformers' Trainer on torch >= 2.8:
+        optim="adamw_torch_fused" for AdamW, torch's default otherwise)."""
+        if self.optimizer_impl is not None:
+            return self.optimizer_impl
+        if self.loop is Loop.trainer and self.optimizer is Optimizer.adamw:
+            return OptimizerImpl.fused
+        if self.optimizer in (Optimizer.lion, Optimizer.adamw_8bit):
+            return OptimizerImpl.for_loop  # memprof's Lion and bitsandbytes: one tensor at a time
+        return OptimizerImpl.foreach if self.device is Device.cuda else OptimizerImpl.for_loop
+
+    @property
+    def grads_kept(self) -> bool:
+        """Gradients exist before a backward starts: every micro-step after the first accumulates into them,
+        and with zero_grad=zeros every step does (not in the mixed regime, whose step hands the half gradients to
+        the fp32 masters and drops them)."""
+        return self.grad_accum > 1 or (self.zero_grad is ZeroGrad.zeros and self.effective_regime is not Regime.mixed)
+
+    @property
+    def builds_cache(self) -> bool:
+        """transformers builds a DynamicCache in training only with use_cache on and no gradient checkpointing
+        (checkpointed layers turn use_cache off, modeling_layers.py)."""
+        return self.use_cache and not self.grad_checkpointing
+
 
 def check_runnable(setup: RunSetup) -> None:
     """Combinations that are valid options but no training step runs as configured (checked by the estimators
@@ -225,6 +285,9 @@ def check_runnable(setup: RunSetup) -> None:
             "(past_key_values=None) in checkpointed layers, so encoders ignore the prefixes and decoders fail; "
             "turn one of them off (prompt tuning works with checkpointing)")
 
+
+# optimizers torch ships a fused kernel for (torch.optim AdamW and SGD, fused=True)
+FUSED_OPTIMIZERS = (Optimizer.adamw, Optimizer.sgd, Optimizer.sgd_momentum)
 
 # `memprof measure` on a CPU: a size a 2-core machine finishes in minutes, in fp32 (CPU bf16 matmuls are slow).
 CPU_MEASURE_DEFAULTS: dict[str, Any] = {"dtype": Dtype.fp32, "batch_size": 8, "seq_len": 128}
@@ -260,7 +323,7 @@ def _check_int(what: str, value: Any, lo: int, hi: int) -> None:
 
 _ENUM_FIELDS: dict[str, type[Enum]] = {
     "method": Method, "dtype": Dtype, "regime": Regime, "optimizer": Optimizer,
-    "attn_impl": AttnImpl, "device": Device,
+    "attn_impl": AttnImpl, "device": Device, "loop": Loop, "optimizer_impl": OptimizerImpl, "zero_grad": ZeroGrad,
 }
 _GROUP_FIELDS: dict[str, type] = {
     "lora": LoraSpec, "quant": QuantSpec, "adapter": AdapterSpec, "ia3": IA3Spec, "prompt": PromptLearningSpec,
@@ -273,7 +336,7 @@ def parse_enum(enum: type[Enum], value: Any, what: str) -> Any:
     if isinstance(value, enum):
         return value
     try:
-        return enum(str(value).lower().replace("_", "-") if enum is Optimizer else str(value).lower())
+        return enum(str(value).lower().replace("_", "-") if enum in (Optimizer, OptimizerImpl) else str(value).lower())
     except ValueError:
         allowed = ", ".join(m.value for m in enum)  # type: ignore[attr-defined]
         raise ConfigError(f"{what} '{value}' is not supported; choose one of: {allowed}") from None

@@ -129,3 +129,44 @@ def _time_panel(ax, rows: Sequence[ComparisonRow]) -> None:  # noqa: ANN001
     ax.set_ylabel("median step time (s)")
     ax.set_title("measured step time (speed-up vs full above the bars)")
     ax.grid(axis="y", alpha=0.3)
+
+
+def write_steps_plot(rows: Sequence[dict], path: str | Path) -> Path:
+    """Per-step memory of a profiled run (``memprof report --steps``): measured peak per optimizer step and rank,
+    the estimate of each step's shape beside it, and the padded length on a second axis."""
+    from matplotlib.figure import Figure
+
+    from matplotlib.ticker import MaxNLocator
+
+    path = check_plot_path(path)
+    fig = Figure(figsize=(9, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    top = max(r["peak_bytes"] for r in rows)
+    unit, scale = ("GiB", BYTES_PER_GIB) if top >= BYTES_PER_GIB else ("MiB", 2**20)
+    for rank in sorted({r["rank"] for r in rows}):
+        mine = [r for r in rows if r["rank"] == rank]
+        steps = [r["step"] for r in mine]
+        suffix = f" (rank {rank})" if len({r["rank"] for r in rows}) > 1 else ""
+        ax.plot(steps, [r["peak_bytes"] / scale for r in mine], "o-", label="measured peak" + suffix)
+        est = [(r["step"], r["estimate_peak_bytes"] / scale) for r in mine if r.get("estimate_peak_bytes")]
+        if est:
+            ax.plot(*zip(*est), "s--", label="memprof estimate of the step's shape" + suffix)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"peak memory ({unit})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    lengths = ax.twinx()
+    ax.set_zorder(lengths.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    lengths.bar([r["step"] for r in rows], [r["seq_len"] for r in rows], alpha=0.15, color="#7f7f7f",
+                label="padded length")
+    lengths.set_ylabel("padded sequence length (tokens)")
+    first = rows[0]
+    fig.suptitle(f"{first['model']} | {first['method']} | b={first['batch_size']} | {first.get('device', '')}: "
+                 "peak memory per step", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    h2, l2 = lengths.get_legend_handles_labels()
+    ax.legend(handles + h2, labels + l2, fontsize=8, loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

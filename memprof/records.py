@@ -114,6 +114,8 @@ class Estimate:
     terms: tuple[Term, ...] = ()
     notes: tuple[str, ...] = ()
     elapsed_s: float | None = None              # wall time to produce it (traced)
+    after_step_bytes: int | None = None         # allocated right after optimizer.step(), before zero_grad (the
+                                                # gradients still alive): what published benchmarks often read
 
     @property
     def peak_bytes(self) -> int:
@@ -126,6 +128,7 @@ class Estimate:
             "total_params": self.total_params, "trainable_params": self.trainable_params,
             "peak_bytes": self.peak_bytes, "peak_phase": self.peak_phase.value,
             "first_step_peak_bytes": self.first_step_peak_bytes, "steady_bytes": self.steady_bytes,
+            "after_step_bytes": self.after_step_bytes,
             "allocated_bytes": self.device.allocated_bytes, "reserved_bytes": self.device.reserved_bytes,
             "device_total_bytes": self.device.device_total_bytes,
         }
@@ -145,8 +148,27 @@ def setup_row(spec: ModelSpec, setup: RunSetup) -> dict[str, Any]:
         "regime": setup.effective_regime.value, "optimizer": setup.optimizer.value,
         "attn_impl": setup.attn_impl.value, "device": setup.device.value,
         "grad_checkpointing": setup.grad_checkpointing, "dropout": setup.dropout,
-        "method_options": method_options_str(setup),
+        "method_options": method_options_str(setup), "loop_options": loop_options_str(setup),
     }
+
+
+LOOP_FIELDS = ("loop", "optimizer_impl", "zero_grad", "grad_accum", "padded", "keep_outputs", "use_cache")
+
+
+def loop_options_str(setup: RunSetup) -> str:
+    """The loop's settings that differ from a plain torch loop ('' for it): part of the join key. The optimizer
+    kernel is named when it is not the device's torch default."""
+    default = RunSetup(device=setup.device, optimizer=setup.optimizer)
+    parts = []
+    for name in LOOP_FIELDS:
+        value = getattr(setup, name)
+        if name == "optimizer_impl":
+            value, base = setup.effective_optimizer_impl, default.effective_optimizer_impl
+        else:
+            base = getattr(default, name)
+        if value != base:
+            parts.append(f"{name}={value.value if isinstance(value, Enum) else value}")
+    return " ".join(parts)
 
 
 def method_options_str(setup: RunSetup) -> str:
@@ -204,6 +226,7 @@ class Measurement:
     reserved_bytes: int | None = None            # CUDA: max_memory_reserved
     device_used_bytes: int | None = None         # NVML: process memory on the device
     steady_bytes: int | None = None              # allocated after optimizer.step() + zero_grad
+    after_step_bytes: int | None = None          # allocated after optimizer.step(), before zero_grad
     rss_peak_bytes: int | None = None            # CPU: process peak resident set (context only)
     breakdown: MemoryBreakdown | None = None     # tracker categories at the peak (breakdown mode)
     peak_phase: str | None = None
@@ -225,7 +248,8 @@ class Measurement:
     def to_row(self) -> dict[str, Any]:
         row: dict[str, Any] = {"kind": "measured", **self.setup_row, "status": self.status}
         for name in ("message", "total_params", "trainable_params", "peak_bytes", "reserved_bytes",
-                     "device_used_bytes", "steady_bytes", "rss_peak_bytes", "peak_phase", "tracker_peak_bytes",
+                     "device_used_bytes", "steady_bytes", "after_step_bytes", "rss_peak_bytes", "peak_phase",
+                     "tracker_peak_bytes",
                      "step_time_median_s", "step_time_p10_s", "step_time_p90_s", "samples_per_s", "tokens_per_s",
                      "flops_per_step", "mfu", "energy_per_step_j", "warmup_steps", "timed_steps"):
             row[name] = getattr(self, name)
@@ -234,3 +258,19 @@ class Measurement:
         if self.env is not None:
             row.update({f"env_{k}": v for k, v in self.env.as_dict().items()})
         return row
+
+
+def loop_description(setup: RunSetup) -> str:
+    """'torch loop' / 'Trainer loop, grad accum 4, padded batches, ...': the loop part of a setup line."""
+    parts = ["Trainer loop" if setup.loop.value == "trainer" else "torch loop"]
+    if setup.grad_accum > 1:
+        parts.append(f"grad accum {setup.grad_accum}")
+    if setup.zero_grad.value == "zeros":
+        parts.append("grads zeroed in place")
+    if setup.padded:
+        parts.append("padded batches")
+    if setup.keep_outputs:
+        parts.append("outputs kept through backward")
+    if setup.use_cache:
+        parts.append("KV cache built" if setup.builds_cache else "use_cache (off under checkpointing)")
+    return ", ".join(parts)

@@ -191,15 +191,16 @@ def _decode(record: Mapping[str, Any]) -> tuple[ModelSpec, RunSetup]:
 
 def record_row(record: Mapping[str, Any], spec: ModelSpec, setup: RunSetup) -> dict[str, Any] | None:
     """The stored row of a measurement or trace record (None for analytic records: they are recomputed)."""
+    key = setup_row(spec, setup)  # recomputed: records written before a key column existed still join
     if record["schema"] == MEASUREMENT_SCHEMA:
         from .runtime.runner import measurement_from_dict
 
-        return measurement_from_dict(record["measurement"]).to_row()
+        return {**measurement_from_dict(record["measurement"]).to_row(), **key}
     if record.get("kind") != "traced":
         return None
     if record.get("status", "ok") != "ok":
         return failed_row(spec, setup, "traced", record["status"], record.get("message") or "")
-    return {**record["estimate"], "kind": "traced"}
+    return {**record["estimate"], **key, "kind": "traced"}
 
 
 def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -369,3 +370,31 @@ def _measure_row(spec: ModelSpec, setup: RunSetup, stored: Sequence[Mapping[str,
         return failed_row(spec, setup, "measured", "n/a", str(exc)), False
     return m.to_row(), True
 
+
+
+def step_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The per-step rows of StepProfiler / MemprofCallback records (``memprof report --steps``), by rank, step.
+
+    Raises:
+        ConfigError: no record comes from the step profiler.
+    """
+    rows = []
+    for record in records:
+        m = record.get("measurement") or {}
+        extra = m.get("extra") or {}
+        if extra.get("source") != "step profiler":
+            continue
+        row = m.get("setup_row") or {}
+        phases = extra.get("phase_peaks") or {}
+        rows.append({"model": row.get("model"), "method": row.get("method"), "device": m.get("device"),
+                     "rank": extra.get("rank", 0), "step": extra.get("step"), "batch_size": row.get("batch_size"),
+                     "seq_len": row.get("seq_len"), "micro_batches": extra.get("micro_batches"),
+                     "real_tokens": extra.get("real_tokens"), "peak_bytes": m.get("peak_bytes"),
+                     "estimate_peak_bytes": extra.get("estimate_peak_bytes"), "drift_frac": extra.get("drift_frac"),
+                     "forward_peak_bytes": phases.get("forward"), "backward_peak_bytes": phases.get("backward"),
+                     "optimizer_peak_bytes": phases.get("optimizer"), "reserved_bytes": m.get("reserved_bytes"),
+                     "step_time_s": m.get("step_time_median_s"), "tokens_per_s": m.get("tokens_per_s")})
+    if not rows:
+        raise ConfigError("no per-step records here (they come from memprof.integrations: MemprofCallback, "
+                          "StepProfiler); drop --steps to report compare/measure records")
+    return sorted(rows, key=lambda r: (r["rank"], r["step"] or 0))

@@ -19,7 +19,7 @@ from ..config import RunSetup, check_runnable, with_method_defaults
 from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
 from ..spec import Family, Task as SpecTask, check_sequence_length
-from ..config import Method
+from ..config import Loop, Method, Regime, ZeroGrad
 from .compose import FATES, Timeline, structural, timeline
 from .explain import explain_terms
 from .overheads import device_totals
@@ -40,7 +40,8 @@ def _structure(spec: ModelSpec, setup: RunSetup, tracked: bool) -> tuple[ParamCo
     """Everything that does not depend on (b, s), cached per model and structural options."""
     key = (spec, setup.method, setup.dtype, setup.regime, setup.optimizer, setup.attn_impl, setup.device,
            setup.grad_checkpointing, setup.dropout, setup.lora, setup.quant, setup.adapter, setup.ia3, setup.prompt,
-           tracked, setup.batch_size == 1)
+           tracked, setup.batch_size == 1, setup.effective_optimizer_impl, setup.grads_kept, setup.zero_grad,
+           setup.padded, setup.keep_outputs, setup.builds_cache)
     hit = _STRUCTURES.get(key)
     if hit is None:
         struct = structural(setup)
@@ -52,9 +53,13 @@ def _structure(spec: ModelSpec, setup: RunSetup, tracked: bool) -> tuple[ParamCo
 
 
 def input_bytes(spec: ModelSpec, setup: RunSetup) -> int:
-    """The batch: int64 token ids (b*s); seq-cls labels (b); causal-LM labels are the ids themselves."""
+    """The batch: int64 token ids (b*s); seq-cls labels (b); causal-LM labels are the ids themselves, or with
+    padding their own tensor (pads set to -100); a padded batch also has its int64 attention mask (b*s). The
+    Trainer fetches all K micro-batches of a step before the first (Trainer.get_batch_samples): K batches."""
     b, s = setup.batch_size, setup.seq_len
-    return 8 * b * s + (8 * b if spec.task is SpecTask.seq_cls else 0)
+    labels = 8 * b if spec.task is SpecTask.seq_cls else (8 * b * s if setup.padded else 0)
+    batches = setup.grad_accum if setup.loop is Loop.trainer else 1
+    return batches * (8 * b * s + labels + (8 * b * s if setup.padded else 0))
 
 
 def _best(cands: tuple, totals: tuple, b: int, s: int):  # noqa: ANN202
@@ -93,25 +98,40 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     b, s = setup.batch_size, setup.seq_len
     bs, bss = b * s, b * s * s
     inputs = input_bytes(spec, setup)
-    base = (sb.params_trainable, sb.params_frozen, 0, sb.optimizer_states, sb.master_weights, 0, 0, 0, inputs)
+    # gradients a backward finds already there: all of them after the first micro-batch (grad_accum > 1), or
+    # kept between steps (zero_grad=zeros); each new one is added in place (sim.Graph.grads_kept)
+    held_grads = sb.gradients if setup.grads_kept else 0
+    base = (sb.params_trainable, sb.params_frozen, held_grads, sb.optimizer_states, sb.master_weights, 0, 0, 0,
+            inputs)
 
-    def breakdown(sparse: tuple, temporaries: int = 0, gradients: int = 0) -> MemoryBreakdown:
+    def value(p: tuple) -> int:
+        return round(p[0] * bs + p[1] * bss + p[2] * b + p[3] * s + p[4])
+
+    def breakdown(sparse: tuple, temporaries: int = 0, gradients: int = 0, activations: int = 0) -> MemoryBreakdown:
         v = list(base)
         for k, p in sparse:
-            v[k] += round(p[0] * bs + p[1] * bss + p[2] * b + p[3] * s + p[4])
+            v[k] += value(p)
         v[2] += gradients
+        v[6] += activations
         v[7] += temporaries
         return MemoryBreakdown(*v)
 
-    fwd = breakdown(_best(tl.forward_sparse, tl.forward_totals, b, s))
+    # a loop that keeps the model output (keep_outputs) holds the previous step's through this step's forward:
+    # the same tensors as this step's, alive after its backward (all that is, besides gradients)
+    kept = sum(value(p) for k, p in tl.end_of_backward_sparse if FATES[k] != "gradients")
+    fwd = breakdown(_best(tl.forward_sparse, tl.forward_totals, b, s), activations=kept)
     bwd = breakdown(_best(tl.backward_sparse, tl.backward_totals, b, s))
     opt = breakdown(tl.end_of_backward_sparse, sb.optimizer_temp + sb.grad_upcast, -sb.grads_freed_at_step)
     phases = ((Phase.forward, fwd), (Phase.backward, bwd), (Phase.optimizer, opt))
     peak_phase, peak = max(phases, key=lambda kv: kv[1].total_bytes)
     first = max(fwd.total_bytes, bwd.total_bytes) - sb.optimizer_states
     first = max(first, opt.total_bytes)
-    steady = sb.params_trainable + sb.params_frozen + sb.optimizer_states + sb.master_weights + inputs
-    terms = explain_terms(spec, setup, pc, sb, inputs, peak.total_bytes, peak_phase) if explain else ()
+    steady = sb.params_trainable + sb.params_frozen + sb.optimizer_states + sb.master_weights + inputs + kept
+    # right after optimizer.step() every gradient is still there (the mixed regime's step has dropped them)
+    after_step = steady + (0 if setup.effective_regime is Regime.mixed else sb.gradients)
+    if setup.zero_grad is ZeroGrad.zeros and setup.effective_regime is not Regime.mixed:
+        steady += sb.gradients  # zeroed in place, not freed
+    terms = explain_terms(spec, setup, pc, sb, inputs, peak.total_bytes, peak_phase, kept) if explain else ()
     notes: tuple[str, ...] = ()
     refused = refusal_note(spec, setup)
     if refused:
@@ -123,6 +143,7 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     return Estimate(
         kind="analytic", spec=spec, setup=setup, total_params=pc.total, trainable_params=pc.trainable,
         peak=peak, peak_phase=peak_phase, phase_peaks=phases, first_step_peak_bytes=first, steady_bytes=steady,
+        after_step_bytes=after_step,
         device=device_totals(peak.total_bytes, setup), terms=terms, notes=notes,
     )
 

@@ -65,7 +65,7 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
     # scaling keeps the strides it is given). With a batch of one any (1, a, s, d) layout folds as a view.
     batch_of_one = ctx.setup.batch_size == 1   # compose.structural keeps this bit of b
     if not repeated:
-        contiguous_k = contiguous_v = bool(ctx.extra_kv)
+        contiguous_k = contiguous_v = ctx.kv_cat
     elif repeated_copy:
         contiguous_k = contiguous_v = True
     else:  # MQA's stride-0 view folds only once a cast (autocast) has materialised it

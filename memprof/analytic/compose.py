@@ -92,7 +92,7 @@ def replay(spec: ModelSpec, setup: RunSetup, tracked: bool = False) -> Replay:
     autograd accumulates gradients out of place (see ``Graph.inplace_accumulation``).
     """
     layers = min(spec.num_layers, 3)
-    g = Graph(device=setup.device.value, inplace_accumulation=not tracked)
+    g = Graph(device=setup.device.value, inplace_accumulation=not tracked, grads_kept=setup.grads_kept)
     ctx = build_context(g, spec, setup)
     ctx.layers = layers
     loss = forward(ctx, layers)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import Device, Method, RunSetup
-from ..spec import ModelSpec, Task
+from ..spec import Family, ModelSpec, Task
 from . import peft_methods
 from .modules import Module
 from .sim import WCOPY, Graph, T
@@ -65,6 +65,18 @@ class Ctx:
             width = m.d_out if m.kind in ("linear", "conv1d", "embedding") else m.d_in
             self.params[key] = self.g.param(numel, width, self.wdt, self.trainable(full_name, m, kind), key)
         return self.params[key]
+
+    @property
+    def kv_cat(self) -> bool:
+        """Each layer's keys/values go through DynamicCache.update (a torch.cat: new contiguous tensors): prefix
+        tuning's prefix cache, or a decoder's own cache when the model builds one in training (use_cache)."""
+        return bool(self.extra_kv) or (self.setup.builds_cache and self.spec.family is not Family.bert)
+
+    def keep_output(self, t: T) -> None:
+        """``t`` is part of the model output: a loop that keeps the output (keep_outputs) holds it past the
+        backward, into the next step's forward."""
+        if self.setup.keep_outputs:
+            self.g.step_holds.append(self.g.alias(t))
 
     @property
     def out_dtype(self) -> str:

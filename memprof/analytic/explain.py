@@ -87,7 +87,7 @@ def _activation_terms(spec: ModelSpec, setup: RunSetup) -> list[Term]:
 
 
 def explain_terms(spec: ModelSpec, setup: RunSetup, pc: ParamCounts, sb: StateBytes, inputs: int,
-                  peak_tensor_bytes: int, phase: Phase) -> tuple[Term, ...]:
+                  peak_tensor_bytes: int, phase: Phase, kept_outputs_bytes: int = 0) -> tuple[Term, ...]:
     """Every named piece of the estimate: model states, activations kept for backward, overheads."""
     regime = setup.effective_regime
     wb = weight_bytes(setup)
@@ -110,6 +110,11 @@ def explain_terms(spec: ModelSpec, setup: RunSetup, pc: ParamCounts, sb: StateBy
                           f"{pc.frozen:,} x {wb} B", sb.params_frozen, _STATE_SOURCE))
     terms.append(Term(Category.gradients, "gradients (one per trainable weight, its dtype)", t_formula, t_sub,
                       sb.gradients, _STATE_SOURCE))
+    if setup.grads_kept:
+        why = (f"micro-batches 2..{setup.grad_accum} of each step find them all (grad accumulation)"
+               if setup.grad_accum > 1 else "zero_grad(set_to_none=False) keeps them between steps")
+        terms.append(Term(Category.gradients, "gradients alive through forward and backward", t_formula, why,
+                          sb.gradients, "torch accumulate_grad.h: .grad += new, in place"))
     formula, source = _OPT_STATES[setup.optimizer]
     state_b = 4 if regime in (Regime.mixed,) or wb == 4 else wb
     terms.append(Term(Category.optimizer_states, f"optimizer states ({setup.optimizer.value})",
@@ -118,16 +123,30 @@ def explain_terms(spec: ModelSpec, setup: RunSetup, pc: ParamCounts, sb: StateBy
     if sb.master_weights:
         terms.append(Term(Category.master_weights, "fp32 master weights", "P_t x 4 B", f"{base_t:,} x 4 B",
                           sb.master_weights, _STATE_SOURCE))
-    terms.append(Term(Category.inputs, "batch (int64 token ids, labels)", "8 x b x s (+ 8 x b labels)",
-                      f"8 x {setup.batch_size} x {setup.seq_len}", inputs, "synthetic batch"))
+    per = "8 x b x s" + (" x 3 (ids, attention mask, labels)" if setup.padded and spec.task.value == "causal-lm"
+                         else " x 2 (ids, attention mask) + 8 x b labels" if setup.padded
+                         else " + 8 x b labels" if spec.task.value == "seq-cls" else "")
+    batches = setup.grad_accum if setup.loop.value == "trainer" else 1
+    terms.append(Term(Category.inputs, "batch (int64 token ids, labels" + (", attention mask)" if setup.padded else ")")
+                      + (f" x {batches} micro-batches fetched at once (Trainer.get_batch_samples)" if batches > 1
+                         else ""), (f"{batches} x ({per})" if batches > 1 else per),
+                      f"b={setup.batch_size}, s={setup.seq_len}", inputs, "the batch the loop holds"))
     acts = _activation_terms(spec, setup)  # weight copies first, then activations, as the report groups them
     terms += [t for t in acts if t.category is Category.weight_copies]
     terms += [t for t in acts if t.category is Category.activations]
+    impl = setup.effective_optimizer_impl.value
     if sb.optimizer_temp:
-        how = ("one temporary per (device, dtype) group: _foreach_sqrt(exp_avg_sq)" if setup.device.value == "cuda"
-               else "per tensor: exp_avg_sq.sqrt() / bias_correction (largest tensor, x2)")
+        how = ("foreach: one temporary per (device, dtype) group, _foreach_sqrt(exp_avg_sq)" if impl == "foreach"
+               else "for-loop: per tensor, exp_avg_sq.sqrt() / bias_correction (largest tensors, x2)")
         terms.append(Term(Category.temporaries, "optimizer.step() temporaries", how, fmt_bytes_auto(sb.optimizer_temp),
                           sb.optimizer_temp, "torch.optim.adamw _multi_tensor_adamw / _single_tensor_adamw"))
+    elif impl == "fused" and setup.optimizer is Optimizer.adamw:
+        terms.append(Term(Category.temporaries, "optimizer.step() temporaries", "fused kernel: updates in place",
+                          "0 B", 0, "torch.optim.adamw _fused_adamw (torch._fused_adamw_)"))
+    if setup.keep_outputs:
+        terms.append(Term(Category.activations, "the previous step's model output (logits, cache), held by the loop",
+                          "as this step's output", "until this step's forward returns", kept_outputs_bytes,
+                          "a loop that binds outputs = model(**batch); counted in the forward phase"))
     if sb.grad_upcast:
         terms.append(Term(Category.temporaries, "fp32 copies of the gradients at the step (mixed regime)",
                           "P_t x 4 B", f"{base_t:,} x 4 B", sb.grad_upcast, "memprof MasterWeightOptimizer"))

@@ -206,7 +206,8 @@ def _embedding_trains(spec: ModelSpec, plan: _Plan) -> bool:
 
 
 def step_flops(spec: ModelSpec, setup: RunSetup) -> StepFlops:
-    """Training FLOPs of one step of ``setup.batch_size`` sequences of ``setup.seq_len`` tokens.
+    """Training FLOPs of one optimizer step: ``setup.grad_accum`` micro-batches of ``setup.batch_size``
+    sequences of ``setup.seq_len`` tokens (padding included: padded positions are computed like the others).
 
     Forward: 2·T·d_in·d_out per matmul (T tokens; the BERT pooler and classifier see one token per sequence)
     plus 2·2·b·s_q·s_k·(a·d) per block for attention scores and values (Kaplan et al. 2020; PaLM App. B).
@@ -261,7 +262,8 @@ def step_flops(spec: ModelSpec, setup: RunSetup) -> StepFlops:
         fwd, bwd_in, bwd_w, block_fwd = fwd + f, bwd_in + di, bwd_w + dw, block_fwd + f
     _, f, di, dw = run(_head_nodes(spec, plan, b), requires_grad)
     fwd, bwd_in, bwd_w = fwd + f, bwd_in + di, bwd_w + dw
-    return StepFlops(fwd, bwd_in, bwd_w, recompute_flops=block_fwd if setup.grad_checkpointing else 0)
+    k = setup.grad_accum  # an optimizer step runs K micro-batches
+    return StepFlops(k * fwd, k * bwd_in, k * bwd_w, recompute_flops=k * block_fwd if setup.grad_checkpointing else 0)
 
 
 def palm_flops_per_token(spec: ModelSpec, seq_len: int, matmul_params: int) -> int:

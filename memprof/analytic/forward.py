@@ -49,9 +49,12 @@ def forward(ctx: Ctx, layers: int) -> T:
     held.append(g.alias(x))  # embedding_output / inputs_embeds stay referenced by the model's forward
     mask = None
     cos = sin = None
-    if spec.family is not Family.bert and (setup.attn_impl is AttnImpl.eager or setup.method is Method.prefix):
-        # create_causal_mask: a (b, 1, s, s_kv) additive mask in the model dtype, shared by all layers
-        # (bool for SDPA, which attention_core converts per call; eager adds the dtype's minimum)
+    if setup.padded or (spec.family is not Family.bert and (setup.attn_impl is AttnImpl.eager
+                                                            or setup.method is Method.prefix)):
+        # create_causal_mask (decoders) / create_bidirectional_mask (encoders, padding only): a (b, 1, s, s_kv)
+        # mask shared by all layers, bool for SDPA (attention_core converts it per call), the model dtype for
+        # eager (the dtype's minimum added); SDPA gets none when nothing needs masking beyond causality (no
+        # padding, no prefix: is_causal instead)
         held.append(g.new(scores(ctx, 1), 1, "bool" if setup.attn_impl is AttnImpl.sdpa
                           else ctx.amp and "fp32" or ctx.wdt, "causal mask"))
         mask = held[-1]
@@ -72,6 +75,8 @@ def forward(ctx: Ctx, layers: int) -> T:
         x = y
     g.segment("head")
     loss = script.head(ctx, x, held)
+    for t in ctx.kv_cache:  # the output's past_key_values
+        ctx.keep_output(t)
     g.drop(*peft_held, *ctx.kv_cache)
     ctx.end_autocast()
     return loss

@@ -58,7 +58,8 @@ def decoder_head(ctx: Ctx, x: T, held: list[T]) -> T:
     g.custom("nll_loss", [ls], [loss], [shifted])
     g.drop(ls, shifted, padded, lf)   # the loss function's locals
     g.drop(n)                         # CausalLM.forward's hidden_states
-    g.drop(logits)                    # the returned output, dropped by the harness
+    ctx.keep_output(logits)
+    g.drop(logits)                    # the returned output, dropped by the loop right after the forward
     return loss
 
 
@@ -76,6 +77,7 @@ def classification_loss(ctx: Ctx, logits: T) -> T:
     g = ctx.g
     lin = ctx.to_fp32(logits, "loss")
     ls = g.unary(lin, "log_softmax", "output")
+    ctx.keep_output(logits)
     g.drop(lin, logits)
     loss = g.new(P(c=1), 1, ls.dtype, "loss")
     g.custom("nll_loss", [ls], [loss], [])

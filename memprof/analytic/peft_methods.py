@@ -148,17 +148,20 @@ def adapter_after(ctx: Ctx, y: T, site: str, i: int) -> T:
     return bottleneck_adapter(ctx, y, f"adapter ({site})")
 
 
-def prefix_kv(ctx: Ctx, k: T, v: T, i: int, width: int) -> tuple[T, T]:
-    """Prefix tuning: DynamicCache.update concatenates the layer's prefix keys/values before the new ones."""
+def cache_update(ctx: Ctx, k: T, v: T, i: int, width: int) -> tuple[T, T]:
+    """DynamicCache.update (transformers 5.23 cache_utils.py, DynamicLayer): ``torch.cat`` of the layer's cached
+    keys/values (prefix tuning's prefix, else an empty tensor) with the new ones: new contiguous tensors that
+    replace k and v for the attention."""
     g = ctx.g
-    pk = ctx.prefix_kv[i]
-    kk = g.cat([pk[0], k], "keys with prefix")
-    vv = g.cat([pk[1], v], "values with prefix")
+    pk = ctx.prefix_kv[i] if ctx.extra_kv else None
+    kk = g.cat([pk[0], k] if pk else [k], "keys with prefix" if pk else "keys (cache)")
+    vv = g.cat([pk[1], v] if pk else [v], "values with prefix" if pk else "values (cache)")
     g.resize(kk, kv_tok(ctx, width))
     g.resize(vv, kv_tok(ctx, width))
-    g.drop(k, v, *pk)
-    # the cache keeps the concatenations (layer.keys/values) until the model's forward returns; where
-    # attention saves something else (autocast's half copies, CPU SDPA's working copies) they outlive it
+    g.drop(k, v, *(pk or ()))
+    # the cache keeps the concatenations (layer.keys/values) until the model's forward returns (past it when the
+    # loop keeps the output, which holds the cache); where attention saves something else (autocast's half
+    # copies, CPU SDPA's working copies) they outlive it
     for t in (kk, vv):
         ctx.kv_cache.append(g.alias(t))
         t.st.carried = True

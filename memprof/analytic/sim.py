@@ -163,6 +163,11 @@ class Graph:
     # which ATen reports for every tensor while a TorchDispatchMode is active (a tracker, FakeTensorMode):
     # then old, new and their sum coexist. True models a plain run, False a tracked or traced one.
     inplace_accumulation: bool = True
+    # every parameter already has a .grad when the backward starts (a micro-batch after the first under gradient
+    # accumulation, or zero_grad(set_to_none=False)): AccumulateGrad adds each new gradient into it in place
+    # (accumulate_grad.h, case 2.3, under a dispatch mode too) and the new buffer dies at once
+    grads_kept: bool = False
+    step_holds: list[T] = field(default_factory=list)   # held by the loop past the backward (kept outputs)
 
     # ---- lifetime -----------------------------------------------------------------------------------
     def _alloc(self, nbytes: Poly, label: str, fate: str | None) -> Storage:
@@ -385,6 +390,8 @@ class Graph:
         """
         pending: dict[int, Storage] = {}
         param_grads: dict[int, Storage] = {}
+        arrivals = self._param_arrivals(loss) if self.grads_kept else {}
+        grad_fate = TEMP if self.grads_kept else GRAD
         seed = self._alloc(pscale(loss.numel, BYTES[loss.dtype]), "grad of loss", None)
         seed.refs = 1
         pending[id(loss)] = seed
@@ -411,7 +418,7 @@ class Graph:
                 root = t.root
                 is_param = root.st.fate in (PARAM_T, PARAM_F)
                 if is_param:
-                    g = self._alloc(pscale(root.numel, BYTES[root.dtype]), "grad " + root.label, GRAD)
+                    g = self._alloc(pscale(root.numel, BYTES[root.dtype]), "grad " + root.label, grad_fate)
                 elif alloc:
                     g = self._alloc(pscale(root.numel, BYTES[t.dtype]), "grad " + t.label, None)
                 else:
@@ -433,22 +440,29 @@ class Graph:
                 if old is None:
                     g.refs += 1
                     slots[id(root)] = g
-                    continue
-                if is_param:
-                    g.fate = TEMP  # a second gradient for the same parameter (tied embeddings) never is .grad
-                # in place only when nothing else holds the old buffer (can_accumulate_inplace)
-                if self.inplace_accumulation and old.refs == 1:
+                elif self.inplace_accumulation and old.refs == 1:
+                    # in place only when nothing else holds the old buffer (can_accumulate_inplace)
+                    if is_param:
+                        g.fate = TEMP  # a second gradient for the same parameter (tied embeddings) never is .grad
                     self._release(g)            # old.add_(new)
-                    continue
-                total = self._alloc(old.nbytes, "grad sum " + label, GRAD if is_param else None)
-                self.cand()
-                if is_param:
-                    old.fate = TEMP
-                old.refs -= 1
-                self._release(old)
-                self._release(g)
-                total.refs = 1
-                slots[id(root)] = total
+                else:
+                    if is_param:
+                        g.fate = TEMP
+                    total = self._alloc(old.nbytes, "grad sum " + label, grad_fate if is_param else None)
+                    self.cand()
+                    if is_param:
+                        old.fate = TEMP
+                    old.refs -= 1
+                    self._release(old)
+                    self._release(g)
+                    total.refs = 1
+                    slots[id(root)] = total
+                if is_param and self.grads_kept:
+                    arrivals[id(root)] -= 1
+                    if arrivals[id(root)] == 0:  # AccumulateGrad runs: .grad += new, in place; new dies
+                        done = param_grads.pop(id(root))
+                        done.refs -= 1
+                        self._release(done)
             if region is not None and index == region.first:
                 self.drop(*region.holds)
         for g in pending.values():   # gradients of leaves that are not parameters die with the graph
@@ -456,3 +470,18 @@ class Graph:
             self._release(g)
         self.drop(*self.leaf_holds)
         return list(param_grads.values())
+
+    def _param_arrivals(self, loss: T) -> dict[int, int]:
+        """How many gradients each parameter's AccumulateGrad waits for: its uses by nodes the backward
+        reaches from ``loss`` (the engine's dependency count)."""
+        reached, arrivals = {id(loss)}, {}
+        for node in reversed(self.nodes):
+            if not any(id(o) in reached for o in node.outputs):
+                continue
+            for t in node.inputs:
+                root = t.root
+                if root.st.fate in (PARAM_T, PARAM_F):
+                    arrivals[id(root)] = arrivals.get(id(root), 0) + 1
+                else:
+                    reached.add(id(root))
+        return arrivals

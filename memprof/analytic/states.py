@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import Device, Method, Optimizer, Regime, RunSetup
+from ..config import Device, Method, Optimizer, OptimizerImpl, Regime, RunSetup
 from ..spec import ModelSpec
 from .params import ParamCounts, method_params, trainable_tensors
 from .sim import BYTES
@@ -61,9 +61,21 @@ def _state_elems_per_tensor(rows: int, cols: int, opt: Optimizer) -> float:
     return 0                              # plain SGD
 
 
+def step_counter_bytes(spec: ModelSpec, setup: RunSetup) -> int:
+    """AdamW's and Adafactor's per-tensor ``state["step"]``: a 0-dim fp32 tensor, on the parameter's device
+    when the kernel is fused (or the parameters are on the CPU), else on the CPU (torch 2.13 adam.py,
+    ``_init_group``), where it costs the device nothing. NB: 4 bytes each here; the CUDA caching allocator
+    serves each from a 512-byte block."""
+    if setup.optimizer not in (Optimizer.adamw, Optimizer.adafactor):
+        return 0
+    if setup.device is Device.cpu or setup.effective_optimizer_impl is OptimizerImpl.fused:
+        return 4 * len(trainable_tensors(spec, setup))
+    return 0
+
+
 def optimizer_state_bytes(spec: ModelSpec, setup: RunSetup) -> int:
     opt = setup.optimizer
-    total = 0
+    total = step_counter_bytes(spec, setup)
     wb = weight_bytes(setup)
     master = setup.effective_regime is Regime.mixed
     for rows, cols, adapter in trainable_tensors(spec, setup):
@@ -82,13 +94,16 @@ def _optimizer_temp_bytes(spec: ModelSpec, setup: RunSetup) -> int:
 
     AdamW: foreach (CUDA default) computes ``exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)`` for a whole
     (device, dtype) group at once: one temporary of the group's size; the for-loop path (CPU default) does
-    ``(exp_avg_sq.sqrt() / bias_correction2_sqrt)`` per tensor: two temporaries of the largest tensor.
+    ``(exp_avg_sq.sqrt() / bias_correction2_sqrt)`` per tensor: two temporaries of the largest tensor; the fused
+    kernel (``torch._fused_adamw_``, the Trainer's adamw_torch_fused) updates in place: none.
     Adafactor builds a full-size variance estimate per tensor (group-wide with foreach). Lion (memprof's
     implementation) allocates one update per tensor. SGD's updates are in place.
     """
     opt = setup.optimizer
     tensors = trainable_tensors(spec, setup)
-    if not tensors or opt in (Optimizer.sgd, Optimizer.sgd_momentum, Optimizer.adamw_8bit):
+    impl = setup.effective_optimizer_impl
+    if not tensors or opt in (Optimizer.sgd, Optimizer.sgd_momentum, Optimizer.adamw_8bit) \
+            or impl is OptimizerImpl.fused:
         return 0
     master = setup.effective_regime is Regime.mixed
     wb = weight_bytes(setup)
@@ -96,8 +111,7 @@ def _optimizer_temp_bytes(spec: ModelSpec, setup: RunSetup) -> int:
     def nbytes(rows: int, cols: int, adapter: bool) -> int:
         return rows * cols * (4 if adapter or master else wb)
 
-    foreach = setup.device is Device.cuda and opt is not Optimizer.lion
-    if foreach:
+    if impl is OptimizerImpl.foreach:
         groups: dict[bool, int] = {}
         for rows, cols, adapter in tensors:
             key = adapter or master or wb == 4

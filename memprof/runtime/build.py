@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..config import Dtype, LoraSpec, Method, Optimizer, Regime, RunSetup, check_runnable
+from ..config import Dtype, LoraSpec, Method, Optimizer, OptimizerImpl, Regime, RunSetup, check_runnable
 from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError
 from ..spec import Family, ModelSpec, Task, check_sequence_length
 from .adapters import add_bottleneck_adapters, is_norm_module
@@ -53,7 +53,7 @@ def hf_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (transforme
         if cfg.get("pad_token_id") is None and spec.family is not Family.bert:
             # decoders pick the last non-pad token; with no pad id they refuse batches > 1
             cfg["pad_token_id"] = cfg.get("eos_token_id") if isinstance(cfg.get("eos_token_id"), int) else 0
-    cfg["use_cache"] = False
+    cfg["use_cache"] = setup.use_cache  # transformers turns it off itself in checkpointed layers
     try:
         config = AutoConfig.for_model(model_type, **cfg)
     except (KeyError, ValueError) as exc:
@@ -247,8 +247,8 @@ class Lion(torch.optim.Optimizer):
 
 
 def build_optimizer(params: list[torch.nn.Parameter], setup: RunSetup, device_type: str) -> torch.optim.Optimizer:
-    """The optimizer of ``setup``. foreach is explicit (CUDA: on, CPU: off, torch's defaults) so that fake
-    CUDA tensors in a trace take the same code path as a real CUDA run.
+    """The optimizer of ``setup`` with the loop's kernel (``setup.effective_optimizer_impl``: foreach, fused or
+    the for-loop), always explicit so that fake CUDA tensors in a trace take the same code path as a real run.
 
     Raises:
         ConfigError: nothing to train.
@@ -256,16 +256,18 @@ def build_optimizer(params: list[torch.nn.Parameter], setup: RunSetup, device_ty
     """
     if not params:
         raise ConfigError("nothing to train: the method left no parameter with requires_grad=True")
-    foreach = device_type == "cuda"
+    impl = setup.effective_optimizer_impl
+    kernel = {"fused": True, "foreach": False} if impl is OptimizerImpl.fused else \
+        {"foreach": impl is OptimizerImpl.foreach}
     opt = setup.optimizer
     if opt is Optimizer.adamw:
-        return torch.optim.AdamW(params, lr=1e-5, foreach=foreach)
+        return torch.optim.AdamW(params, lr=1e-5, **kernel)
     if opt is Optimizer.sgd:
-        return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
+        return torch.optim.SGD(params, lr=1e-3, **kernel)
     if opt is Optimizer.sgd_momentum:
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **kernel)
     if opt is Optimizer.adafactor:
-        return torch.optim.Adafactor(params, lr=1e-3, foreach=foreach)
+        return torch.optim.Adafactor(params, lr=1e-3, foreach=impl is OptimizerImpl.foreach)
     if opt is Optimizer.lion:
         return Lion(params)
     if opt is Optimizer.adamw_8bit:
@@ -303,8 +305,11 @@ class MasterWeightOptimizer:
                 m.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
+        for p in self.params:  # step() has already handed the half gradients to the masters and dropped them
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad.zero_()
 
 
 def make_optimizer(model: nn.Module, setup: RunSetup, device_type: str):  # noqa: ANN201
@@ -317,14 +322,27 @@ def make_optimizer(model: nn.Module, setup: RunSetup, device_type: str):  # noqa
 def synthetic_batch(spec: ModelSpec, setup: RunSetup, device: str | torch.device) -> dict[str, torch.Tensor]:
     """Random token ids of the task's shape: (b, s) inputs; seq-cls labels (b,), causal-LM labels = inputs.
 
-    No attention mask: every token is real, so no padding mask is materialised (a padded batch adds one
-    b x s x s mask shared by all layers). Works under FakeTensorMode (device="cuda" on a CPU build).
+    Unpadded (the default): no attention mask, so transformers materialises none. ``setup.padded``: an int64
+    (b, s) attention mask whose rows after the first end in padding (right padding, as tokenizers pad for
+    training), pad positions labelled -100 for causal LM; transformers then builds the mask every attention layer
+    reads. Works under FakeTensorMode (device="cuda" on a CPU build).
     """
     b, s = setup.batch_size, setup.seq_len
     ids = torch.randint(0, spec.vocab_size, (b, s), device=device)
+    batch = {"input_ids": ids}
+    if setup.padded:
+        lengths = [max(1, s - (i * s) // (2 * b)) for i in range(b)]  # row 0 full, the others shorter
+        mask = torch.zeros(b, s, dtype=torch.long, device=device)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        batch["attention_mask"] = mask
     if spec.task is Task.seq_cls:
-        return {"input_ids": ids, "labels": torch.randint(0, spec.num_labels, (b,), device=device)}
-    return {"input_ids": ids, "labels": ids}
+        batch["labels"] = torch.randint(0, spec.num_labels, (b,), device=device)
+    elif setup.padded:
+        batch["labels"] = ids.masked_fill(batch["attention_mask"] == 0, -100)
+    else:
+        batch["labels"] = ids
+    return batch
 
 
 def check_positions(spec: ModelSpec, setup: RunSetup) -> None:

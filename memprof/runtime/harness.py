@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 import statistics
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -50,6 +50,8 @@ class BuiltRun:
     scaler: Any
     trainable_params: int
     total_params: int
+    held: list = field(default_factory=list)  # the loop's kept model output (keep_outputs), across steps
+    after_step_bytes: int | None = None       # CUDA: allocated right after the last timed optimizer.step()
 
 
 def _progress(progress: ProgressFn | None, phase: str, step: int, total: int) -> None:
@@ -133,8 +135,10 @@ def build_run(spec: ModelSpec, setup: RunSetup, device: str, pretrained: str | N
     return BuiltRun(model, optimizer, batch, scaler, trainable, total)
 
 
-def _step(run: BuiltRun, setup: RunSetup, device: str, tracker: MemoryTracker | None = None) -> None:
-    run_step(run.model, run.batch, run.optimizer, setup, device, tracker=tracker, scaler=run.scaler)
+def _step(run: BuiltRun, setup: RunSetup, device: str, tracker: MemoryTracker | None = None,
+          after_step: Callable[[], None] | None = None) -> None:
+    run_step(run.model, run.batch, run.optimizer, setup, device, tracker=tracker, scaler=run.scaler, held=run.held,
+             after_step=after_step)
 
 
 def run_warmup(run: BuiltRun, setup: RunSetup, device: str, steps: int, progress: ProgressFn | None = None) -> None:
@@ -145,11 +149,16 @@ def run_warmup(run: BuiltRun, setup: RunSetup, device: str, steps: int, progress
 
 def run_timed(run: BuiltRun, setup: RunSetup, device: str, steps: int,
               progress: ProgressFn | None = None) -> list[float]:
-    """The timed window: plain steps (no tracker, no hooks), one wall time each in seconds."""
+    """The timed window: plain steps (no tracker, no hooks), one wall time each in seconds. The last one also
+    reads CUDA's allocated bytes right after optimizer.step() (``run.after_step_bytes``)."""
     timer = probes.StepTimer(device)
     for i in range(steps):
+        read = None
+        if device == "cuda" and i == steps - 1:
+            def read() -> None:
+                run.after_step_bytes = probes.cuda_allocated_bytes()
         with timer.step():
-            _step(run, setup, device)
+            _step(run, setup, device, after_step=read)
         _progress(progress, "timed", i + 1, steps)
     return timer.times_s
 
@@ -162,6 +171,33 @@ class TrackedStep:
     peak_bytes: int
     peak_phase: str                # forward | backward | optimizer
     steady_bytes: int              # live after optimizer.step() + zero_grad
+    after_step_bytes: int          # live right after optimizer.step(), before zero_grad
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor reachable in a model output (ModelOutput fields, tuples, a Cache's layers)."""
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+
+    def walk(x: Any) -> None:
+        if id(x) in seen:
+            return
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif hasattr(x, "layers"):  # transformers Cache: per-layer keys/values
+            for layer in x.layers:
+                walk(getattr(layer, "keys", None))
+                walk(getattr(layer, "values", None))
+
+    walk(obj)
+    return out
 
 
 def tracked_step(run: BuiltRun, setup: RunSetup, device: str) -> TrackedStep:
@@ -171,13 +207,22 @@ def tracked_step(run: BuiltRun, setup: RunSetup, device: str) -> TrackedStep:
     tracker.register_module(run.model)
     tracker.register(run.batch.values(), Category.inputs)
     tracker.register_optimizer(run.optimizer)
+    # the previous step's output a keep_outputs loop still holds (logits, the KV cache): alive since its forward
+    tracker.register(_tensors(run.held), Category.activations)
     tracker.reset_peak()
+    after: list[int] = []
     with tracker:
-        _step(run, setup, device, tracker=tracker)
+        _step(run, setup, device, tracker=tracker, after_step=lambda: after.append(tracker.current_bytes))
     breakdown = tracker.breakdown()
     phase_peaks = tracker.phase_peaks()
     top = max(phase_peaks, key=lambda p: phase_peaks[p][0]) if phase_peaks else Phase.forward.value
-    return TrackedStep(breakdown, tracker.peak_bytes, top.split(".")[0], tracker.current_bytes)
+    return TrackedStep(breakdown, tracker.peak_bytes, top.split(".")[0], tracker.current_bytes, after[-1])
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that are not padding (the attention mask's ones; every token without a mask)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -311,14 +356,15 @@ def _assemble(spec: ModelSpec, setup: RunSetup, device: str, run: BuiltRun, time
                      + ("" if tracked else "; not measured (run with breakdown)") + "; rss_peak_bytes is context only")
     peak = reads.get("peak_bytes", tracked.peak_bytes if tracked and device == "cpu" else None)
     steady = reads.get("steady_bytes", tracked.steady_bytes if tracked and device == "cpu" else None)
+    after_step = run.after_step_bytes if device == "cuda" else (tracked.after_step_bytes if tracked else None)
     return Measurement(
         status="ok", total_params=run.total_params, trainable_params=run.trainable_params,
         peak_bytes=peak, reserved_bytes=reads.get("reserved_bytes"), device_used_bytes=reads.get("device_used_bytes"),
-        steady_bytes=steady, rss_peak_bytes=reads.get("rss_peak_bytes"),
+        steady_bytes=steady, after_step_bytes=after_step, rss_peak_bytes=reads.get("rss_peak_bytes"),
         breakdown=tracked.breakdown if tracked else None, peak_phase=tracked.peak_phase if tracked else None,
         tracker_peak_bytes=tracked.peak_bytes if tracked else None,
         step_times_s=tuple(times), step_time_median_s=median, step_time_p10_s=_percentile(times, 0.1),
-        step_time_p90_s=_percentile(times, 0.9), samples_per_s=setup.batch_size / median,
-        tokens_per_s=setup.tokens / median, flops_per_step=float(flops) if flops is not None else None, mfu=mfu,
+        step_time_p90_s=_percentile(times, 0.9), samples_per_s=setup.grad_accum * setup.batch_size / median,
+        tokens_per_s=setup.grad_accum * _real_tokens(run.batch) / median, flops_per_step=float(flops) if flops is not None else None, mfu=mfu,
         energy_per_step_j=reads.get("energy_per_step_j"), extra={"notes": notes}, **base,
     )

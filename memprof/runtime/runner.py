@@ -30,9 +30,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3Spec, LoraSpec, Method, Optimizer,
-                      Overheads, PromptLearningSpec, QuantSpec, Regime, RunSetup, check_runnable,
-                      with_method_defaults)
+from ..config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3Spec, Loop, LoraSpec, Method, Optimizer,
+                      OptimizerImpl, Overheads, PromptLearningSpec, QuantSpec, Regime, RunSetup, ZeroGrad,
+                      check_runnable, with_method_defaults)
 from ..compat import check_supported
 from ..errors import ConfigError, DeviceUnavailableError
 from ..records import EnvInfo, Measurement, MemoryBreakdown, setup_row
@@ -45,7 +45,8 @@ WORKER_MODULE = "memprof.runtime.worker"
 
 # ---- JSON helpers --------------------------------------------------------------------------------------------
 _SETUP_ENUMS: dict[str, type[Enum]] = {"method": Method, "dtype": Dtype, "regime": Regime, "optimizer": Optimizer,
-                                       "attn_impl": AttnImpl, "device": Device}
+                                       "attn_impl": AttnImpl, "device": Device, "loop": Loop,
+                                       "optimizer_impl": OptimizerImpl, "zero_grad": ZeroGrad}
 _SETUP_GROUPS: dict[str, type] = {"lora": LoraSpec, "quant": QuantSpec, "adapter": AdapterSpec, "ia3": IA3Spec,
                                   "prompt": PromptLearningSpec, "overheads": Overheads}
 _GROUP_ENUMS: dict[str, type[Enum]] = {"variant": AdapterVariant}

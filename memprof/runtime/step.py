@@ -1,8 +1,7 @@
 """One training step, phase by phase, shared by the measurement harness and the traced estimator.
 
-forward (under autocast for the AMP regime) -> backward -> optimizer step -> zero_grad(set_to_none=True).
-The model output is dropped right after the forward (as HF Trainer's compute_loss does), so logits live only
-as long as autograd needs them.
+forward (under autocast for the AMP regime) -> backward, once per micro-batch -> optimizer step -> zero_grad,
+as the loop in the RunSetup runs them (a plain torch loop, or transformers' Trainer: see ``run_step``).
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..config import Regime, RunSetup
-from ..records import Phase
+from ..config import Loop, Regime, RunSetup, ZeroGrad
+from ..records import Category, Phase
 from .build import TORCH_DTYPE
 from .emulate import CudaAutocast, CudaEmulation
 from .tracker import MemoryTracker
@@ -96,29 +95,57 @@ def _emulated_autocast(emulation: CudaEmulation, dtype: torch.dtype) -> Iterator
 
 def run_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: Any, setup: RunSetup, device_type: str,
              tracker: MemoryTracker | None = None, emulation: CudaEmulation | None = None,
-             scaler: Any = None) -> float | None:
-    """Run one training step. With a tracker, each phase is labelled and categories are marked.
+             scaler: Any = None, held: list[Any] | None = None,
+             after_step: Callable[[], None] | None = None) -> float | None:
+    """Run one optimizer step of the loop ``setup`` describes. With a tracker, each phase is labelled and
+    categories are marked.
+
+    ``setup.grad_accum`` micro-batches each run forward and backward (the Trainer divides each loss by K; the
+    gradients of later micro-batches accumulate into .grad), then the optimizer steps (the Trainer clips the
+    gradient norm to 1.0 first, its default max_grad_norm) and the gradients are zeroed: set to None, or in place
+    with ``zero_grad=zeros``. The model output is dropped right after the forward (as the Trainer's compute_loss
+    does) unless ``keep_outputs``: then ``held`` keeps it until the next forward returns, as a loop that binds
+    ``outputs = model(**batch)`` does.
 
     Returns:
-        the loss as a float when it can be read (real tensors), else None.
+        the last micro-batch's loss as a float when it can be read (real tensors), else None.
     """
     phase = tracker.phase if tracker is not None else (lambda _p: contextlib.nullcontext())
-    with phase(Phase.forward):
-        with autocast_region(setup, device_type, emulation):
-            loss = model(**batch).loss
-    if tracker is not None:
-        tracker.mark_activations()
-    with phase(Phase.backward):
-        if tracker is not None:
-            tracker.set_phase(BACKWARD_HEAD)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-    if tracker is not None:
-        tracker.mark_gradients(model)
+    trainer = setup.loop is Loop.trainer
+    k = setup.grad_accum
+    held = held if held is not None else []
     value = None
-    if not getattr(loss, "fake_mode", None) and loss.device.type != "meta":
-        value = float(loss.detach())
-    del loss
+    batches = [batch]
+    if trainer and k > 1:  # Trainer.get_batch_samples fetches the step's K micro-batches before the first runs
+        batches += [{name: t.clone() for name, t in batch.items()} for _ in range(k - 1)]
+        if tracker is not None:
+            tracker.register((t for b in batches[1:] for t in b.values()), Category.inputs)
+    for micro in range(k):
+        with phase(Phase.forward):
+            with autocast_region(setup, device_type, emulation):
+                outputs = model(**batches[micro if len(batches) > 1 else 0])
+            loss = outputs.loss
+            if setup.keep_outputs:
+                held[:] = [outputs]  # the previous step's output is released only now
+            del outputs
+        if trainer and k > 1:
+            loss = loss / k
+        if tracker is not None:
+            tracker.mark_activations()
+        with phase(Phase.backward):
+            if tracker is not None:
+                tracker.set_phase(BACKWARD_HEAD)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if tracker is not None:
+            tracker.mark_gradients(model)
+        if not getattr(loss, "fake_mode", None) and loss.device.type != "meta":
+            value = float(loss.detach())
+        del loss
     with phase(Phase.optimizer):
+        if trainer:  # Trainer: max_grad_norm=1.0 -> accelerator.clip_grad_norm_ before optimizer.step()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -126,5 +153,8 @@ def run_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: Any, s
             optimizer.step()
     if tracker is not None:
         tracker.mark_optimizer(optimizer)
-    optimizer.zero_grad(set_to_none=True)
+    if after_step is not None:
+        after_step()  # gradients still alive: what "memory after optimizer.step()" benchmarks read
+    optimizer.zero_grad(set_to_none=setup.zero_grad is ZeroGrad.none)
+    del batches
     return value

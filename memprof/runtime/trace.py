@@ -43,6 +43,7 @@ class DepthTrace:
     first: dict[str, MemoryBreakdown]   # sub-phase -> breakdown at that sub-phase's peak, warm-up step
     steady: dict[str, MemoryBreakdown]  # same, steady-state step
     steady_bytes: int                   # live between steps
+    after_step_bytes: int               # live right after optimizer.step(), before zero_grad
 
 
 def _normalise(peaks: dict[str, tuple[int, MemoryBreakdown]], depth: int) -> dict[str, MemoryBreakdown]:
@@ -90,16 +91,20 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
             tracker.register_optimizer(optimizer)
             tracker.register(batch.values(), Category.inputs)
             results = []
+            held: list = []  # the loop's kept outputs (keep_outputs), across the two steps
+            after: list[int] = []
             with tracker, backward_markers(model, tracker), _unpacked_sequences():
                 ctx = emulation if emulation is not None else _null()
                 with ctx:
                     for _ in range(2):
                         tracker.reset_peak()
                         run_step(model, batch, optimizer, setup, "cuda" if cuda else "cpu", tracker=tracker,
-                                 emulation=emulation)
+                                 emulation=emulation, held=held,
+                                 after_step=lambda: after.append(tracker.current_bytes))
                         results.append(_normalise(tracker.phase_peaks(), spec.num_layers))
                 steady = tracker.current_bytes
-    return DepthTrace(spec.num_layers, total, trainable, results[0], results[1], steady)
+            held.clear()
+    return DepthTrace(spec.num_layers, total, trainable, results[0], results[1], steady, after[-1])
 
 
 def materialize(model: torch.nn.Module, device: str) -> None:
@@ -186,6 +191,7 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
     if len(runs) == 1:
         r = runs[0]
         first, steady, total, trainable, steady_bytes = r.first, r.steady, r.total_params, r.trainable_params, r.steady_bytes
+        after_step_bytes = r.after_step_bytes
     else:
         a, b = runs
         keys = set(a.steady) & set(b.steady)
@@ -195,6 +201,7 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
         total = round(a.total_params + scale * (b.total_params - a.total_params))
         trainable = round(a.trainable_params + scale * (b.trainable_params - a.trainable_params))
         steady_bytes = round(a.steady_bytes + scale * (b.steady_bytes - a.steady_bytes))
+        after_step_bytes = round(a.after_step_bytes + scale * (b.after_step_bytes - a.after_step_bytes))
     peak_key = max(steady, key=lambda k: steady[k].total_bytes)
     phase_peaks: dict[Phase, MemoryBreakdown] = {}
     for key, bd in steady.items():
@@ -210,6 +217,7 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
         kind="traced", spec=spec, setup=setup, total_params=total, trainable_params=trainable, peak=peak,
         peak_phase=_phase_of(peak_key), phase_peaks=tuple(sorted(phase_peaks.items(), key=lambda kv: list(Phase).index(kv[0]))),
         first_step_peak_bytes=max(bd.total_bytes for bd in first.values()), steady_bytes=steady_bytes,
+        after_step_bytes=after_step_bytes,
         device=device_totals(peak.total_bytes, setup), notes=tuple(notes), elapsed_s=time.perf_counter() - start,
     )
 

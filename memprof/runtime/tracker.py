@@ -122,6 +122,8 @@ class MemoryTracker(TorchDispatchMode):
                 self._live[key].label = Category.params_trainable if p.requires_grad else Category.params_frozen
                 self._param_keys.add(key)
         self.register(model.buffers(), Category.params_frozen)
+        # gradients kept between steps (zero_grad(set_to_none=False))
+        self.register((p.grad for p in model.parameters() if p.grad is not None), Category.gradients)
 
     def register_optimizer(self, optimizer: Any) -> None:
         """Register optimizer tensors created before tracking starts (mixed-regime master weights, and any

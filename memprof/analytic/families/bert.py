@@ -13,7 +13,7 @@ from ..attention import attention_core
 from ..heads import classification_loss
 from ..hf_layers import activation, input_embeddings
 from ..modules import Module, global_modules, layer_modules, layer_prefix
-from ..peft_methods import adapter_after, prefix_kv
+from ..peft_methods import adapter_after, cache_update
 from ..shapes import tok
 from ..sim import P, T
 
@@ -65,9 +65,9 @@ def layer(ctx: Ctx, x: T, i: int, cos: T | None = None, sin: T | None = None, ma
 
     # BertSelfAttention.forward: query/key/value layers live until it returns
     q, k, v = lin(x, "attention.self.query"), lin(x, "attention.self.key"), lin(x, "attention.self.value")
-    if ctx.extra_kv:
-        k, v = prefix_kv(ctx, k, v, i, spec.hidden_size)
-    c, weights = attention_core(ctx, q, k, v, a, a, d, p_a, False, None, "self-attention")
+    if ctx.kv_cat:
+        k, v = cache_update(ctx, k, v, i, spec.hidden_size)
+    c, weights = attention_core(ctx, q, k, v, a, a, d, p_a, False, mask, "self-attention")
     g.drop(q, k, v)
     # BertSelfOutput.forward(c, x): dense -> dropout -> LayerNorm(dropout + x); c lives until BertAttention returns
     o = lin(c, "attention.output.dense")

@@ -12,7 +12,7 @@ from ..attention import attention_core
 from ..heads import decoder_head
 from ..hf_layers import activation, input_embeddings
 from ..modules import global_modules, layer_modules, layer_prefix
-from ..peft_methods import adapter_after, prefix_kv
+from ..peft_methods import adapter_after, cache_update
 from ..shapes import tok
 from ..sim import P, T
 
@@ -49,8 +49,8 @@ def layer(ctx: Ctx, x: T, i: int, cos: T | None = None, sin: T | None = None, ma
     qkv = ctx.linear(n1, pre + "attn.c_attn", mods["attn.c_attn"], "attn.c_attn")
     q, k, v = g.view(qkv, h, tok(ctx, h)), g.view(qkv, h, tok(ctx, h)), g.view(qkv, h, tok(ctx, h))
     g.drop(qkv)
-    if ctx.extra_kv:
-        k, v = prefix_kv(ctx, k, v, i, h)
+    if ctx.kv_cat:
+        k, v = cache_update(ctx, k, v, i, h)
     c, weights = attention_core(ctx, q, k, v, a, a, d, p_a, True, mask, "self-attention")
     o = ctx.linear(c, pre + "attn.c_proj", mods["attn.c_proj"], "attn.c_proj")
     g.drop(c)

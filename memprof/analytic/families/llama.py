@@ -15,7 +15,7 @@ from ..attention import attention_core
 from ..heads import decoder_head
 from ..hf_layers import activation, input_embeddings
 from ..modules import global_modules, layer_modules, layer_prefix
-from ..peft_methods import adapter_after, prefix_kv
+from ..peft_methods import adapter_after, cache_update
 from ..shapes import tok
 from ..sim import P, T, pscale
 
@@ -102,8 +102,8 @@ def layer(ctx: Ctx, x: T, i: int, cos: T | None = None, sin: T | None = None, ma
     qr = _rotate(ctx, q, cos, sin, "q")
     kr = _rotate(ctx, k, cos, sin, "k")
     g.drop(q, k)
-    if ctx.extra_kv:
-        kr, v = prefix_kv(ctx, kr, v, i, kv * d)
+    if ctx.kv_cat:
+        kr, v = cache_update(ctx, kr, v, i, kv * d)
     c, weights = attention_core(ctx, qr, kr, v, a, kv, d, p_a, True, mask, "self-attention",
                                 q_contiguous=spec.rotary_cat)
     o = lin(c, "self_attn.o_proj")
