@@ -131,7 +131,7 @@ def describe_run(model: nn.Module, optimizer: Any = None, args: Any = None,
     else:
         run["dtype"] = Dtype.fp32.value
     inner = base_model(model)
-    if getattr(inner, "is_gradient_checkpointing", False):
+    if getattr(inner, "is_gradient_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
         run["grad_checkpointing"] = True
     attn = getattr(inner.config, "_attn_implementation", "sdpa")
     if attn not in (AttnImpl.sdpa.value, AttnImpl.eager.value):
