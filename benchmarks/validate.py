@@ -363,7 +363,7 @@ KNOWN: list[tuple[str, str]] = [
 FIXED: list[tuple[str, str]] = [
     ("F1", "prefix tuning, fp16-amp, peak up to -7.9% (bert-base-uncased b=4 s=256): the DynamicCache keeps every "
      "layer's key/value concatenation (fp32 under autocast, where attention saves half copies) until the model's "
-     "forward returns; the replay freed them after attention. Fixed in analytic/blocks.py (_prefix_kv holds them in "
+     "forward returns; the replay freed them after attention. Fixed in analytic/peft_methods.py (cache_update holds them in "
      "Ctx.kv_cache) with analytic/compose.py's carried tensors: a container cleared at the end of the forward frees "
      "all L-2 middle blocks' copies, not one"),
     ("F2", "full fine-tuning, AMP + gradient checkpointing, +7.8% at 28 blocks (found by the 3B tables): autocast's "
