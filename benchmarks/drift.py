@@ -90,7 +90,7 @@ def run_checks() -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from memprof import compat
     from memprof.analytic import estimate
-    from memprof.config import resolve_setup
+    from memprof.resolve import resolve_setup
     from memprof.errors import LibraryRefusalError, MemprofError
     from memprof.runtime.trace import trace_depth
     from memprof.spec import Task, from_hf_config

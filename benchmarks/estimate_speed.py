@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from memprof import __version__
-    from memprof.config import resolve_setup
+    from memprof.resolve import resolve_setup
     from memprof.analytic import estimate
     from memprof.hub import resolve_spec
 

@@ -44,7 +44,7 @@ def main() -> None:
     import peft
 
     from memprof import __version__
-    from memprof.config import resolve_setup
+    from memprof.resolve import resolve_setup
     from memprof.hub import resolve_spec
     from memprof.runtime.trace import trace
     from memprof.units import fmt_bytes

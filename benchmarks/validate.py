@@ -221,7 +221,7 @@ def _record_category(row: dict[str, Any], cmp: str, check: dict[str, Any], misse
 
 def run_job(job: Job) -> dict[str, Any]:
     from memprof.analytic import estimate
-    from memprof.config import resolve_setup
+    from memprof.resolve import resolve_setup
     from memprof.errors import MemprofError
     from memprof.runtime.trace import trace
 
@@ -723,7 +723,7 @@ def trainer_steps() -> list[dict[str, Any]]:
     import torch
     import transformers
 
-    from memprof.config import resolve_setup
+    from memprof.resolve import resolve_setup
     from memprof.integrations import attach
     from memprof.runtime.build import apply_method, build_base_model
 

@@ -16,9 +16,10 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .cli_options import (FormatOpt, GpuOpt, ModelArg, ParamsOpt, resolve_measure_run, resolve_model, resolve_run,
+from .cli_options import (ColumnsOpt, FormatOpt, GpuOpt, ModelArg, ParamsOpt, PeftConfigOpt, resolve_measure_run, resolve_model, resolve_run,
                           setup_overrides, sweep_axes, sweep_device, with_run_options)
 from .config import Device, RunSetup
+from .compat import require_torch_stack
 from .errors import ConfigError, LibraryRefusalError, MemprofError
 from .documents import estimate_document, estimate_renderables
 from .report import Format, render_rows
@@ -32,6 +33,24 @@ app = typer.Typer(
 )
 console = Console(soft_wrap=True)  # long lines are left to the terminal, so they stay greppable
 err_console = Console(stderr=True, soft_wrap=True)  # one line per error, however long
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        from .compat import TESTED_VERSIONS, installed_versions
+
+        installed = ", ".join(f"{k} {v}" for k, v in installed_versions().items() if v)
+        console.out(f"memprof {__version__} (tested with {', '.join(f'{k} {v}' for k, v in TESTED_VERSIONS.items())}; "
+                    f"installed: {installed or 'the base install, no torch stack'})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print memprof's version and the library versions.")] = None,
+          ) -> None:
+    """Memory and throughput of fine-tuning transformers: estimate, trace, measure, compare full vs PEFT."""
 
 
 @contextlib.contextmanager
@@ -60,11 +79,11 @@ def estimate(
         "--trace", help="Run the real model and method as fake tensors instead (needs memprof\\[measure]).")] = False,
     trace_layers: Annotated[str, typer.Option(
         "--trace-layers", help="Trace: 'auto' (2 and 3 blocks, extrapolated), 'full', or a block count.")] = "auto",
-    peft_config: Annotated[Optional[Path], typer.Option("--peft-config", help="Trace: a peft config JSON to apply.")] = None,
+    peft_config: PeftConfigOpt = None,
     seq_lens: Annotated[Optional[Path], typer.Option(
         "--seq-lens", help="A file of sequence lengths (one per line, 'length count' pairs, JSON, CSV/JSONL length "
                            "column): the distribution of per-step peaks over one epoch; -s is then the maximum "
-                           "length [default: the longest].")] = None,
+                           "length \\[default: the longest].")] = None,
     batching: Annotated[str, typer.Option(
         "--batching", help="With --seq-lens: longest | bucketed | packed | max-length.")] = "longest",
     mfu_assumed: Annotated[float, typer.Option(
@@ -75,18 +94,17 @@ def estimate(
     """Estimate the memory of one training step, without loading weights (or trace it with --trace)."""
     with user_errors():
         assert run is not None
+        run = _with_peft_task(run, peft_config)
         spec, note = resolve_model(model, params, run, any_family=trace)
         if seq_lens is not None:
             if trace:
                 raise ConfigError("--seq-lens works with the analytic estimate, not --trace")
             _estimate_lengths(spec, run, seq_lens, batching, gpu, mfu_assumed, fmt, note)
             return
-        setup = resolve_run(run)
+        setup = resolve_run(run, peft_config=peft_config, modelled=not trace)
         if trace:
-            est = _trace(spec, setup, trace_layers, peft_config)
+            est = _trace(spec, setup, trace_layers, peft_config, "memprof estimate --trace")
         else:
-            if peft_config is not None:
-                raise ConfigError("--peft-config needs --trace (the analytic estimator knows memprof's methods only)")
             from .analytic import estimate as run_estimate
 
             est = run_estimate(spec, setup, explain=explain)
@@ -98,8 +116,8 @@ def _estimate_lengths(spec: ModelSpec, run: dict[str, Any], path: Path, batching
                       mfu_assumed: float, fmt: Format, note: str | None) -> None:
     from .analytic import estimate as run_estimate
     from .analytic.lengths import Batching, distribution, load_lengths
-    from .config import parse_enum
-    from .documents import render_distribution
+    from .resolve import parse_enum
+    from .run_documents import render_distribution
 
     lengths = load_lengths(path)
     if run["seq_len"] is None:
@@ -121,13 +139,10 @@ def _gpu(gpu: str | None) -> Any:
     return resolve_gpu(gpu)
 
 
-def _trace(spec: ModelSpec, setup: RunSetup, layers: str, peft_config: Path | None):  # noqa: ANN202
-    try:
-        from .runtime.trace import trace as run_trace
-    except ImportError as exc:
-        from .errors import DependencyMissingError
-
-        raise DependencyMissingError(f"--trace needs the torch stack: pip install 'memprof[measure]' ({exc})") from None
+def _trace(spec: ModelSpec, setup: RunSetup, layers: str, peft_config: Path | None,
+           what: str = "memprof trace"):  # noqa: ANN202
+    require_torch_stack(what)
+    from .runtime.trace import trace as run_trace
     from .runtime.build import load_peft_config
 
     if layers not in ("auto", "full"):
@@ -194,12 +209,14 @@ def fit(
         est = run_estimate(spec, setup)
         _render_estimate(est, fmt, fit=check_fit(est, target), note=note, max_batch=best_b, max_seq=best_s)
         if verify:
-            from .cli_options import measure_device
-            from .documents import render_fit_check
+            require_torch_stack("memprof fit --verify")
+            from .resolve import measured_device
+            from .runtime.probes import cuda_available
+            from .run_documents import render_fit_check
             from .runtime.runner import check_measurable
             from .verify import verify_batch_size
 
-            device, _ = measure_device({**run, "device": None})
+            device = measured_device(None, {}, cuda_available())[0].value
             check_measurable(dataclasses.replace(setup, device=Device(device)), spec)
             render_fit_check(verify_batch_size(spec, setup, target, device, timeout_s=timeout), fmt, console)
 
@@ -210,7 +227,7 @@ def trace(
     model: ModelArg = None,
     gpu: GpuOpt = None,
     layers: Annotated[str, typer.Option("--layers", help="auto | full | a block count")] = "auto",
-    peft_config: Annotated[Optional[Path], typer.Option("--peft-config", help="A peft config JSON to apply.")] = None,
+    peft_config: PeftConfigOpt = None,
     fmt: FormatOpt = Format.table,
     run: dict | None = None,
 ) -> None:
@@ -219,8 +236,9 @@ def trace(
         assert run is not None
         if model is None:
             raise ConfigError("trace needs a model (preset, hub id or config.json)")
+        run = _with_peft_task(run, peft_config)
         spec, _ = resolve_model(model, None, run, any_family=True)
-        setup = resolve_run(run)
+        setup = resolve_run(run, peft_config=peft_config, modelled=False)
         est = _trace(spec, setup, layers, peft_config)
         _render_estimate(est, fmt, fit=_fit(est, gpu))
 
@@ -229,16 +247,17 @@ def trace(
 @with_run_options
 def measure(
     model: ModelArg = None,
-    warmup: Annotated[int, typer.Option("--warmup", help="Warm-up steps (the first allocates optimizer state).")] = 1,
-    steps: Annotated[int, typer.Option("--steps", help="Timed steps.")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", min=1, help="Warm-up steps (the first allocates optimizer state).")] = 1,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", min=1, help="Timed steps.  \\[default: until the median is known to +-5% (95% CI), 5-30 steps]")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder of the JSONL results.")] = Path("measurements"),
-    name: Annotated[Optional[str], typer.Option("--name", help="Results file stem [default: the model name].")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Results file stem \\[default: the model name].")] = None,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Kill the run after this many seconds.")] = None,
     breakdown: Annotated[bool, typer.Option(
         "--breakdown/--no-breakdown", help="One extra tracked step for the categorised peak (needed on CPU).")] = True,
     pretrained: Annotated[Optional[str], typer.Option(
         "--pretrained", help="Load real weights (local path or hub cache) instead of random init.")] = None,
-    peft_config: Annotated[Optional[Path], typer.Option("--peft-config", help="Apply this peft config JSON.")] = None,
+    peft_config: PeftConfigOpt = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
     fmt: FormatOpt = Format.table,
     run: dict | None = None,
@@ -248,10 +267,12 @@ def measure(
         assert run is not None
         if model is None:
             raise ConfigError("measure needs a model (preset, hub id or config.json)")
+        require_torch_stack("memprof measure")
         from .runtime.runner import measure as run_measure
 
+        run = _with_peft_task(run, peft_config)
         spec, _ = resolve_model(model, None, run, any_family=True)
-        setup, defaults_note = resolve_measure_run(run)
+        setup, defaults_note = resolve_measure_run(run, peft_config)
         from .runtime.runner import check_measurable
 
         check_measurable(setup, None if peft_config else spec)  # before the progress bar: a refusal is one line
@@ -264,9 +285,36 @@ def measure(
                             cpu_threads=threads, progress=progress)
         if m.status == "n/a":  # refused by the installed libraries inside the worker: one line, as up front
             raise LibraryRefusalError(m.message or "the installed libraries refuse this run")
-        render_measurement(m, fmt, console, note=defaults_note)
+        from .runtime.runner import default_name
+
+        path = (out / f"{name or default_name(spec)}.jsonl") if out is not None else None
+        render_measurement(m, fmt, console, note=defaults_note, est=_estimate_of(spec, setup, m.device, peft_config),
+                           path=path)
         if m.status != "ok":
             raise typer.Exit(code=1)
+
+
+def _with_peft_task(run: dict[str, Any], peft_config: Path | None) -> dict[str, Any]:
+    """--task from the peft config's task_type when the flag is not given."""
+    if peft_config is None or run["task"] is not None:
+        return run
+    from .peft_input import task_of
+
+    return {**run, "task": task_of(peft_config)}
+
+
+def _estimate_of(spec: ModelSpec, setup: RunSetup, device: str, peft_config: Path | None = None) -> Any:
+    """The analytic estimate of the run just measured (tracked on CPU), or None where it does not apply (an
+    architecture or a peft config outside the analytic model)."""
+    from .analytic import estimate as run_estimate
+    from .peft_input import run_options
+
+    try:
+        if peft_config is not None:
+            run_options(peft_config)  # raises for a config the analytic model does not cover
+        return run_estimate(spec, setup, tracked=device == "cpu")
+    except MemprofError:
+        return None
 
 
 @app.command()
@@ -274,9 +322,9 @@ def measure(
 def compare(
     model: ModelArg = None,
     params: ParamsOpt = None,
-    methods: Annotated[str, typer.Option(
-        "--methods", help="Comma-separated methods: full, lora, qlora, adapter, bitfit, ia3, prefix, prompt.")
-    ] = "full,lora,adapter,bitfit",
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", help="Comma-separated methods: full, lora, qlora, adapter, bitfit, ia3, prefix, prompt "
+                          "(-m/--method gives one).  \\[default: full,lora,adapter,bitfit]")] = None,
     batch_sizes: Annotated[Optional[str], typer.Option(
         "--batch-sizes", help="Comma-separated batch sizes to sweep (instead of --batch-size).")] = None,
     seq_lens: Annotated[Optional[str], typer.Option(
@@ -292,16 +340,18 @@ def compare(
         "--trace", help="Also trace each run on fake tensors (needs memprof\\[measure]).")] = False,
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="JSONL results file; runs already in it are reused.  "
-                      "[default: compare/<model>.jsonl with --measure or --trace, else none]")] = None,
+                      "\\[default: compare/<model>.jsonl with --measure or --trace, else none]")] = None,
     retry_failed: Annotated[bool, typer.Option(
         "--retry-failed", help="Measure again runs recorded as error or timeout (an OOM stays a result).")] = False,
     warmup: Annotated[int, typer.Option("--warmup", min=1, help="Warm-up steps per measured run.")] = 1,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per measured run.")] = 3,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", min=1, help="Timed steps per measured run.  \\[default: until the median is known to +-5%]")] = None,
     timeout: Annotated[Optional[float], typer.Option(
         "--timeout", help="Kill a measured run after this many seconds.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch in measured runs.")] = None,
     by_category: Annotated[bool, typer.Option(
         "--by-category", help="Tables: also the estimated (and measured) bytes of each category.")] = False,
+    columns: ColumnsOpt = None,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="Write a PNG of memory by category and step times (needs memprof\\[plot]).")] = None,
     fmt: FormatOpt = Format.table,
@@ -310,7 +360,7 @@ def compare(
     """Compare methods (full vs PEFT) across sizes and precisions: estimate, and trace / measure when asked."""
     with user_errors():
         assert run is not None
-        from .compare import compare as compare_runs
+        from .comparison import compare as compare_runs
         from .documents import render_comparison
         from .report import progress_bar
         from .runtime.runner import default_name
@@ -320,12 +370,18 @@ def compare(
             from .plot import check_plot_path
 
             check_plot_path(plot)  # before the sweep, not after it
+        if do_measure or do_trace:
+            require_torch_stack("memprof compare " + ("--measure" if do_measure else "--trace"))
         spec, note = resolve_model(model, params, run, any_family=do_measure or do_trace)
+        if methods is not None and run["method"] is not None:
+            raise ConfigError("give --methods or -m/--method, not both")
+        methods = methods or run["method"] or "full,lora,adapter,bitfit"
         axes = sweep_axes(run, batch_sizes, seq_lens, precisions, checkpointing)
-        extra, device_note = sweep_device(run, axes) if do_measure else ({}, None)
+        extra, defaults, device_note = sweep_device(run, axes) if do_measure else ({}, {}, None)
         note = "; ".join(n for n in (note, device_note) if n)
         overrides = {**setup_overrides(run), **extra}
-        setups = plan_setups(parse_list(methods, "--methods"), overrides, file=run["config"], **axes)
+        setups = plan_setups(parse_list(methods, "--methods"), overrides, file=run["config"], defaults=defaults,
+                             **axes)
         if out is None and (do_measure or do_trace):
             out = Path("compare") / f"{default_name(spec)}.jsonl"
         options = MeasureOptions(warmup_steps=warmup, timed_steps=steps, timeout_s=timeout, cpu_threads=threads)
@@ -338,16 +394,29 @@ def compare(
             err_console.print(Text(f"{out}: {result.reused} of {result.planned} runs reused from earlier sweeps, "
                                    f"{result.planned - result.reused} run now", style="dim"))
         rows = compare_runs(result.rows)
-        render_comparison([r.to_row() for r in rows], fmt, console, by_category=by_category)
+        render_comparison([r.to_row() for r in rows], fmt, console, by_category=by_category, columns_wanted=columns,
+                          png=_png(rows, fmt))
         _plot(rows, plot)
 
 
 def _plot(rows: list, path: Path | None) -> None:
     if path is None:
         return
+    from .documents import comparison_view
     from .plot import write_plot
 
-    err_console.print(Text(f"plot written to {write_plot(rows, path)}", style="dim"))
+    heading = comparison_view([r.to_row() for r in rows])[0] if rows else None
+    err_console.print(Text(f"plot written to {write_plot(rows, path, heading)}", style="dim"))
+
+
+def _png(rows: list, fmt: Format) -> bytes | None:
+    """The comparison figure for an HTML report (embedded as data, no external file)."""
+    if fmt is not Format.html or not rows:
+        return None
+    from .documents import comparison_view
+    from .plot import png_bytes
+
+    return png_bytes(rows, comparison_view([r.to_row() for r in rows])[0])
 
 
 @app.command()
@@ -356,6 +425,7 @@ def report(
         help="JSONL results of memprof compare or memprof measure (several files are joined).", show_default=False)],
     by_category: Annotated[bool, typer.Option(
         "--by-category", help="Tables: also the estimated (and measured) bytes of each category.")] = False,
+    columns: ColumnsOpt = None,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="Write a PNG of memory by category and step times (needs memprof\\[plot]).")] = None,
     steps: Annotated[bool, typer.Option(
@@ -365,7 +435,7 @@ def report(
 ) -> None:
     """Rebuild the comparison table from saved records, without running anything (estimates are recomputed)."""
     with user_errors():
-        from .compare import compare as compare_runs
+        from .comparison import compare as compare_runs
         from .documents import render_comparison
         from .sweep import read_records, rows_from_records
 
@@ -376,7 +446,7 @@ def report(
                 from .plot import check_plot_path
 
                 check_plot_path(plot)
-            from .documents import render_steps
+            from .run_documents import render_steps
 
             rows_ = step_rows(read_records(files))
             render_steps(rows_, fmt, console)
@@ -386,7 +456,8 @@ def report(
                 err_console.print(Text(f"plot written to {write_steps_plot(rows_, plot)}", style="dim"))
             return
         rows = compare_runs(rows_from_records(read_records(files)))
-        render_comparison([r.to_row() for r in rows], fmt, console, by_category=by_category)
+        render_comparison([r.to_row() for r in rows], fmt, console, by_category=by_category, columns_wanted=columns,
+                          png=_png(rows, fmt))
         _plot(rows, plot)
 
 
@@ -407,7 +478,9 @@ def presets(fmt: FormatOpt = Format.table) -> None:
         render_rows(rows, fmt, console, title="model presets")
         gpus = {r["name"]: r for r in gpu_catalog().values()}.values()
         render_rows([{"gpu": g["name"], "memory_bytes": g["memory_mib"] * 2**20, "bf16_tflops": g["peak_bf16_tflops"],
-                      "fp32_tflops": g["peak_fp32_tflops"]} for g in gpus], fmt, console, title="GPU catalog")
+                      "fp16_tflops": g["peak_fp16_tflops"], "tf32_tflops": g["peak_tf32_tflops"],
+                      "fp32_tflops": g["peak_fp32_tflops"], "source": g["source"]} for g in gpus], fmt, console,
+                    title="GPU catalog (dense peaks, datasheets)")
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from .config import CPU_MEASURE_DEFAULTS, Device, RunSetup, resolve_setup
+from .config import RunSetup
+from .resolve import measured_device, resolve_measured, resolve_setup
 from .errors import ConfigError
 from .report import Format
 from .spec import ModelSpec, Task
@@ -23,79 +24,102 @@ ModelArg = Annotated[Optional[str], typer.Argument(
 ParamsOpt = Annotated[Optional[float], typer.Option(
     "--params", help="Instead of a model: a parameter count (3e9); a LLaMA-like shape is assumed and printed.")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="table | json | csv | markdown | html")]
+ColumnsOpt = Annotated[Optional[str], typer.Option(
+    "--columns", help="Tables: the columns to show, comma-separated keys or labels ('all': every one).  "
+                      "\\[default: what fits the terminal]")]
+PeftConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--peft-config", help="A peft config: its adapter_config.json, or the directory save_pretrained wrote. Sets "
+                          "the method and its options (flags override them); trace and measure apply it as given.")]
 GpuOpt = Annotated[Optional[str], typer.Option(
     "--gpu", help="Check the fit on a GPU: a catalog name (A100-80GB, H100, 4090, T4, ...) or a size (24GiB, 80GB).")]
 
 RUN_OPTIONS: list[tuple[str, Any]] = [
     ("method", Annotated[Optional[str], typer.Option(
-        "--method", "-m", help="full | lora | qlora | adapter | bitfit | ia3 | prefix | prompt  [default: full]")]),
-    ("batch_size", Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Sequences per step.  [default: 1]")]),
-    ("seq_len", Annotated[Optional[int], typer.Option("--seq-len", "-s", help="Tokens per sequence.  [default: 512]")]),
-    ("dtype", Annotated[Optional[str], typer.Option("--dtype", help="fp32 | bf16 | fp16  [default: bf16]")]),
+        "--method", "-m", help="full | lora | qlora | adapter | bitfit | ia3 | prefix | prompt  \\[default: full]")]),
+    ("batch_size", Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Sequences per step.  \\[default: 1]")]),
+    ("seq_len", Annotated[Optional[int], typer.Option("--seq-len", "-s", help="Tokens per sequence.  \\[default: 512]")]),
+    ("dtype", Annotated[Optional[str], typer.Option("--dtype", help="fp32 | bf16 | fp16  \\[default: bf16]")]),
     ("regime", Annotated[Optional[str], typer.Option(
-        "--regime", help="fp32 | pure | amp | mixed  [default: fp32 for fp32, pure for bf16, amp for fp16]")]),
+        "--regime", help="fp32 | pure | amp | mixed  \\[default: fp32 for fp32, pure for bf16, amp for fp16]")]),
     ("optimizer", Annotated[Optional[str], typer.Option(
-        "--optimizer", help="adamw | adamw-8bit | sgd | sgd-momentum | adafactor | lion  [default: adamw]")]),
-    ("attn", Annotated[Optional[str], typer.Option("--attn", help="sdpa | eager  [default: sdpa]")]),
+        "--optimizer", help="adamw | adamw-8bit | sgd | sgd-momentum | adafactor | lion  \\[default: adamw]")]),
+    ("attn", Annotated[Optional[str], typer.Option("--attn", help="sdpa | eager  \\[default: sdpa]")]),
     ("device", Annotated[Optional[str], typer.Option(
-        "--device", help="cuda | cpu (estimate: the device modelled; measure: also auto)  [default: cuda; measure: auto]")]),
+        "--device", help="cuda | cpu (estimate: the device modelled; measure: also auto)  \\[default: cuda; measure: auto]")]),
     ("grad_checkpointing", Annotated[Optional[bool], typer.Option(
-        "--grad-checkpointing/--no-grad-checkpointing", help="Recompute each block in backward.  [default: off]")]),
+        "--grad-checkpointing/--no-grad-checkpointing", help="Recompute each block in backward.  \\[default: off]")]),
     ("dropout", Annotated[Optional[bool], typer.Option(
-        "--dropout/--no-dropout", help="Keep the model's dropout probabilities.  [default: on]")]),
+        "--dropout/--no-dropout", help="Keep the model's dropout probabilities.  \\[default: on]")]),
     ("task", Annotated[Optional[str], typer.Option(
-        "--task", help="seq-cls | causal-lm  [default: seq-cls for encoders, causal-lm for decoders]")]),
-    ("num_labels", Annotated[Optional[int], typer.Option("--num-labels", help="Classes of a seq-cls head. [default: 2]")]),
-    ("lora_r", Annotated[Optional[int], typer.Option("--lora-r", help="LoRA/QLoRA rank.  [default: 8]")]),
-    ("lora_alpha", Annotated[Optional[int], typer.Option("--lora-alpha", help="LoRA alpha.  [default: 8]")]),
-    ("lora_dropout", Annotated[Optional[float], typer.Option("--lora-dropout", help="LoRA dropout.  [default: 0]")]),
+        "--task", help="seq-cls | causal-lm  \\[default: seq-cls for encoders, causal-lm for decoders]")]),
+    ("num_labels", Annotated[Optional[int], typer.Option("--num-labels", help="Classes of a seq-cls head. \\[default: 2]")]),
+    ("lora_r", Annotated[Optional[int], typer.Option("--lora-r", help="LoRA/QLoRA rank.  \\[default: 8]")]),
+    ("lora_alpha", Annotated[Optional[int], typer.Option("--lora-alpha", help="LoRA alpha.  \\[default: 8]")]),
+    ("lora_dropout", Annotated[Optional[float], typer.Option("--lora-dropout", help="LoRA dropout.  \\[default: 0]")]),
     ("lora_targets", Annotated[Optional[str], typer.Option(
-        "--lora-targets", help="Comma-separated module names, or all-linear.  [default: peft's for the model type]")]),
-    ("lora_bias", Annotated[Optional[str], typer.Option("--lora-bias", help="none | all | lora_only  [default: none]")]),
+        "--lora-targets", help="Comma-separated module names, or all-linear.  \\[default: peft's for the model type]")]),
+    ("lora_bias", Annotated[Optional[str], typer.Option("--lora-bias", help="none | all | lora_only  \\[default: none]")]),
     ("modules_to_save", Annotated[Optional[str], typer.Option(
-        "--modules-to-save", help="Comma-separated modules trained in full.  [default: the seq-cls head]")]),
-    ("quant_type", Annotated[Optional[str], typer.Option("--quant-type", help="QLoRA: nf4 | fp4  [default: nf4]")]),
+        "--modules-to-save", help="Comma-separated modules trained in full.  \\[default: the seq-cls head]")]),
+    ("quant_type", Annotated[Optional[str], typer.Option("--quant-type", help="QLoRA: nf4 | fp4  \\[default: nf4]")]),
     ("double_quant", Annotated[Optional[bool], typer.Option(
-        "--double-quant/--no-double-quant", help="QLoRA: quantize the quantization constants.  [default: on]")]),
+        "--double-quant/--no-double-quant", help="QLoRA: quantize the quantization constants.  \\[default: on]")]),
     ("adapter_variant", Annotated[Optional[str], typer.Option(
-        "--adapter-variant", help="houlsby (after attention and FFN) | pfeiffer (after FFN)  [default: houlsby]")]),
-    ("adapter_size", Annotated[Optional[int], typer.Option("--adapter-size", help="Bottleneck size r. [default: 64]")]),
+        "--adapter-variant", help="houlsby (after attention and FFN) | pfeiffer (after FFN)  \\[default: houlsby]")]),
+    ("adapter_size", Annotated[Optional[int], typer.Option("--adapter-size", help="Bottleneck size r. \\[default: 64]")]),
     ("adapter_reduction", Annotated[Optional[int], typer.Option(
         "--adapter-reduction", help="Bottleneck as hidden_size // factor (instead of --adapter-size).")]),
-    ("adapter_act", Annotated[Optional[str], typer.Option("--adapter-act", help="relu | gelu  [default: relu]")]),
+    ("adapter_act", Annotated[Optional[str], typer.Option("--adapter-act", help="relu | gelu  \\[default: relu]")]),
     ("adapter_train_norms", Annotated[Optional[bool], typer.Option(
-        "--adapter-train-norms/--adapter-freeze-norms", help="Also train the norm layers.  [default: frozen]")]),
+        "--adapter-train-norms/--adapter-freeze-norms", help="Also train the norm layers.  \\[default: frozen]")]),
     ("ia3_targets", Annotated[Optional[str], typer.Option("--ia3-targets", help="IA3 target modules (comma-separated).")]),
     ("ia3_feedforward", Annotated[Optional[str], typer.Option(
         "--ia3-feedforward", help="IA3 targets whose input is scaled (comma-separated).")]),
     ("virtual_tokens", Annotated[Optional[int], typer.Option(
-        "--virtual-tokens", help="Prefix/prompt tuning: virtual tokens.  [default: 20]")]),
+        "--virtual-tokens", help="Prefix/prompt tuning: virtual tokens.  \\[default: 20]")]),
     ("prefix_projection", Annotated[Optional[bool], typer.Option(
-        "--prefix-projection/--no-prefix-projection", help="Prefix tuning through an MLP.  [default: off]")]),
+        "--prefix-projection/--no-prefix-projection", help="Prefix tuning through an MLP.  \\[default: off]")]),
     ("loop", Annotated[Optional[str], typer.Option(
-        "--loop", help="torch | trainer: the training loop (trainer: transformers' Trainer defaults).  [default: torch]")]),
+        "--loop", help="torch | trainer: the training loop (trainer: transformers' Trainer defaults).  \\[default: torch]")]),
     ("optimizer_impl", Annotated[Optional[str], typer.Option(
-        "--optimizer-impl", help="foreach | fused | for-loop  [default: the loop's: torch foreach on CUDA, for-loop on "
+        "--optimizer-impl", help="foreach | fused | for-loop  \\[default: the loop's: torch foreach on CUDA, for-loop on "
                                  "CPU; trainer fused AdamW]")]),
     ("zero_grad", Annotated[Optional[str], typer.Option(
-        "--zero-grad", help="none (set_to_none) | zeros (gradients kept, zeroed in place)  [default: none]")]),
+        "--zero-grad", help="none (set_to_none) | zeros (gradients kept, zeroed in place)  \\[default: none]")]),
     ("grad_accum", Annotated[Optional[int], typer.Option(
-        "--grad-accum", help="Micro-batches per optimizer step (gradients held between them).  [default: 1]")]),
+        "--grad-accum", help="Micro-batches per optimizer step (gradients held between them).  \\[default: 1]")]),
     ("padded", Annotated[Optional[bool], typer.Option(
-        "--padded/--no-padded", help="Batches carry padding (an attention mask in every layer).  [default: off]")]),
+        "--padded/--no-padded", help="Batches carry padding (an attention mask in every layer).  \\[default: off]")]),
     ("keep_outputs", Annotated[Optional[bool], typer.Option(
         "--keep-outputs/--no-keep-outputs", help="The loop holds the model output (logits) until the next "
-                                                 "forward.  [default: off]")]),
+                                                 "forward.  \\[default: off]")]),
     ("use_cache", Annotated[Optional[bool], typer.Option(
         "--use-cache/--no-use-cache", help="Decoders build a KV cache in training (config.use_cache left on).  "
-                                           "[default: off]")]),
+                                           "\\[default: off]")]),
     ("cuda_context_mib", Annotated[Optional[float], typer.Option(
-        "--cuda-context-mib", help="CUDA context size assumed, MiB.  [default: 500]")]),
+        "--cuda-context-mib", help="CUDA context size assumed, MiB.  \\[default: 500]")]),
     ("reserve_frac", Annotated[Optional[float], typer.Option(
-        "--reserve-frac", help="Allocator reserve as a fraction of the allocated peak.  [default: 0.05]")]),
+        "--reserve-frac", help="Allocator reserve as a fraction of the allocated peak.  \\[default: 0.05]")]),
     ("config", Annotated[Optional[Path], typer.Option(
         "--config", help="TOML file of run options (flags override it).")]),
 ]
+
+
+# --help groups the shared options into panels (typer's rich_help_panel), in this order
+PANELS: dict[str, tuple[str, ...]] = {
+    "Run shape": ("method", "batch_size", "seq_len", "task", "num_labels"),
+    "Precision and kernels": ("dtype", "regime", "optimizer", "attn", "device", "grad_checkpointing", "dropout"),
+    "The loop": ("loop", "optimizer_impl", "zero_grad", "grad_accum", "padded", "keep_outputs", "use_cache"),
+    "LoRA / QLoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_bias", "modules_to_save",
+                     "quant_type", "double_quant"),
+    "Bottleneck adapters": ("adapter_variant", "adapter_size", "adapter_reduction", "adapter_act",
+                            "adapter_train_norms"),
+    "IA3, prefix and prompt tuning": ("ia3_targets", "ia3_feedforward", "virtual_tokens", "prefix_projection"),
+    "Overheads and config file": ("cuda_context_mib", "reserve_frac", "config"),
+}
+for _name, _annotation in RUN_OPTIONS:
+    _panel = next(panel for panel, names in PANELS.items() if _name in names)
+    _annotation.__metadata__[0].rich_help_panel = _panel
 
 
 def with_run_options(fn: Callable) -> Callable:
@@ -143,15 +167,33 @@ def setup_overrides(run: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_run(run: dict[str, Any], extra: dict[str, Any] | None = None) -> RunSetup:
+def flag_overrides(run: dict[str, Any], peft_config: Path | None = None, modelled: bool = True) -> dict[str, Any]:
+    """The flags as resolve_setup overrides, with a peft config's method and options under them (the flags
+    win). ``modelled``: refuse a config the analytic model does not cover; else (trace, measure: the real peft
+    code runs it) keep the flags' method for it."""
     overrides = setup_overrides(run)
+    if peft_config is None:
+        return overrides
+    from .peft_input import UnmodelledPeftConfig, merge
+
+    try:
+        return merge(overrides, peft_config)
+    except UnmodelledPeftConfig:
+        if modelled:
+            raise
+        return overrides
+
+
+def resolve_run(run: dict[str, Any], extra: dict[str, Any] | None = None, peft_config: Path | None = None,
+                modelled: bool = True) -> RunSetup:
+    overrides = flag_overrides(run, peft_config, modelled)
     overrides.update(extra or {})
     return resolve_setup(run["config"], overrides)
 
 
 def resolve_model(model: str | None, params: float | None, run: dict[str, Any], any_family: bool = False
                   ) -> tuple[ModelSpec, str | None]:
-    from .config import parse_enum
+    from .resolve import parse_enum
     from .hub import load_spec_any, resolve_spec
 
     task = parse_enum(Task, run["task"], "task") if run["task"] else None
@@ -160,43 +202,25 @@ def resolve_model(model: str | None, params: float | None, run: dict[str, Any], 
     return resolve_spec(model, params, task=task, num_labels=run["num_labels"])
 
 
-def measure_device(run: dict[str, Any]) -> tuple[str, str]:
+def resolve_measure_run(run: dict[str, Any], peft_config: Path | None = None) -> tuple[RunSetup, str | None]:
+    """The measured run (resolve.resolve_measured: device auto, CPU defaults below the file and the flags)."""
     from .runtime.probes import cuda_available
 
-    requested = (run["device"] or "auto").lower()
-    if requested not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"device '{run['device']}' is not supported; choose one of: auto, cuda, cpu")
-    if requested == "cuda" and not cuda_available():
-        from .errors import DeviceUnavailableError
-
-        raise DeviceUnavailableError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    device = "cuda" if requested == "cuda" or (requested == "auto" and cuda_available()) else "cpu"
-    given = [k for k in CPU_MEASURE_DEFAULTS if run.get(k) is not None]
-    defaults = ", ".join(f"{k}={v.value if hasattr(v, 'value') else v}" for k, v in CPU_MEASURE_DEFAULTS.items()
-                         if k not in given)
-    note = f"CPU run; CPU defaults used: {defaults}" if defaults else "CPU run"
-    return device, note
+    return resolve_measured(run["config"], flag_overrides(run, peft_config, modelled=False), cuda_available())
 
 
-def resolve_measure_run(run: dict[str, Any]) -> tuple[RunSetup, str | None]:
-    """The measured run: the device (auto -> cuda or cpu) and, on CPU, the CPU defaults for what no flag sets;
-    returns the setup and, on CPU, a note naming the defaults used."""
-    device, defaults_note = measure_device(run)
-    extra: dict[str, Any] = {"device": device}
-    if device == Device.cpu.value:
-        extra.update({k: v for k, v in CPU_MEASURE_DEFAULTS.items() if run.get(k) is None})
-    return resolve_run(run, extra), defaults_note if device == Device.cpu.value else None
+def sweep_device(run: dict[str, Any], axes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Measured sweeps: (overrides: the device; defaults: the CPU defaults, below the file, flags and swept axes;
+    a note naming the CPU defaults that apply)."""
+    from .runtime.probes import cuda_available
 
-
-def sweep_device(run: dict[str, Any], axes: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """Measured sweeps: the device (auto -> cuda or cpu) and, on CPU, the CPU defaults no flag or axis overrides."""
-    device, _ = measure_device(run)
-    if device != Device.cpu.value:
-        return {"device": device}, f"measured on {device}"
+    device, defaults, used = measured_device(run["config"], setup_overrides(run), cuda_available())
+    if device.value != "cpu":
+        return {"device": device.value}, {}, f"measured on {device.value}"
     swept = {"batch_size": axes["batch_sizes"], "seq_len": axes["seq_lens"], "dtype": axes["precisions"]}
-    defaults = {k: v for k, v in CPU_MEASURE_DEFAULTS.items() if run.get(k) is None and not swept[k]}
-    used = ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in defaults.items())
-    return {"device": device, **defaults}, "measured on CPU" + (f"; CPU defaults used: {used}" if used else "")
+    names = [f"{k}={getattr(defaults[k], 'value', defaults[k])}" for k in used if not swept[k]]
+    return {"device": device.value}, defaults, "measured on CPU" + (
+        f"; CPU defaults used: {', '.join(names)}" if names else "")
 
 
 def sweep_axes(run: dict[str, Any], batch_sizes: str | None, seq_lens: str | None, precisions: str | None,

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from .config import Method, RunSetup
-from .errors import LibraryRefusalError
+from .errors import DependencyMissingError, LibraryRefusalError
 from .spec import ModelSpec, Task
 
 # The versions of constraints.txt (a test keeps the two equal). README "Install" names them too.
@@ -174,3 +174,23 @@ def method_name(setup: RunSetup) -> str:
 def run_description(spec: ModelSpec, setup: RunSetup) -> str:
     """'prefix tuning on FacebookAI/roberta-base (seq-cls)': what a refusal refuses."""
     return f"{method_name(setup)} on {spec.name} ({spec.task.value})"
+
+
+def require_torch_stack(what: str) -> None:
+    """One line instead of a ModuleNotFoundError when the torch stack is missing (a base install).
+
+    Raises:
+        DependencyMissingError: torch, transformers or peft is not installed.
+    """
+    from importlib.util import find_spec
+
+    def absent(lib: str) -> bool:
+        try:
+            return find_spec(lib) is None
+        except (ImportError, ValueError):  # blocked, or a broken install
+            return True
+
+    missing = [lib for lib in ("torch", "transformers", "peft") if absent(lib)]
+    if missing:
+        raise DependencyMissingError(f"{what} needs the torch stack ({', '.join(missing)} not installed): "
+                                     "pip install 'memprof[measure]'")

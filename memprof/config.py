@@ -6,11 +6,9 @@ Precedence when resolving (``resolve_setup``): dataclass defaults < TOML file < 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -22,7 +20,7 @@ class Dtype(str, Enum):
 
 
 class Regime(str, Enum):
-    """How weights, gradients and optimizer states are stored (design.md, precision regimes)."""
+    """How weights, gradients and optimizer states are stored (README, Precision regimes)."""
 
     fp32 = "fp32"    # everything fp32
     pure = "pure"    # model.to(half) + torch optimizer: weights, grads, states all in the half dtype
@@ -321,101 +319,9 @@ def _check_int(what: str, value: Any, lo: int, hi: int) -> None:
         raise ConfigError(f"{what} must be between {lo} and {hi}, got {value}")
 
 
-_ENUM_FIELDS: dict[str, type[Enum]] = {
-    "method": Method, "dtype": Dtype, "regime": Regime, "optimizer": Optimizer,
-    "attn_impl": AttnImpl, "device": Device, "loop": Loop, "optimizer_impl": OptimizerImpl, "zero_grad": ZeroGrad,
-}
-_GROUP_FIELDS: dict[str, type] = {
-    "lora": LoraSpec, "quant": QuantSpec, "adapter": AdapterSpec, "ia3": IA3Spec, "prompt": PromptLearningSpec,
-    "overheads": Overheads,
-}
+def __getattr__(name: str):  # noqa: ANN202 - kept importable from here: resolution moved to memprof.resolve
+    if name in ("resolve_setup", "parse_enum", "resolve_measured", "read_config_file"):
+        from . import resolve
 
-
-def parse_enum(enum: type[Enum], value: Any, what: str) -> Any:
-    """Turn a string into an enum member or raise ConfigError listing the allowed values."""
-    if isinstance(value, enum):
-        return value
-    try:
-        return enum(str(value).lower().replace("_", "-") if enum in (Optimizer, OptimizerImpl) else str(value).lower())
-    except ValueError:
-        allowed = ", ".join(m.value for m in enum)  # type: ignore[attr-defined]
-        raise ConfigError(f"{what} '{value}' is not supported; choose one of: {allowed}") from None
-
-
-def _build_group(cls: type, name: str, values: Mapping[str, Any], problems: list[str]) -> Any:
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, val in values.items():
-        if key not in known:
-            problems.append(f"unknown option '{name}.{key}'; known: {', '.join(known)}")
-            continue
-        if key == "variant":
-            val = parse_enum(AdapterVariant, val, "adapter variant")
-        elif key in ("targets", "feedforward", "modules_to_save") and isinstance(val, (list, str)):
-            val = tuple(v.strip() for v in (val.split(",") if isinstance(val, str) else val) if v.strip())
-        kwargs[key] = val
-    try:
-        return cls(**kwargs)
-    except (ConfigError, TypeError) as exc:
-        problems.append(str(exc))
-        return None
-
-
-def resolve_setup(file: Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunSetup:
-    """Build a RunSetup from defaults < TOML file < overrides, then fill in the method's option defaults.
-
-    Args:
-        file: optional TOML file with top-level RunSetup keys and tables ``[lora]``, ``[adapter]``, ...
-        overrides: keys of RunSetup (CLI flags); ``None`` values mean "not given" and are skipped.
-            Option groups may be given as mappings (``{"lora": {"r": 16}}``).
-
-    Returns:
-        A validated RunSetup.
-
-    Raises:
-        ConfigError: listing every unknown key, wrong type or invalid value found.
-    """
-    merged: dict[str, Any] = {}
-    if file is not None:
-        try:
-            merged.update(tomllib.loads(Path(file).read_text()))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {file} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
-    for key, val in (overrides or {}).items():
-        if val is None:
-            continue
-        if key in _GROUP_FIELDS and isinstance(val, Mapping):
-            group = dict(merged.get(key) or {})
-            group.update({k: v for k, v in val.items() if v is not None})
-            if group:
-                merged[key] = group
-        else:
-            merged[key] = val
-
-    problems: list[str] = []
-    kwargs: dict[str, Any] = {}
-    known = {f.name for f in dataclasses.fields(RunSetup)}
-    for key, val in merged.items():
-        if key not in known:
-            problems.append(f"unknown option '{key}'; known: {', '.join(sorted(known))}")
-        elif key in _ENUM_FIELDS:
-            try:
-                kwargs[key] = parse_enum(_ENUM_FIELDS[key], val, key.replace("_", " "))
-            except ConfigError as exc:
-                problems.append(str(exc))
-        elif key in _GROUP_FIELDS:
-            if isinstance(val, Mapping):
-                kwargs[key] = _build_group(_GROUP_FIELDS[key], key, val, problems)
-            else:
-                kwargs[key] = val
-        else:
-            kwargs[key] = val
-    if problems:
-        raise ConfigError("; ".join(problems))
-    try:
-        setup = RunSetup(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from None
-    return with_method_defaults(setup)
+        return getattr(resolve, name)
+    raise AttributeError(f"module 'memprof.config' has no attribute {name!r}")

@@ -5,7 +5,6 @@ row renderers.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Sequence
 
 from rich.console import Console, Group
@@ -13,8 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .records import CATEGORIES, Category, Estimate, MemoryBreakdown, loop_description
-from .report import (Format, fmt_cell, md_escape, print_unwrapped, render_rows, rows_csv, rows_html, rows_json,
-                     rows_markdown, rows_table)
+from .report import (Format, fmt_cell, md_escape, print_unwrapped, render_rows, rows_csv, rows_json,
+                     rows_markdown, rows_table, table_width)
 from .units import fmt_bytes, fmt_bytes_auto, fmt_count, fmt_pct
 
 
@@ -163,9 +162,16 @@ MEASUREMENT_COLUMNS = ("model", "method", "batch_size", "seq_len", "regime", "de
                        "mfu", "energy_per_step_j")
 
 
-def render_measurement(m: Any, fmt: Format, console: Console, note: str | None = None) -> None:
-    """One measurement: its summary row (and breakdown at the peak in table mode)."""
+def render_measurement(m: Any, fmt: Format, console: Console, note: str | None = None, est: Any = None,
+                       path: Any = None) -> None:
+    """One measurement: its summary row, beside it the analytic estimate of exactly the run measured (``est``)
+    and the error, the breakdown at the peak (table mode), and where the record was written."""
     row = m.to_row()
+    predicted = None
+    if est is not None and m.status == "ok" and m.peak_bytes:
+        # CPU: the tracked estimate (the tracker observed the step); CUDA: plain + cuBLAS workspace
+        predicted = est.peak_bytes if m.device == "cpu" else est.device.allocated_bytes
+        row.update(est_peak_bytes=predicted, est_vs_measured_frac=(predicted - m.peak_bytes) / m.peak_bytes)
     if fmt is not Format.table:
         render_rows([row], fmt, console)
         return
@@ -190,14 +196,23 @@ def render_measurement(m: Any, fmt: Format, console: Console, note: str | None =
                                             f"{fmt_pct(share, 2)})")
     peak_label = "peak allocated (max_memory_allocated)" if m.device == "cuda" else "peak live tensors (tracker)"
     table.add_row(peak_label, fmt_bytes(m.peak_bytes))
+    if predicted is not None:
+        table.add_row("memprof's estimate of this run" + (" (+ cuBLAS workspace)" if m.device == "cuda" else
+                                                           " (tracked)"),
+                      f"{fmt_bytes(predicted)} ({100 * row['est_vs_measured_frac']:+.2f}%)")
     if m.reserved_bytes is not None:
         table.add_row("peak reserved (max_memory_reserved)", fmt_bytes(m.reserved_bytes))
     if m.device_used_bytes is not None:
         table.add_row("device memory used by the process (NVML)", fmt_bytes(m.device_used_bytes))
     if m.rss_peak_bytes is not None:
         table.add_row("process peak RSS (context)", fmt_bytes(m.rss_peak_bytes))
-    table.add_row("step time median (p10-p90)",
-                  f"{m.step_time_median_s:.3f} s ({m.step_time_p10_s:.3f}-{m.step_time_p90_s:.3f})")
+    if m.step_time_ci95_s is not None:
+        lo, hi = m.step_time_ci95_s
+        table.add_row(f"step time median (95% CI), {m.timed_steps} timed steps",
+                      f"{m.step_time_median_s:.3f} s ({lo:.3f}-{hi:.3f})")
+    else:
+        table.add_row("step time median (p10-p90)",
+                      f"{m.step_time_median_s:.3f} s ({m.step_time_p10_s:.3f}-{m.step_time_p90_s:.3f})")
     table.add_row("throughput", f"{m.samples_per_s:.2f} samples/s, {m.tokens_per_s:,.0f} tokens/s")
     if m.flops_per_step:
         table.add_row("training FLOPs per step", f"{m.flops_per_step:.3e}")
@@ -220,6 +235,8 @@ def render_measurement(m: Any, fmt: Format, console: Console, note: str | None =
         e = m.env
         lines.append(Text(f"torch {e.torch_version}, transformers {e.transformers_version}, peft {e.peft_version}, "
                           f"{e.cpu_threads} CPU threads, {e.date}", style="dim"))
+    if path is not None:
+        lines.append(Text(f"record appended to {path}", style="dim"))
     console.print(Group(*lines))
 
 
@@ -319,8 +336,34 @@ def comparison_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def render_comparison(rows: Sequence[dict[str, Any]], fmt: Format, console: Console, by_category: bool = False) -> None:
-    """Comparison rows (``ComparisonRow.to_row()``): every column raw in json/csv; a readable view otherwise."""
+# the columns a table gives up first when it is wider than the terminal (compare / report, table format)
+_DROP_ORDER = ("measured_rss_peak_bytes", "energy_per_step_j", "est_compared_bytes", "flops_vs_full_frac",
+               "trainable_frac", "est_device_total_bytes", "tokens_per_s", "measured_saved_vs_full_frac",
+               "traced_vs_measured_frac", "est_vs_traced_frac", "step_time_s")
+
+
+def pick_columns(columns: list[str], wanted: str | None, labels: dict[str, str]) -> list[str]:
+    """``--columns``: a comma-separated list of column keys or labels ('all': every column)."""
+    if wanted is None or wanted.strip() == "all":
+        return columns
+    from .errors import ConfigError
+
+    by_label = {labels.get(c, c): c for c in columns}
+    out = []
+    for item in (w.strip() for w in wanted.split(",") if w.strip()):
+        key = item if item in columns else by_label.get(item)
+        if key is None:
+            raise ConfigError(f"unknown column '{item}'; these rows have: {', '.join(columns)}")
+        out.append(key)
+    return out
+
+
+def render_comparison(rows: Sequence[dict[str, Any]], fmt: Format, console: Console, by_category: bool = False,
+                      columns_wanted: str | None = None, png: bytes | None = None) -> None:
+    """Comparison rows (``ComparisonRow.to_row()``): every column raw in json/csv; a readable view otherwise.
+
+    In a terminal the table keeps to its width: the least essential columns (_DROP_ORDER) go first and a note
+    says which (``--columns`` picks them, ``--columns all`` keeps every one, -f csv has them all)."""
     if fmt is Format.json:
         console.out(rows_json(rows), highlight=False)
         return
@@ -328,10 +371,22 @@ def render_comparison(rows: Sequence[dict[str, Any]], fmt: Format, console: Cons
         console.out(rows_csv(rows), highlight=False, end="")
         return
     heading, columns, labels, notes = comparison_view(rows, by_category)
-    if fmt is Format.table:  # one line per row (the terminal wraps); row notes below the table
+    columns = pick_columns(columns, columns_wanted, labels)
+    if fmt is Format.table:  # one line per row; row notes below the table
         columns = [c for c in columns if c != "note"]
+        hidden: list[str] = []
+        if columns_wanted is None and console.is_terminal:
+            for drop in _DROP_ORDER:
+                if table_width(console, rows_table(rows, columns, heading, labels)) <= console.width:
+                    break
+                if drop in columns:
+                    columns.remove(drop)
+                    hidden.append(labels.get(drop, drop))
         table = rows_table(rows, columns, heading, labels)
         print_unwrapped(console, table)
+        if hidden:
+            notes = [f"hidden to fit the terminal: {', '.join(hidden)} (--columns to choose, --columns all, "
+                     "or -f csv)", *notes]
         for r in rows:
             if r.get("note"):
                 where = [f"{labels.get(c, c)}={fmt_cell(r.get(c), c)}" for c in columns
@@ -340,103 +395,10 @@ def render_comparison(rows: Sequence[dict[str, Any]], fmt: Format, console: Cons
         for n in notes:
             console.print(Text(f"note: {n}", style="dim"))
     elif fmt is Format.html:
-        console.out(rows_html(rows, columns, heading, labels, notes), highlight=False, end="")
+        from .html_report import comparison_page
+
+        console.out(comparison_page(rows, columns, heading, labels, notes, png), highlight=False, end="")
     else:
         text = (f"{heading}\n\n" if heading else "") + rows_markdown(rows, columns, labels)
         text += "".join(f"\n- {md_escape(n)}" for n in notes) + ("\n" if notes else "")
         console.out(text, highlight=False, end="")
-
-
-# ---- length distributions (memprof estimate --seq-lens) ---------------------------------------------------------
-def render_distribution(dist: Any, est: Estimate, fmt: Format, console: Console, fit: Any = None, gpu: Any = None,
-                        mfu_assumed: float = 0.4, note: str | None = None) -> None:
-    """One epoch's per-step peaks (p50 / p99 / max) and FLOPs, and the estimate of the step that sets the max."""
-    row = dist.to_row()
-    peak_flops = None
-    if gpu is not None:
-        tflops = gpu.peak_tflops.get(est.setup.dtype.value) or gpu.peak_tflops.get("bf16")
-        peak_flops = tflops * 1e12 if tflops else None
-    times = {f"step_time_{k}_s": row[f"flops_{k}"] / (peak_flops * mfu_assumed)
-             for k in ("p50", "p99", "max")} if peak_flops else {}
-    row.update(times)
-    if fmt is Format.json:
-        console.out(json.dumps({"distribution": row, "mfu_assumed": mfu_assumed if times else None,
-                                "worst_step_estimate": estimate_document(est, fit=fit, note=note)}, indent=2,
-                               default=str), highlight=False)
-        return
-    if fmt is not Format.table:
-        render_rows([row], fmt, console)
-        return
-    console.print(estimate_renderables(est, fit=fit, note=note))
-    p50, p99, top = dist.peak_stats
-    f50, f99, ftop = dist.flops_stats
-    worst = dist.worst
-    shapes = ", ".join(f"b={b.batch_size} s={b.seq_len}" for b in worst.micro_batches)
-    lines = [Text(""), Text(f"over one epoch: {dist.sequences:,} sequences, {len(dist.steps):,} optimizer steps "
-                            f"({dist.batching.value} batching, b={dist.batch_size}, at most {dist.max_len} tokens, "
-                            f"{fmt_pct(dist.padding_frac)} of the tokens are padding)", style="bold"),
-             Text(f"peak per step: p50 {fmt_bytes(p50)}  p99 {fmt_bytes(p99)}  max {fmt_bytes(top)} "
-                  f"(step {worst.step}: {shapes}; the estimate above)"),
-             Text(f"model FLOPs per step: p50 {f50:.3e}  p99 {f99:.3e}  max {ftop:.3e}")]
-    if times:
-        lines.append(Text(f"step time on {gpu.name} at {fmt_pct(mfu_assumed)} MFU (assumed): p50 "
-                          f"{times['step_time_p50_s']:.3g} s  p99 {times['step_time_p99_s']:.3g} s  max "
-                          f"{times['step_time_max_s']:.3g} s"))
-    console.print(Group(*lines))
-
-
-STEP_LABELS = {"rank": "rank", "step": "step", "batch_size": "b", "seq_len": "s", "micro_batches": "micro",
-               "real_tokens": "tokens", "peak_bytes": "peak", "estimate_peak_bytes": "estimate",
-               "drift_frac": "drift", "forward_peak_bytes": "fwd", "backward_peak_bytes": "bwd",
-               "optimizer_peak_bytes": "optim", "reserved_bytes": "reserved", "step_time_s": "time (s)",
-               "tokens_per_s": "tokens/s"}
-
-
-def render_steps(rows: Sequence[dict[str, Any]], fmt: Format, console: Console) -> None:
-    """Per-step records of a profiled run: every field in json/csv; a compact table (the run named once) else."""
-    if fmt in (Format.json, Format.csv):
-        render_rows(rows, fmt, console)
-        return
-    first = rows[0]
-    heading = f"{first['model']} | {first['method']} | {first['device']}: memory per optimizer step"
-    columns = [c for c in STEP_LABELS if any(r.get(c) is not None for r in rows)
-               and not (c == "rank" and len({r["rank"] for r in rows}) == 1)]
-    notes = ["drift: (measured - estimate) / estimate; the estimate is memprof's for each step's own shape "
-             "(b, padded s, padding; CPU: the tracked estimate, CUDA: + cuBLAS workspace)"]
-    # a run's steps span a small range: bytes in the unit that shows it (tiny models: KiB / MiB)
-    rows = [{k: fmt_bytes_auto(v) if k.endswith("_bytes") and isinstance(v, int) else v for k, v in r.items()}
-            for r in rows]
-    if fmt is Format.table:
-        print_unwrapped(console, rows_table(rows, columns, heading, STEP_LABELS))
-        for n in notes:
-            console.print(Text(f"note: {n}", style="dim"))
-    elif fmt is Format.html:
-        console.out(rows_html(rows, columns, heading, STEP_LABELS, notes), highlight=False, end="")
-    else:
-        console.out(f"{heading}\n\n" + rows_markdown(rows, columns, STEP_LABELS) + f"\n- {md_escape(notes[0])}\n",
-                    highlight=False, end="")
-
-
-def render_fit_check(check: Any, fmt: Format, console: Console) -> None:
-    """``fit --verify``: predicted against confirmed batch size, every attempt, the phase that limits it."""
-    rows = [{"batch_size": a.batch_size, "status": a.status, "device_total_bytes": a.device_total_bytes,
-             "peak_phase": a.peak_phase, "message": a.message} for a in check.attempts]
-    if fmt is Format.json:
-        console.out(json.dumps({"predicted_batch_size": check.predicted, "confirmed_batch_size": check.confirmed,
-                                "device": check.device, "budget_bytes": check.budget_bytes,
-                                "limiting_phase": check.limiting_phase, "attempts": rows, "note": check.note},
-                               indent=2), highlight=False)
-        return
-    if fmt is not Format.table:
-        render_rows(rows, fmt, console)
-        return
-    lines = [Text(""), Text(f"verified on {check.device}: predicted b={check.predicted}, confirmed "
-                            + (f"b={check.confirmed}" if check.confirmed is not None else "none") +
-                            (f" (the {check.limiting_phase} phase sets its peak)" if check.limiting_phase else ""),
-                            style="bold green" if check.confirmed == check.predicted else "bold yellow")]
-    for a in check.attempts:
-        total = fmt_bytes(a.device_total_bytes) if a.device_total_bytes is not None else "-"
-        lines.append(Text(f"  b={a.batch_size}: {a.status}, device total {total} of {fmt_bytes(check.budget_bytes)}"
-                          + (f" ({a.message.splitlines()[0][:120]})" if a.message else "")))
-    lines.append(Text(f"note: {check.note}", style="dim"))
-    console.print(Group(*lines))

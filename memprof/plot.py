@@ -3,10 +3,11 @@ times. matplotlib is the optional extra ``memprof[plot]``, imported only when a 
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
-from .compare import BREAKDOWN_KEYS, ComparisonRow
+from .comparison import BREAKDOWN_KEYS, ComparisonRow
 from .errors import ConfigError, DependencyMissingError
 from .documents import COMPARISON_LABELS
 from .units import BYTES_PER_GIB
@@ -56,9 +57,10 @@ def check_plot_path(path: str | Path) -> Path:
     return path
 
 
-def write_plot(rows: Sequence[ComparisonRow], path: str | Path) -> Path:
-    """Write a PNG: stacked memory-by-category bars per run (estimate, and measured where present) and, when
-    anything was measured, step-time bars.
+def write_plot(rows: Sequence[ComparisonRow], path: str | Path, title: str | None = None) -> Path:
+    """Write a PNG: memory by category per run (the estimate hatched, the measurement solid beside it, each bar
+    with its total) and, when anything was measured, the median step time with its spread (95% CI of the
+    median) and the speed-up over full fine-tuning. ``title``: the setup the runs share (the table's heading).
 
     Raises:
         DependencyMissingError: matplotlib is not installed.
@@ -67,33 +69,57 @@ def write_plot(rows: Sequence[ComparisonRow], path: str | Path) -> Path:
     path = check_plot_path(path)
     if not rows:
         raise ConfigError("nothing to plot: no comparison rows")
-    from matplotlib.figure import Figure
-
-    timed = any(r.step_time_s for r in rows)
-    width = max(6.0, 1.1 * len(rows) + 2)
-    fig = Figure(figsize=(width, 7.5 if timed else 4.8), layout="constrained")
-    axes = fig.subplots(2 if timed else 1, 1, squeeze=False)[:, 0]
-    _memory_panel(axes[0], rows)
-    if timed:
-        _time_panel(axes[1], rows)
+    fig = figure(rows, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
 
 
+def png_bytes(rows: Sequence[ComparisonRow], title: str | None = None) -> bytes | None:
+    """The same figure as PNG bytes (for the HTML report), None without matplotlib or rows."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    if not rows:
+        return None
+    import io
+
+    buf = io.BytesIO()
+    figure(rows, title).savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def figure(rows: Sequence[ComparisonRow], title: str | None = None):  # noqa: ANN201 (matplotlib Figure)
+    from matplotlib.figure import Figure
+
+    timed = any(r.step_time_s for r in rows)
+    width = max(7.0, 1.25 * len(rows) + 2.5)
+    fig = Figure(figsize=(width, 8.0 if timed else 5.2), layout="constrained")
+    axes = fig.subplots(2 if timed else 1, 1, squeeze=False)[:, 0]
+    _memory_panel(axes[0], rows)
+    if timed:
+        _time_panel(axes[1], rows)
+    model = rows[0].setup.get("model")
+    fig.suptitle("\n".join(textwrap.wrap(title or str(model), 110)), fontsize=9)
+    return fig
+
+
 def _memory_panel(ax, rows: Sequence[ComparisonRow]) -> None:  # noqa: ANN001 (matplotlib Axes)
     labels = _labels(rows)
     measured_any = any(r.measured_breakdown or r.measured_peak_bytes for r in rows)
-    bar_w = 0.38 if measured_any else 0.7
+    bar_w = 0.34 if measured_any else 0.6
+    offset = 0.19 if measured_any else 0.0
     seen: set[str] = set()
+    top = 0.0
     for i, r in enumerate(rows):
-        est, tag = _estimate_bars(r)
-        bars = [(i - bar_w / 2 if measured_any else i, est, tag)]
+        est, _ = _estimate_bars(r)
+        bars = [(i - offset, est, "est.", True)]
         if r.measured_breakdown:
-            bars.append((i + bar_w / 2, dict(r.measured_breakdown), "meas."))
+            bars.append((i + offset, dict(r.measured_breakdown), "meas.", False))
         elif r.measured_peak_bytes:
-            bars.append((i + bar_w / 2, {"measured peak": r.measured_peak_bytes}, "meas."))
-        for x, parts, tag in bars:
+            bars.append((i + offset, {"measured peak": r.measured_peak_bytes}, "meas.", False))
+        for x, parts, tag, hatched in bars:
             bottom = 0.0
             for key in (*BREAKDOWN_KEYS, "measured peak"):
                 gib = parts.get(key, 0) / BYTES_PER_GIB
@@ -101,33 +127,41 @@ def _memory_panel(ax, rows: Sequence[ComparisonRow]) -> None:  # noqa: ANN001 (m
                     continue
                 label = key.replace("_", " ") if key not in seen else None
                 seen.add(key)
-                ax.bar(x, gib, bar_w, bottom=bottom, color=_COLOURS.get(key, "#bcbd22"), label=label)
+                ax.bar(x, gib, bar_w, bottom=bottom, color=_COLOURS.get(key, "#bcbd22"), label=label,
+                       hatch="//" if hatched and measured_any else None, edgecolor="white", linewidth=0.5)
                 bottom += gib
-            if bottom and measured_any:
-                ax.text(x, bottom, tag, ha="center", va="bottom", fontsize=7)
+            if bottom:
+                ax.text(x, bottom, f"{bottom:.2f}" + (f"\n{tag}" if measured_any else ""), ha="center",
+                        va="bottom", fontsize=7)
+                top = max(top, bottom)
         if not r.est_breakdown and not r.measured_breakdown:
             ax.text(i, 0, r.status, ha="center", va="bottom", fontsize=8, rotation=90)
+    ax.set_ylim(0, top * 1.22 if top else 1)
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("GiB at the peak")
-    model = rows[0].setup.get("model")
-    ax.set_title(f"{model}: memory by category" + (" (est. left, measured right)" if measured_any else ""))
+    ax.set_title("memory by category at the peak" + (" (estimate hatched, measured solid)" if measured_any else ""),
+                 fontsize=10)
     handles, names = ax.get_legend_handles_labels()
     order = [k.replace("_", " ") for k in (*BREAKDOWN_KEYS, "measured peak")]
     pairs = sorted(zip(names, handles), key=lambda nh: order.index(nh[0]))
-    ax.legend([h for _, h in pairs], [n for n, _ in pairs], fontsize=7, loc="upper right")
+    ax.legend([h for _, h in pairs], [n for n, _ in pairs], fontsize=7, loc="upper left", ncol=2, framealpha=0.9)
     ax.grid(axis="y", alpha=0.3)
 
 
 def _time_panel(ax, rows: Sequence[ComparisonRow]) -> None:  # noqa: ANN001
-    xs = range(len(rows))
+    xs = list(range(len(rows)))
     times = [r.step_time_s or 0.0 for r in rows]
-    ax.bar(xs, times, 0.6, color="#17becf")
+    lows = [max(0.0, (r.step_time_s or 0) - (r.step_time_low_s or r.step_time_s or 0)) for r in rows]
+    highs = [max(0.0, (r.step_time_high_s or r.step_time_s or 0) - (r.step_time_s or 0)) for r in rows]
+    ax.bar(xs, times, 0.55, color="#17becf", yerr=[lows, highs], capsize=3, ecolor="#555")
     for i, r in enumerate(rows):
-        if r.step_time_s and r.speedup_vs_full:
-            ax.text(i, r.step_time_s, f"{r.speedup_vs_full:.2f}x", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), _labels(rows), fontsize=8)
+        if r.step_time_s:
+            text = f"{r.step_time_s:.3g} s" + (f"\n{r.speedup_vs_full:.2f}x" if r.speedup_vs_full else "")
+            ax.text(i, r.step_time_s + highs[i], text, ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, max((t + h for t, h in zip(times, highs)), default=1) * 1.3 or 1)
+    ax.set_xticks(xs, _labels(rows), fontsize=8)
     ax.set_ylabel("median step time (s)")
-    ax.set_title("measured step time (speed-up vs full above the bars)")
+    ax.set_title("measured step time (bars: the median's 95% CI; speed-up vs full fine-tuning)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
 
 

@@ -235,6 +235,7 @@ class Measurement:
     step_time_median_s: float | None = None
     step_time_p10_s: float | None = None
     step_time_p90_s: float | None = None
+    step_time_ci95_s: tuple[float, float] | None = None  # 95% confidence interval of the median step time
     samples_per_s: float | None = None
     tokens_per_s: float | None = None
     flops_per_step: float | None = None
@@ -253,6 +254,8 @@ class Measurement:
                      "step_time_median_s", "step_time_p10_s", "step_time_p90_s", "samples_per_s", "tokens_per_s",
                      "flops_per_step", "mfu", "energy_per_step_j", "warmup_steps", "timed_steps"):
             row[name] = getattr(self, name)
+        ci = self.step_time_ci95_s
+        row["step_time_ci_low_s"], row["step_time_ci_high_s"] = (ci[0], ci[1]) if ci else (None, None)
         if self.breakdown is not None:
             row.update({f"{k}_bytes": v for k, v in self.breakdown.as_dict().items()})
         if self.env is not None:

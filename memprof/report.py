@@ -167,3 +167,8 @@ def print_unwrapped(console: Console, table: Table) -> None:
         console.print(table)
     finally:
         console.width = width
+
+
+def table_width(console: Console, table: Table) -> int:
+    """The width a table takes at its natural size."""
+    return Measurement.get(console, console.options.update_width(10_000), table).maximum

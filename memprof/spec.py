@@ -28,6 +28,14 @@ class Family(str, Enum):
 class Task(str, Enum):
     seq_cls = "seq-cls"      # sequence classification head (num_labels)
     causal_lm = "causal-lm"  # next-token prediction over the vocabulary
+    token_cls = "token-cls"  # a label per token (NER-style; *ForTokenClassification): traced, not modelled
+    qa = "qa"                # extractive question answering (start / end logits; *ForQuestionAnswering): traced
+    seq2seq = "seq2seq"      # encoder-decoder generation (T5, BART; *ForConditionalGeneration): traced
+
+
+# tasks the analytic families describe; the others are traced (memprof trace / estimate --trace)
+ANALYTIC_TASKS = (Task.seq_cls, Task.causal_lm)
+ENCODER_DECODER_TYPES = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "led", "longt5", "switch_transformers")
 
 
 FAMILY_OF_MODEL_TYPE: dict[str, Family] = {
@@ -154,8 +162,11 @@ def _require(cfg: Mapping[str, Any], name: str, *keys: str) -> int:
 
 
 def default_task(cfg: Mapping[str, Any]) -> Task:
-    """Encoders get a sequence-classification head, decoders a causal-LM head (the issue's presets)."""
-    return Task.seq_cls if cfg.get("model_type") in ("bert", "roberta") else Task.causal_lm
+    """Encoders get a sequence-classification head, decoders a causal-LM head, encoder-decoders seq2seq."""
+    model_type = cfg.get("model_type")
+    if model_type in ENCODER_DECODER_TYPES or cfg.get("is_encoder_decoder"):
+        return Task.seq2seq
+    return Task.seq_cls if model_type in ("bert", "roberta") else Task.causal_lm
 
 
 def from_hf_config(cfg: Mapping[str, Any], name: str, source: str = "file", task: Task | None = None,
@@ -189,6 +200,10 @@ def from_hf_config(cfg: Mapping[str, Any], name: str, source: str = "file", task
             f"{name}: model_type '{model_type}' is outside the analytic families; supported: {SUPPORTED_MODEL_TYPES}"
             " (use --trace for any architecture transformers can build)"
         )
+    if task not in ANALYTIC_TASKS:
+        raise UnsupportedModelError(
+            f"{name}: the {task.value} task is traced, not modelled analytically; use memprof trace or "
+            "estimate --trace")
     builder = {Family.bert: _bert, Family.gpt2: _gpt2, Family.llama: _llama}[family]
     return builder(cfg, name, source, task, num_labels)
 

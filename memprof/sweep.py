@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import __version__
-from .compare import key_of
-from .compat import TESTED_VERSIONS, installed_versions, known_refusal, refusal_error
-from .config import METHOD_OPTIONS, Method, RunSetup, parse_enum, resolve_setup
+from .comparison import key_of
+from .compat import TESTED_VERSIONS, installed_versions, known_refusal, refusal_error, require_torch_stack
+from .config import METHOD_OPTIONS, Method, RunSetup
+from .resolve import parse_enum, resolve_setup
 from .errors import (ConfigError, DependencyMissingError, DeviceUnavailableError, LibraryRefusalError, MemprofError,
                      UnsupportedModelError)
 from .records import setup_row
@@ -81,7 +82,8 @@ def parse_switches(text: str | None, what: str) -> tuple[bool, ...]:
 
 def plan_setups(methods: Sequence[str], overrides: Mapping[str, Any], *, batch_sizes: Sequence[int] = (),
                 seq_lens: Sequence[int] = (), precisions: Sequence[tuple[str, str | None]] = (),
-                checkpointing: Sequence[bool] = (), file: Path | None = None) -> list[RunSetup]:
+                checkpointing: Sequence[bool] = (), file: Path | None = None,
+                defaults: Mapping[str, Any] | None = None) -> list[RunSetup]:
     """Every combination, methods innermost (so each full run precedes the PEFT runs compared with it).
 
     Args:
@@ -91,6 +93,7 @@ def plan_setups(methods: Sequence[str], overrides: Mapping[str, Any], *, batch_s
         batch_sizes, seq_lens, precisions ((dtype, regime or None)), checkpointing: the sweep's axes; an
             empty axis keeps the value of ``overrides`` (or the default).
         file: TOML run options (resolve_setup's precedence: defaults < file < overrides).
+        defaults: a command's defaults, below the file (``memprof compare --measure`` on a CPU).
 
     Raises:
         ConfigError: an unknown method or an invalid option.
@@ -108,7 +111,7 @@ def plan_setups(methods: Sequence[str], overrides: Mapping[str, Any], *, batch_s
         axes = {"method": method, "batch_size": b, "seq_len": s, "grad_checkpointing": ckpt, "dtype": dtype,
                 "regime": regime}
         run.update({k: v for k, v in axes.items() if v is not None})
-        setups.append(resolve_setup(file, run))
+        setups.append(resolve_setup(file, run, defaults=defaults))
     return list(dict.fromkeys(setups))
 
 
@@ -225,7 +228,7 @@ class MeasureOptions:
     """How each run is measured (``runtime.runner.measure`` arguments)."""
 
     warmup_steps: int = 1
-    timed_steps: int = 3
+    timed_steps: int | None = None        # None: until the median is known to +-5% (harness.run_timed)
     timeout_s: float | None = None        # per run; a run past it is recorded with status timeout
     cpu_threads: int | None = None        # torch intra-op threads in the worker (None: torch's default)
     memory_limit_bytes: int | None = None  # worker address-space cap (tests)
@@ -253,10 +256,9 @@ def _index(path: Path | None) -> dict[tuple[str, tuple], list[Mapping[str, Any]]
 
 
 def _trace_row(spec: ModelSpec, setup: RunSetup) -> dict[str, Any]:
-    try:
-        from .runtime.trace import trace
-    except ImportError as exc:
-        raise DependencyMissingError(f"--trace needs the torch stack: pip install 'memprof[measure]' ({exc})") from None
+    require_torch_stack("tracing a sweep")
+    from .runtime.trace import trace
+
     try:
         return trace(spec, setup).to_row()
     except LibraryRefusalError as exc:  # the run cannot happen with the installed libraries

@@ -1,6 +1,6 @@
 """The named terms behind an analytic estimate, with formulas and substituted numbers (pure).
 
-Model states follow design.md's precision-regime table; activations are the tensors autograd keeps at the
+Model states follow the precision regimes of the README (Rajbhandari et al. 2020, Sec. 3.1); activations are the tensors autograd keeps at the
 end of the forward (PyTorch tools/autograd/derivatives.yaml save rules; the layer structure of Korthikanti
 et al. 2022, arXiv:2205.05198, Sec. 4.1, generalised to each family's actual ops); overheads are in
 overheads.py.
@@ -20,7 +20,7 @@ from .params import ParamCounts
 from .sim import BYTES, peval
 from .states import StateBytes, weight_bytes
 
-_STATE_SOURCE = "design.md precision regimes; Rajbhandari et al. 2020 (ZeRO) Sec. 3.1"
+_STATE_SOURCE = "README, Precision regimes; Rajbhandari et al. 2020 (ZeRO, arXiv:1910.02054) Sec. 3.1"
 _ACT_SOURCE = "autograd save rules (derivatives.yaml), layer structure as in Korthikanti et al. 2022 Sec. 4.1"
 _OPT_STATES = {
     Optimizer.adamw: ("2 x P_t x B_state", "exp_avg + exp_avg_sq (Loshchilov & Hutter 2019)"),
@@ -86,6 +86,27 @@ def _activation_terms(spec: ModelSpec, setup: RunSetup) -> list[Term]:
     return terms
 
 
+def _state_formula(formula: str, state_b: int, adapters: bool) -> str:
+    """The optimizer-state formula with its byte sizes: P_t split into the base's trainable parameters (states in
+    their dtype) and a method's fp32 tensors (fp32 states)."""
+    if not adapters or state_b == 4:
+        return formula.replace("B_state", f"{state_b} B")
+    return formula.replace("P_t x B_state", f"(P_base x {state_b} B + P_adapter x 4 B)").replace(
+        "B_state", f"{state_b} B")
+
+
+def _state_substituted(setup: RunSetup, base_t: int, adapter: int, state_b: int, spec: ModelSpec) -> str:
+    """The numbers in the formula (P_base, P_adapter; AdamW's per-tensor step counters where they are on the
+    device)."""
+    from .states import step_counter_bytes
+
+    k = {Optimizer.adamw: "2 x ", Optimizer.sgd_momentum: "", Optimizer.lion: ""}.get(setup.optimizer, "")
+    parts = f"{base_t:,} x {state_b} B" + (f" + {adapter:,} x 4 B" if adapter else "")
+    text = f"{k}({parts})" if k or adapter else parts
+    steps = step_counter_bytes(spec, setup)
+    return text + (f" + {steps // 4:,} step counters x 4 B" if steps else "")
+
+
 def explain_terms(spec: ModelSpec, setup: RunSetup, pc: ParamCounts, sb: StateBytes, inputs: int,
                   peak_tensor_bytes: int, phase: Phase, kept_outputs_bytes: int = 0) -> tuple[Term, ...]:
     """Every named piece of the estimate: model states, activations kept for backward, overheads."""
@@ -118,8 +139,9 @@ def explain_terms(spec: ModelSpec, setup: RunSetup, pc: ParamCounts, sb: StateBy
     formula, source = _OPT_STATES[setup.optimizer]
     state_b = 4 if regime in (Regime.mixed,) or wb == 4 else wb
     terms.append(Term(Category.optimizer_states, f"optimizer states ({setup.optimizer.value})",
-                      formula.replace("B_state", f"{state_b} B"), f"P_t = {pc.trainable:,}", sb.optimizer_states,
-                      source))
+                      _state_formula(formula, state_b, bool(adapter)), _state_substituted(setup, base_t, adapter,
+                                                                                           state_b, spec),
+                      sb.optimizer_states, source))
     if sb.master_weights:
         terms.append(Term(Category.master_weights, "fp32 master weights", "P_t x 4 B", f"{base_t:,} x 4 B",
                           sb.master_weights, _STATE_SOURCE))

@@ -6,6 +6,8 @@ peft's ``get_nb_trainable_parameters()``.
 
 from __future__ import annotations
 
+import re
+
 import functools
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ IA3_DEFAULT_FEEDFORWARD: dict[str, tuple[str, ...]] = {
     "mistral": ("down_proj",), "qwen2": ("down_proj",), "qwen3": ("down_proj",), "gemma": ("down_proj",),
     "gemma2": ("down_proj",), "gemma3_text": ("down_proj",),
 }
+REGEX_PREFIX = "re:"  # a target given as a regular expression (peft: target_modules as one string)
 ALL_LINEAR = "all-linear"
 
 
@@ -83,7 +86,10 @@ def count_params(spec: ModelSpec) -> int:
 
 
 def _matches(name: str, targets: tuple[str, ...]) -> bool:
-    # peft check_target_module_exists: exact name or ".target" suffix
+    # peft check_target_module_exists: a list matches the exact name or a ".target" suffix; a string (here
+    # "re:<pattern>", from a peft config's target_modules string) is matched with re.fullmatch on the full name
+    if len(targets) == 1 and targets[0].startswith(REGEX_PREFIX):
+        return re.fullmatch(targets[0][len(REGEX_PREFIX):], name) is not None
     return name in targets or any(name.endswith("." + t) for t in targets)
 
 

@@ -1,6 +1,6 @@
 """Model states: weights, gradients, optimizer states, master weights, and the optimizer step's temporaries (pure).
 
-Bytes per parameter follow design.md's precision-regime table (Rajbhandari et al. 2020, ZeRO, Sec. 3.1 for the
+Bytes per parameter follow the README's precision regimes (Rajbhandari et al. 2020, ZeRO, Sec. 3.1 for the
 16-byte mixed-precision budget). Frozen parameters cost only their weights. Tensors a PEFT method adds are fp32
 on a half base (peft ``autocast_adapter_dtype=True``; memprof's adapters do the same).
 """

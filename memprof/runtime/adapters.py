@@ -1,6 +1,6 @@
 """memprof's own PEFT methods: bottleneck adapters (Houlsby et al. 2019, Pfeiffer et al. 2020) and BitFit.
 
-peft has neither (design.md). Adapters are attached with forward hooks so the base model's module names and
+peft has neither. Adapters are attached with forward hooks so the base model's module names and
 state_dict keys stay unchanged (a pretrained checkpoint still loads) and the adapter weights live in a
 ``memprof_adapters`` ModuleDict on each block.
 """

@@ -6,7 +6,6 @@ a measurement and the estimator's parameter counts describe the same model. Impo
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable
@@ -46,7 +45,7 @@ def hf_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (transforme
         for key, value in list(cfg.items()):
             if ("dropout" in key or "pdrop" in key) and isinstance(value, (int, float)) and not isinstance(value, bool):
                 cfg[key] = 0.0
-    if spec.task is Task.seq_cls:
+    if spec.task in (Task.seq_cls, Task.token_cls):
         cfg["num_labels"] = spec.num_labels
         cfg.pop("id2label", None)
         cfg.pop("label2id", None)
@@ -69,10 +68,10 @@ def build_base_model(spec: ModelSpec, setup: RunSetup, device: str | torch.devic
     ``pretrained`` loads real weights (local path or hub cache); otherwise weights are random (memory and
     time do not depend on weight values).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
     config = hf_config_for(spec, setup)
-    auto = AutoModelForSequenceClassification if spec.task is Task.seq_cls else AutoModelForCausalLM
+    auto = getattr(transformers, AUTO_CLASS[spec.task])
     dtype = storage_dtype(setup)
     if setup.method is Method.qlora:
         dtype = TORCH_DTYPE[setup.dtype]
@@ -91,8 +90,16 @@ def build_base_model(spec: ModelSpec, setup: RunSetup, device: str | torch.devic
     return model
 
 
+AUTO_CLASS = {Task.seq_cls: "AutoModelForSequenceClassification", Task.causal_lm: "AutoModelForCausalLM",
+              Task.token_cls: "AutoModelForTokenClassification", Task.qa: "AutoModelForQuestionAnswering",
+              Task.seq2seq: "AutoModelForSeq2SeqLM"}
+PEFT_TASK = {Task.seq_cls: "SEQ_CLS", Task.causal_lm: "CAUSAL_LM", Task.token_cls: "TOKEN_CLS",
+             Task.qa: "QUESTION_ANS", Task.seq2seq: "SEQ_2_SEQ_LM"}
+HEADS = {Task.seq_cls: ("classifier", "score"), Task.token_cls: ("classifier", "score"), Task.qa: ("qa_outputs",)}
+
+
 def _peft_task(spec: ModelSpec) -> str:
-    return "SEQ_CLS" if spec.task is Task.seq_cls else "CAUSAL_LM"
+    return PEFT_TASK[spec.task]
 
 
 def peft_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (peft.PeftConfig)
@@ -130,13 +137,12 @@ def peft_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (peft.Pef
 
 
 def load_peft_config(path: str | Path):  # noqa: ANN201
-    """A peft config from a JSON file (as ``PeftConfig.save_pretrained`` writes it)."""
+    """A peft config object from a JSON file or a saved adapter directory (``PeftConfig.save_pretrained``)."""
     import peft
 
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read peft config {path}: {exc}") from None
+    from ..peft_input import load_peft_config as load_json
+
+    data = load_json(path)
     peft_type = str(data.get("peft_type", "")).upper()
     mapping = peft.PEFT_TYPE_TO_CONFIG_MAPPING
     if peft_type not in mapping:
@@ -146,11 +152,11 @@ def load_peft_config(path: str | Path):  # noqa: ANN201
         return mapping[peft_type].from_peft_type(**data) if hasattr(mapping[peft_type], "from_peft_type") \
             else mapping[peft_type](**{k: v for k, v in data.items() if k != "peft_type"})
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"peft config {path} is invalid: {exc}") from None
+        raise ConfigError(f"peft config {path} is invalid: {' '.join(str(exc).split())[:300]}") from None
 
 
 def _freeze_all_but(model: nn.Module, keep: Iterable[str], spec: ModelSpec) -> None:
-    heads = tuple(SEQ_CLS_HEADS) if spec.task is Task.seq_cls else ()
+    heads = HEADS.get(spec.task, ())
     keep = tuple(keep)
     for name, p in model.named_parameters():
         top = name.split(".")[0]
@@ -181,7 +187,7 @@ def apply_method(model: nn.Module, spec: ModelSpec, setup: RunSetup, peft_config
             p.requires_grad_(False)
         add_bottleneck_adapters(model, spec.model_type, spec.hidden_size, ad, dtype=torch.float32)
         for name, p in model.named_parameters():
-            if "memprof_adapters" in name or (spec.task is Task.seq_cls and name.split(".")[0] in SEQ_CLS_HEADS):
+            if "memprof_adapters" in name or name.split(".")[0] in HEADS.get(spec.task, ()):
                 p.requires_grad_(True)
         if ad.train_norms:
             for module in model.modules():
@@ -330,13 +336,23 @@ def synthetic_batch(spec: ModelSpec, setup: RunSetup, device: str | torch.device
     b, s = setup.batch_size, setup.seq_len
     ids = torch.randint(0, spec.vocab_size, (b, s), device=device)
     batch = {"input_ids": ids}
+    if spec.task is Task.qa:  # a start and an end position per sequence
+        batch["start_positions"] = torch.randint(0, s, (b,), device=device)
+        batch["end_positions"] = torch.randint(0, s, (b,), device=device)
+    elif spec.task is Task.token_cls:  # a label per token
+        batch["labels"] = torch.randint(0, spec.num_labels, (b, s), device=device)
+    elif spec.task is Task.seq2seq:  # targets as long as the inputs; the model shifts them into decoder inputs
+        batch["labels"] = torch.randint(0, spec.vocab_size, (b, s), device=device)
     if setup.padded:
         lengths = [max(1, s - (i * s) // (2 * b)) for i in range(b)]  # row 0 full, the others shorter
         mask = torch.zeros(b, s, dtype=torch.long, device=device)
         for i, n in enumerate(lengths):
             mask[i, :n] = 1
         batch["attention_mask"] = mask
-    if spec.task is Task.seq_cls:
+    if spec.task in (Task.qa, Task.token_cls, Task.seq2seq):
+        if setup.padded and "labels" in batch:
+            batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)
+    elif spec.task is Task.seq_cls:
         batch["labels"] = torch.randint(0, spec.num_labels, (b,), device=device)
     elif setup.padded:
         batch["labels"] = ids.masked_fill(batch["attention_mask"] == 0, -100)

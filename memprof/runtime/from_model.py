@@ -15,7 +15,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..config import AttnImpl, Device, Dtype, Loop, Optimizer, OptimizerImpl, Regime, RunSetup, resolve_setup
+from ..config import AttnImpl, Device, Dtype, Loop, Optimizer, OptimizerImpl, Regime, RunSetup
+from ..resolve import resolve_setup
 from ..errors import MemprofError
 from ..spec import ModelSpec, Task, from_hf_config
 

@@ -15,6 +15,7 @@ clean peak.
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import warnings
 from dataclasses import dataclass, field
@@ -147,20 +148,53 @@ def run_warmup(run: BuiltRun, setup: RunSetup, device: str, steps: int, progress
         _progress(progress, "warmup", i + 1, steps)
 
 
-def run_timed(run: BuiltRun, setup: RunSetup, device: str, steps: int,
+def run_timed(run: BuiltRun, setup: RunSetup, device: str, steps: int | None,
               progress: ProgressFn | None = None) -> list[float]:
-    """The timed window: plain steps (no tracker, no hooks), one wall time each in seconds. The last one also
-    reads CUDA's allocated bytes right after optimizer.step() (``run.after_step_bytes``)."""
+    """The timed window: plain steps (no tracker, no hooks), one wall time each in seconds. ``steps`` None times
+    until the median is known to +-5% (its 95% confidence interval, ``median_ci``) or ADAPTIVE_MAX_STEPS /
+    ADAPTIVE_MAX_S are reached, at least ADAPTIVE_MIN_STEPS. The last step also reads CUDA's allocated bytes
+    right after optimizer.step() (``run.after_step_bytes``)."""
     timer = probes.StepTimer(device)
-    for i in range(steps):
-        read = None
-        if device == "cuda" and i == steps - 1:
-            def read() -> None:
+    limit = steps if steps is not None else ADAPTIVE_MAX_STEPS
+    i = 0
+    while i < limit:
+        def read() -> None:
+            if device == "cuda":
                 run.after_step_bytes = probes.cuda_allocated_bytes()
         with timer.step():
             _step(run, setup, device, after_step=read)
-        _progress(progress, "timed", i + 1, steps)
+        i += 1
+        _progress(progress, "timed", i, limit if steps is not None else max(i, ADAPTIVE_MIN_STEPS))
+        if steps is None and i >= ADAPTIVE_MIN_STEPS:
+            lo, hi = median_ci(timer.times_s)
+            med = statistics.median(timer.times_s)
+            if (hi - lo) <= 2 * ADAPTIVE_REL_HALF_WIDTH * med or sum(timer.times_s) >= ADAPTIVE_MAX_S:
+                break
     return timer.times_s
+
+
+ADAPTIVE_MIN_STEPS = 5        # 5-8 steps: the interval is their range (94-99% coverage); 9 on: order statistics
+ADAPTIVE_MAX_STEPS = 30
+ADAPTIVE_MAX_S = 60.0         # of timed steps
+ADAPTIVE_REL_HALF_WIDTH = 0.05
+
+
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: order statistics x_(j), x_(n+1-j) with j the largest
+    rank such that P(Binomial(n, 1/2) < j) <= (1 - confidence) / 2 (e.g. Conover, Practical Nonparametric
+    Statistics, 3rd ed., Sec. 3.2). With too few values for that, the range."""
+    xs = sorted(values)
+    n = len(xs)
+    alpha = (1 - confidence) / 2
+    cdf, j = 0.0, 0
+    for k in range(n + 1):  # cdf = P(X <= k - 1) before the update = P(X < k)
+        if cdf > alpha:
+            break
+        j = k
+        cdf += math.comb(n, k) / 2 ** n
+    if j < 1:
+        return xs[0], xs[-1]
+    return xs[j - 1], xs[n - j]
 
 
 @dataclass(frozen=True)
@@ -252,7 +286,7 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _CPU_OOM_MARKERS)
 
 
-def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 2, timed_steps: int = 5,
+def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 1, timed_steps: int | None = None,
                     breakdown: bool = True, pretrained: str | None = None, peft_config: Any = None,
                     progress: ProgressFn | None = None) -> Measurement:
     """Measure training steps of ``spec`` under ``setup`` on ``setup.device``, in this process.
@@ -261,7 +295,7 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 2, 
         spec: the model; weights are random unless ``pretrained`` (memory and time do not depend on them).
         setup: the run; ``setup.device`` is cpu or cuda (resolve "auto" before calling).
         warmup_steps: untimed steps first (>= 1; the first allocates optimizer state).
-        timed_steps: steps timed and measured (>= 1).
+        timed_steps: steps timed and measured (>= 1); None: until the median is known to +-5% (run_timed).
         breakdown: run one more step under the tracker for the category breakdown (required on CPU for
             ``peak_bytes``; on CUDA it adds ``tracker_peak_bytes`` next to the allocator's peak).
         pretrained: local path or hub id of real weights to load instead of random init.
@@ -277,7 +311,7 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 2, 
         DependencyMissingError: QLoRA without bitsandbytes.
         LibraryRefusalError: the installed transformers / peft refuse this method on this model.
     """
-    if warmup_steps < 1 or timed_steps < 1:
+    if warmup_steps < 1 or (timed_steps is not None and timed_steps < 1):
         raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")
     setup = with_method_defaults(setup)
     device = _check_device(setup)
@@ -285,7 +319,7 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 2, 
         check_supported(spec, setup)
     env = probes.env_info(device)
     base = dict(spec_name=spec.name, setup_row=setup_row(spec, setup), device=device, env=env,
-                warmup_steps=warmup_steps, timed_steps=timed_steps)
+                warmup_steps=warmup_steps, timed_steps=timed_steps or 0)
     phase = "build"
     try:
         with library_refusals(what_runs(spec, setup, peft_config)):
@@ -299,7 +333,7 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 2, 
                 probes.cuda_reset_peak()
             energy_start = probes.nvml_energy_mj() if device == "cuda" else None
             times = run_timed(run, setup, device, timed_steps, progress)
-            reads = _read(device, energy_start, timed_steps)
+            reads = _read(device, energy_start, len(times))
             tracked = None
             if breakdown:
                 phase = "breakdown"
@@ -357,6 +391,7 @@ def _assemble(spec: ModelSpec, setup: RunSetup, device: str, run: BuiltRun, time
     peak = reads.get("peak_bytes", tracked.peak_bytes if tracked and device == "cpu" else None)
     steady = reads.get("steady_bytes", tracked.steady_bytes if tracked and device == "cpu" else None)
     after_step = run.after_step_bytes if device == "cuda" else (tracked.after_step_bytes if tracked else None)
+    base = {**base, "timed_steps": len(times)}
     return Measurement(
         status="ok", total_params=run.total_params, trainable_params=run.trainable_params,
         peak_bytes=peak, reserved_bytes=reads.get("reserved_bytes"), device_used_bytes=reads.get("device_used_bytes"),
@@ -364,7 +399,7 @@ def _assemble(spec: ModelSpec, setup: RunSetup, device: str, run: BuiltRun, time
         breakdown=tracked.breakdown if tracked else None, peak_phase=tracked.peak_phase if tracked else None,
         tracker_peak_bytes=tracked.peak_bytes if tracked else None,
         step_times_s=tuple(times), step_time_median_s=median, step_time_p10_s=_percentile(times, 0.1),
-        step_time_p90_s=_percentile(times, 0.9), samples_per_s=setup.grad_accum * setup.batch_size / median,
+        step_time_p90_s=_percentile(times, 0.9), step_time_ci95_s=median_ci(times), samples_per_s=setup.grad_accum * setup.batch_size / median,
         tokens_per_s=setup.grad_accum * _real_tokens(run.batch) / median, flops_per_step=float(flops) if flops is not None else None, mfu=mfu,
         energy_per_step_j=reads.get("energy_per_step_j"), extra={"notes": notes}, **base,
     )

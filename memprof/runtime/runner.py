@@ -147,6 +147,8 @@ def measurement_from_dict(data: Mapping[str, Any]) -> Measurement:
         env_known = {f.name for f in dataclasses.fields(EnvInfo)}
         kwargs["env"] = EnvInfo(**{k: v for k, v in kwargs["env"].items() if k in env_known})
     kwargs["step_times_s"] = tuple(kwargs.get("step_times_s") or ())
+    if kwargs.get("step_time_ci95_s") is not None:
+        kwargs["step_time_ci95_s"] = tuple(kwargs["step_time_ci95_s"])
     return Measurement(**kwargs)
 
 
@@ -314,7 +316,7 @@ def check_measurable(setup: RunSetup, spec: ModelSpec | None = None) -> None:
 
 
 def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "measurements", name: str | None = None,
-            timeout_s: float | None = None, isolate: bool = True, warmup_steps: int = 2, timed_steps: int = 5,
+            timeout_s: float | None = None, isolate: bool = True, warmup_steps: int = 1, timed_steps: int | None = None,
             breakdown: bool = True, pretrained: str | None = None, peft_config: str | Path | None = None,
             memory_limit_bytes: int | None = None, cpu_threads: int | None = None,
             progress: ProgressFn | None = None) -> Measurement:
@@ -343,7 +345,7 @@ def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "m
     """
     setup = with_method_defaults(setup)
     check_measurable(setup, None if peft_config else spec)
-    if warmup_steps < 1 or timed_steps < 1:
+    if warmup_steps < 1 or (timed_steps is not None and timed_steps < 1):
         raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")
     if not isolate:
         if timeout_s is not None or memory_limit_bytes is not None:
@@ -366,7 +368,7 @@ def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "m
             env = outcome["env"]
             m = Measurement(spec_name=spec.name, setup_row=setup_row(spec, setup), status=outcome["status"],
                             device=setup.device.value, message=outcome["message"],
-                            env=EnvInfo(**env) if env else None, warmup_steps=warmup_steps, timed_steps=timed_steps)
+                            env=EnvInfo(**env) if env else None, warmup_steps=warmup_steps, timed_steps=timed_steps or 0)
     if out_dir is not None:
         record = {"schema": SCHEMA, "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "measurement": measurement_to_dict(m), "setup": setup_to_json(setup), "spec": spec_to_json(spec)}

@@ -23,7 +23,7 @@ from ..compat import check_supported
 from ..config import Device, Method, QuantSpec, RunSetup
 from ..errors import ConfigError
 from ..records import Category, Estimate, MemoryBreakdown, Phase
-from ..spec import ModelSpec
+from ..spec import ModelSpec, Task
 from .build import TORCH_DTYPE, enable_checkpointing, apply_method, build_base_model, check_positions, count_trainable, make_optimizer, synthetic_batch
 from .emulate import CudaEmulation
 from .quant import emulate_4bit
@@ -181,6 +181,8 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
     """
     start = time.perf_counter()
     depth = spec.num_layers
+    if spec.task is Task.seq2seq:
+        layers = "full"  # an encoder and a decoder stack: cutting one depth would not scale the other
     if layers == "full" or depth <= max(TRACE_DEPTHS):
         runs = [trace_depth(spec, setup, depth, peft_config)]
     else:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from memprof.config import resolve_setup
+from memprof.resolve import resolve_setup
 from memprof.analytic import estimate
 from memprof.analytic.compose import replay
 from memprof.analytic.explain import explain_terms

@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 import torch  # noqa: E402
 
 from memprof.analytic import estimate  # noqa: E402
-from memprof.config import resolve_setup  # noqa: E402
+from memprof.resolve import resolve_setup  # noqa: E402
 from memprof.runtime.harness import build_run, run_warmup, tracked_step  # noqa: E402
 from memprof.runtime.trace import trace_depth  # noqa: E402
 from memprof.spec import Task, from_hf_config  # noqa: E402

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from memprof.config import resolve_setup  # noqa: E402
+from memprof.resolve import resolve_setup  # noqa: E402
 from memprof.errors import ConfigError  # noqa: E402
 from memprof.analytic.params import count_params, method_params, trainable_tensors  # noqa: E402
 from memprof.hub import resolve_spec  # noqa: E402

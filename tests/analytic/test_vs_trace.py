@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from refusals import skip_if_refused  # noqa: E402
-from memprof.config import resolve_setup  # noqa: E402
+from memprof.resolve import resolve_setup  # noqa: E402
 from memprof.analytic import estimate  # noqa: E402
 from memprof.runtime.trace import trace_depth  # noqa: E402
 from memprof.spec import Task, from_hf_config  # noqa: E402

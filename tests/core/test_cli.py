@@ -90,7 +90,7 @@ def test_presets_lists_models_and_gpus() -> None:
     (["estimate", "roberta-base", "--task", "generation"], "task 'generation' is not supported"),
     (["estimate", "roberta-base", "--params", "3e9"], "not both"),
     (["estimate"], "give a model"),
-    (["estimate", "roberta-base", "--peft-config", "x.json"], "--peft-config needs --trace"),
+    (["estimate", "roberta-base", "--peft-config", "x.json"], "peft config x.json does not exist"),
     (["measure", "roberta-base", "--device", "tpu"], "device 'tpu' is not supported"),
     (["estimate", "gpt2", "--method", "prefix", "--grad-checkpointing"], "prefix tuning cannot run with gradient"),
 ])

@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from memprof.cli import app
-from memprof.compare import KEY_COLUMNS, compare, join, rel_error, saved_frac
-from memprof.config import resolve_setup
+from memprof.comparison import KEY_COLUMNS, compare, join, rel_error, saved_frac
+from memprof.resolve import resolve_setup
 from memprof.hub import resolve_spec
 from memprof.records import setup_row
 
@@ -109,7 +109,7 @@ def test_an_ok_measurement_beats_a_later_failure() -> None:
 
 
 def test_compare_module_is_pure() -> None:
-    code = ("import sys, memprof.compare, memprof.sweep\n"
+    code = ("import sys, memprof.comparison, memprof.sweep\n"
             "print(','.join(m for m in ('torch', 'pandas', 'transformers', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
     assert out == ""
@@ -148,9 +148,70 @@ def test_compare_markdown_and_html_structure() -> None:
     table = [line for line in lines if line.startswith("| ")]
     assert len(table) == 1 + 8 and table[2].startswith("| lora | 8 | 887.04K | 0.71% |")
     assert any(line.startswith("- est. peak:") for line in lines)
+
+
+def test_html_report_is_one_self_contained_page_of_the_records() -> None:
+    """The HTML report parsed: the setup, one header row and one row per run, every cell's value (data-v) the
+    record's own number, the figure embedded as PNG data, a sort script inline, nothing fetched from elsewhere."""
+    import base64
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.headers: list[str] = []
+            self.rows: list[list[str]] = []
+            self.srcs: list[str] = []
+            self.tags: list[tuple[str, dict]] = []
+            self._in_th = False
+            self.setup = ""
+            self._in_setup = False
+
+        def handle_starttag(self, tag, attrs):  # noqa: ANN001, ANN202
+            attrs = dict(attrs)
+            self.tags.append((tag, attrs))
+            if tag == "tr":
+                self.rows.append([])
+            elif tag == "td":
+                self.rows[-1].append(attrs.get("data-v", ""))
+            elif tag == "th":
+                self._in_th = True
+            elif tag == "img":
+                self.srcs.append(attrs["src"])
+            elif tag == "p" and attrs.get("class") == "setup":
+                self._in_setup = True
+
+        def handle_endtag(self, tag):  # noqa: ANN001, ANN202
+            self._in_th = self._in_th and tag != "th"
+            self._in_setup = self._in_setup and tag != "p"
+
+        def handle_data(self, data):  # noqa: ANN001, ANN202
+            if self._in_th:
+                self.headers.append(data)
+            if self._in_setup:
+                self.setup += data
+
     page = runner.invoke(app, [*ROBERTA, "-f", "html"]).stdout
+    records = json.loads(runner.invoke(app, [*ROBERTA, "-f", "json"]).stdout)
+    parsed = Page()
+    parsed.feed(page)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    assert page.count("<tr>") == 1 + 8 and "<th>saved vs full (est.)</th>" in page and "<caption>model " in page
+    assert parsed.setup.startswith("model FacebookAI/roberta-base | task seq-cls")
+    body = [r for r in parsed.rows if r]
+    assert len(body) == len(records) == 8 and "saved vs full (est.)" in parsed.headers
+    from memprof.documents import COMPARISON_LABELS
+
+    keys = [next(k for k, v in COMPARISON_LABELS.items() if v == h) for h in parsed.headers]
+    for row, record in zip(body, records):
+        for key, cell in zip(keys, row):
+            value = record[key]
+            expected = "" if value is None else str(int(value)) if isinstance(value, bool) else (
+                repr(value) if isinstance(value, float) else str(value))
+            assert cell == expected, (key, cell, value)
+    (src,) = parsed.srcs
+    assert src.startswith("data:image/png;base64,") and base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [t for t, a in parsed.tags if a.get("src", "").startswith("http") or a.get("href")]
+    assert "<script>" in page and "addEventListener('click'" in page
 
 
 def test_compare_table_names_the_shared_setup() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from memprof.config import (AdapterSpec, Dtype, Method, Optimizer, Regime, RunSetup, resolve_setup,
-                            with_method_defaults)
+from memprof.config import AdapterSpec, Dtype, Method, Optimizer, Regime, RunSetup, with_method_defaults
+from memprof.resolve import resolve_setup
 from memprof.errors import ConfigError
 
 

@@ -16,7 +16,7 @@ def _modules_after(code: str) -> set[str]:
 
 def test_core_does_not_import_torch() -> None:
     code = ("import memprof.analytic, memprof.report, memprof.hub, memprof.analytic.fit, memprof.analytic.flops\n"
-            "from memprof.hub import resolve_spec\nfrom memprof.config import resolve_setup\n"
+            "from memprof.hub import resolve_spec\nfrom memprof.resolve import resolve_setup\n"
             "from memprof.analytic import estimate\n"
             "spec, _ = resolve_spec('Llama-3.2-1B')\n"
             "estimate(spec, resolve_setup(None, {'method': 'lora', 'batch_size': 4}), explain=True)")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from memprof.analytic import estimate
 from memprof.analytic.lengths import Batch, Batching, distribution, load_lengths, plan_batches
 from memprof.cli import app
-from memprof.config import resolve_setup
+from memprof.resolve import resolve_setup
 from memprof.errors import ConfigError
 from memprof.hub import resolve_spec
 

@@ -7,7 +7,7 @@ import dataclasses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memprof.config import resolve_setup
+from memprof.resolve import resolve_setup
 from memprof.errors import ConfigError
 from memprof.analytic import estimate
 from memprof.hub import resolve_spec

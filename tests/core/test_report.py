@@ -6,7 +6,7 @@ import json
 
 from rich.console import Console
 
-from memprof.config import resolve_setup
+from memprof.resolve import resolve_setup
 from memprof.analytic import estimate
 from memprof.hub import resolve_spec
 from memprof.documents import estimate_document

@@ -3,7 +3,6 @@ one-line refusals of estimate / trace / measure / compare."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,7 +17,8 @@ from typer.testing import CliRunner  # noqa: E402
 
 from memprof import compat  # noqa: E402
 from memprof.cli import app  # noqa: E402
-from memprof.config import Method, resolve_setup  # noqa: E402
+from memprof.config import Method  # noqa: E402
+from memprof.resolve import resolve_setup  # noqa: E402
 from memprof.errors import LibraryRefusalError  # noqa: E402
 from memprof.runtime.refusals import library_refusals, refusal_from  # noqa: E402
 from memprof.runtime.trace import trace_depth  # noqa: E402

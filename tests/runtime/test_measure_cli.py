@@ -42,7 +42,7 @@ def test_measure_cpu_defaults_are_said(tmp_path: Path) -> None:
 def test_measure_errors_are_one_line(tmp_path: Path) -> None:
     out = ["--out", str(tmp_path)]  # nothing may land in the repository's measurements/
     r = runner.invoke(app, ["measure", str(_config(tmp_path)), "--device", "cuda", *out])
-    assert r.exit_code == 2 and r.output.startswith("error: --device cuda: no CUDA device")
+    assert r.exit_code == 2 and r.output.startswith("error: device cuda: no CUDA device")
     r = runner.invoke(app, ["measure", str(_config(tmp_path)), "--device", "cpu", "--method", "qlora", *out])
     assert r.exit_code == 2 and r.output.startswith("error: QLoRA needs bitsandbytes") and r.output.count("\n") == 1
     r = runner.invoke(app, ["measure", str(_config(tmp_path)), "--device", "cpu", "--optimizer", "adamw-8bit", *out])

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 pytest.importorskip("torch")
 
 from memprof.cli import app  # noqa: E402
-from memprof.compare import compare  # noqa: E402
+from memprof.comparison import compare  # noqa: E402
 from memprof.config import Device, Dtype, Method, RunSetup, with_method_defaults  # noqa: E402
 from memprof.plot import write_plot  # noqa: E402
 from memprof.records import Measurement  # noqa: E402

@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 from typer.testing import CliRunner  # noqa: E402
 
 from memprof.cli import app  # noqa: E402
-from memprof.config import resolve_setup  # noqa: E402
+from memprof.resolve import resolve_setup  # noqa: E402
 from memprof.records import Estimate, Phase  # noqa: E402
 from memprof.runtime.trace import trace  # noqa: E402
 from memprof.spec import from_hf_config  # noqa: E402

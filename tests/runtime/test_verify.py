@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 from typer.testing import CliRunner  # noqa: E402
 
 from memprof.analytic.fit import resolve_gpu  # noqa: E402
-from memprof.config import resolve_setup  # noqa: E402
+from memprof.resolve import resolve_setup  # noqa: E402
 from memprof.runtime.runner import measure  # noqa: E402
 from memprof.verify import verify_batch_size  # noqa: E402
 from memprof.cli import app  # noqa: E402

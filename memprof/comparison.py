@@ -64,6 +64,8 @@ class ComparisonRow:
     measured_saved_vs_full_frac: float | None = None  # 1 - measured peak / full's measured peak
     flops_vs_full_frac: float | None = None  # FLOPs per step / full's
     step_time_s: float | None = None         # measured median
+    step_time_low_s: float | None = None     # its spread: the median's 95% CI (p10 for older records)
+    step_time_high_s: float | None = None
     tokens_per_s: float | None = None
     speedup_vs_full: float | None = None     # full's step time / this step time
     energy_per_step_j: float | None = None   # NVML, GPU only
@@ -95,7 +97,8 @@ _SCALAR_FIELDS = (
     "traced_peak_bytes", "traced_s", "measured_status", "measured_device", "measured_peak_bytes",
     "measured_reserved_bytes", "measured_rss_peak_bytes", "est_basis", "est_compared_bytes", "est_vs_measured_frac",
     "traced_vs_measured_frac", "est_vs_traced_frac", "est_saved_vs_full_frac", "measured_saved_vs_full_frac",
-    "flops_per_step", "flops_vs_full_frac", "step_time_s", "tokens_per_s", "speedup_vs_full", "energy_per_step_j",
+    "flops_per_step", "flops_vs_full_frac", "step_time_s", "step_time_low_s", "step_time_high_s", "tokens_per_s",
+    "speedup_vs_full", "energy_per_step_j",
 )
 
 
@@ -184,6 +187,8 @@ def _measured_fields(m: Mapping[str, Any] | None, est: Mapping[str, Any] | None,
                measured_breakdown=_breakdown(m), est_basis=basis if compared is not None else None,
                est_compared_bytes=compared, est_vs_measured_frac=rel_error(compared, peak),
                traced_vs_measured_frac=rel_error(traced_value, peak), step_time_s=m.get("step_time_median_s"),
+               step_time_low_s=m.get("step_time_ci_low_s", m.get("step_time_p10_s")),
+               step_time_high_s=m.get("step_time_ci_high_s", m.get("step_time_p90_s")),
                tokens_per_s=m.get("tokens_per_s"), energy_per_step_j=m.get("energy_per_step_j"))
     return out
 

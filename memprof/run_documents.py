@@ -1,0 +1,112 @@
+"""The views of a user's own data and run: the per-step peaks of a length distribution (estimate --seq-lens), the
+per-step records of a profiled training run (report --steps), and a predicted batch size verified with real steps
+(fit --verify). Built on report.py's renderers, like documents.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from rich.console import Console, Group
+from rich.text import Text
+
+from .documents import estimate_document, estimate_renderables
+from .records import Estimate
+from .report import Format, md_escape, print_unwrapped, render_rows, rows_html, rows_markdown, rows_table
+from .units import fmt_bytes, fmt_bytes_auto, fmt_pct
+
+
+# ---- length distributions (memprof estimate --seq-lens) ---------------------------------------------------------
+def render_distribution(dist: Any, est: Estimate, fmt: Format, console: Console, fit: Any = None, gpu: Any = None,
+                        mfu_assumed: float = 0.4, note: str | None = None) -> None:
+    """One epoch's per-step peaks (p50 / p99 / max) and FLOPs, and the estimate of the step that sets the max."""
+    row = dist.to_row()
+    peak_flops = None
+    if gpu is not None:
+        tflops = gpu.peak_tflops.get(est.setup.dtype.value) or gpu.peak_tflops.get("bf16")
+        peak_flops = tflops * 1e12 if tflops else None
+    times = {f"step_time_{k}_s": row[f"flops_{k}"] / (peak_flops * mfu_assumed)
+             for k in ("p50", "p99", "max")} if peak_flops else {}
+    row.update(times)
+    if fmt is Format.json:
+        console.out(json.dumps({"distribution": row, "mfu_assumed": mfu_assumed if times else None,
+                                "worst_step_estimate": estimate_document(est, fit=fit, note=note)}, indent=2,
+                               default=str), highlight=False)
+        return
+    if fmt is not Format.table:
+        render_rows([row], fmt, console)
+        return
+    console.print(estimate_renderables(est, fit=fit, note=note))
+    p50, p99, top = dist.peak_stats
+    f50, f99, ftop = dist.flops_stats
+    worst = dist.worst
+    shapes = ", ".join(f"b={b.batch_size} s={b.seq_len}" for b in worst.micro_batches)
+    lines = [Text(""), Text(f"over one epoch: {dist.sequences:,} sequences, {len(dist.steps):,} optimizer steps "
+                            f"({dist.batching.value} batching, b={dist.batch_size}, at most {dist.max_len} tokens, "
+                            f"{fmt_pct(dist.padding_frac)} of the tokens are padding)", style="bold"),
+             Text(f"peak per step: p50 {fmt_bytes(p50)}  p99 {fmt_bytes(p99)}  max {fmt_bytes(top)} "
+                  f"(step {worst.step}: {shapes}; the estimate above)"),
+             Text(f"model FLOPs per step: p50 {f50:.3e}  p99 {f99:.3e}  max {ftop:.3e}")]
+    if times:
+        lines.append(Text(f"step time on {gpu.name} at {fmt_pct(mfu_assumed)} MFU (assumed): p50 "
+                          f"{times['step_time_p50_s']:.3g} s  p99 {times['step_time_p99_s']:.3g} s  max "
+                          f"{times['step_time_max_s']:.3g} s"))
+    console.print(Group(*lines))
+
+
+STEP_LABELS = {"rank": "rank", "step": "step", "batch_size": "b", "seq_len": "s", "micro_batches": "micro",
+               "real_tokens": "tokens", "peak_bytes": "peak", "estimate_peak_bytes": "estimate",
+               "drift_frac": "drift", "forward_peak_bytes": "fwd", "backward_peak_bytes": "bwd",
+               "optimizer_peak_bytes": "optim", "reserved_bytes": "reserved", "step_time_s": "time (s)",
+               "tokens_per_s": "tokens/s"}
+
+
+def render_steps(rows: Sequence[dict[str, Any]], fmt: Format, console: Console) -> None:
+    """Per-step records of a profiled run: every field in json/csv; a compact table (the run named once) else."""
+    if fmt in (Format.json, Format.csv):
+        render_rows(rows, fmt, console)
+        return
+    first = rows[0]
+    heading = f"{first['model']} | {first['method']} | {first['device']}: memory per optimizer step"
+    columns = [c for c in STEP_LABELS if any(r.get(c) is not None for r in rows)
+               and not (c == "rank" and len({r["rank"] for r in rows}) == 1)]
+    notes = ["drift: (measured - estimate) / estimate; the estimate is memprof's for each step's own shape "
+             "(b, padded s, padding; CPU: the tracked estimate, CUDA: + cuBLAS workspace)"]
+    # a run's steps span a small range: bytes in the unit that shows it (tiny models: KiB / MiB)
+    rows = [{k: fmt_bytes_auto(v) if k.endswith("_bytes") and isinstance(v, int) else v for k, v in r.items()}
+            for r in rows]
+    if fmt is Format.table:
+        print_unwrapped(console, rows_table(rows, columns, heading, STEP_LABELS))
+        for n in notes:
+            console.print(Text(f"note: {n}", style="dim"))
+    elif fmt is Format.html:
+        console.out(rows_html(rows, columns, heading, STEP_LABELS, notes), highlight=False, end="")
+    else:
+        console.out(f"{heading}\n\n" + rows_markdown(rows, columns, STEP_LABELS) + f"\n- {md_escape(notes[0])}\n",
+                    highlight=False, end="")
+
+
+def render_fit_check(check: Any, fmt: Format, console: Console) -> None:
+    """``fit --verify``: predicted against confirmed batch size, every attempt, the phase that limits it."""
+    rows = [{"batch_size": a.batch_size, "status": a.status, "device_total_bytes": a.device_total_bytes,
+             "peak_phase": a.peak_phase, "message": a.message} for a in check.attempts]
+    if fmt is Format.json:
+        console.out(json.dumps({"predicted_batch_size": check.predicted, "confirmed_batch_size": check.confirmed,
+                                "device": check.device, "budget_bytes": check.budget_bytes,
+                                "limiting_phase": check.limiting_phase, "attempts": rows, "note": check.note},
+                               indent=2), highlight=False)
+        return
+    if fmt is not Format.table:
+        render_rows(rows, fmt, console)
+        return
+    lines = [Text(""), Text(f"verified on {check.device}: predicted b={check.predicted}, confirmed "
+                            + (f"b={check.confirmed}" if check.confirmed is not None else "none") +
+                            (f" (the {check.limiting_phase} phase sets its peak)" if check.limiting_phase else ""),
+                            style="bold green" if check.confirmed == check.predicted else "bold yellow")]
+    for a in check.attempts:
+        total = fmt_bytes(a.device_total_bytes) if a.device_total_bytes is not None else "-"
+        lines.append(Text(f"  b={a.batch_size}: {a.status}, device total {total} of {fmt_bytes(check.budget_bytes)}"
+                          + (f" ({a.message.splitlines()[0][:120]})" if a.message else "")))
+    lines.append(Text(f"note: {check.note}", style="dim"))
+    console.print(Group(*lines))
