@@ -56,7 +56,7 @@ def main() -> None:
     training = transformers.TrainingArguments(
         output_dir="/tmp/memprof-profile-trainer", per_device_train_batch_size=4, gradient_accumulation_steps=2,
         max_steps=args.steps, logging_steps=1, learning_rate=1e-4, report_to=[], use_cpu=True, save_strategy="no",
-        disable_tqdm=True, group_by_length=False)
+        disable_tqdm=True, train_sampling_strategy="random")
     trainer = transformers.Trainer(model=model, args=training, train_dataset=data, data_collator=collate)
     callback = memprof.integrations.attach(trainer, out=args.out, name="trainer-gpt2-lora")  # (2) attach
     with warnings.catch_warnings():
@@ -66,7 +66,8 @@ def main() -> None:
         print(f"step {r.step}: b={r.batch_size} s<={r.seq_len} ({r.real_tokens} real tokens) peak "
               f"{r.peak_bytes / 2**20:.1f} MiB, estimate {r.estimate_peak_bytes / 2**20:.1f} MiB "
               f"({100 * r.drift_frac:+.2f}%), {r.step_time_s:.2f} s, {r.tokens_per_s:.0f} tokens/s")
-    print(f"records: {callback.profiler.path}")
+    path = Path(callback.profiler.path).resolve()
+    print(f"records: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
 
 
 if __name__ == "__main__":

@@ -189,8 +189,8 @@ def fit(
     params: ParamsOpt = None,
     gpu: Annotated[str, typer.Option("--gpu", help="GPU name from the catalog or a size (24GiB).")] = "A100-80GB",
     verify: Annotated[bool, typer.Option(
-        "--verify", help="Then run real steps at the predicted batch size on this machine's device (each in its own "
-                         "process), backing off after an OOM (needs memprof\\[measure]).")] = False,
+        "--verify", help="Then run real steps at the predicted batch size and sequence length on this machine's device "
+                         "(each in its own process), backing off after an OOM (needs memprof\\[measure]).")] = False,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="--verify: seconds per attempt.")] = None,
     fmt: FormatOpt = Format.table,
     run: dict | None = None,
@@ -212,13 +212,21 @@ def fit(
             require_torch_stack("memprof fit --verify")
             from .resolve import measured_device
             from .runtime.probes import cuda_available
-            from .run_documents import render_fit_check
+            from .run_documents import render_fit_checks
             from .runtime.runner import check_measurable
-            from .verify import verify_batch_size
+            from .verify import DIMENSIONS, verify_fit
 
             device = measured_device(None, {}, cuda_available())[0].value
             check_measurable(dataclasses.replace(setup, device=Device(device)), spec)
-            render_fit_check(verify_batch_size(spec, setup, target, device, timeout_s=timeout), fmt, console)
+            from .report import progress_bar
+
+            checks = []
+            with progress_bar(err_console, enabled=err_console.is_terminal) as progress:
+                for d in DIMENSIONS:
+                    checks.append(verify_fit(spec, setup, target, device, dimension=d, timeout_s=timeout,
+                                             progress=(lambda label, i, n: progress(f"verifying {label} on {device}",
+                                                                                    i, n)) if progress else None))
+            render_fit_checks(checks, fmt, console)
 
 
 @app.command()
@@ -477,10 +485,20 @@ def presets(fmt: FormatOpt = Format.table) -> None:
                          "hidden": spec.hidden_size})
         render_rows(rows, fmt, console, title="model presets")
         gpus = {r["name"]: r for r in gpu_catalog().values()}.values()
-        render_rows([{"gpu": g["name"], "memory_bytes": g["memory_mib"] * 2**20, "bf16_tflops": g["peak_bf16_tflops"],
-                      "fp16_tflops": g["peak_fp16_tflops"], "tf32_tflops": g["peak_tf32_tflops"],
-                      "fp32_tflops": g["peak_fp32_tflops"], "source": g["source"]} for g in gpus], fmt, console,
-                    title="GPU catalog (dense peaks, datasheets)")
+        rows = [{"gpu": g["name"], "memory_bytes": g["memory_mib"] * 2**20, "bf16_tflops": g["peak_bf16_tflops"],
+                 "fp16_tflops": g["peak_fp16_tflops"], "tf32_tflops": g["peak_tf32_tflops"],
+                 "fp32_tflops": g["peak_fp32_tflops"], "source": g["source"]} for g in gpus]
+        if fmt is not Format.table:
+            render_rows(rows, fmt, console, title="GPU catalog (dense peaks, datasheets)")
+            return
+        # a terminal table: the sources as numbered notes under it, so the numbers keep to the width
+        sources = list(dict.fromkeys(r["source"] for r in rows))
+        rows = [{**r, "source": f"[{sources.index(r['source']) + 1}]"} for r in rows]
+        render_rows(rows, fmt, console, title="GPU catalog (dense peak TFLOPS, from the sources below)",
+                    labels={"memory_bytes": "memory", "bf16_tflops": "bf16", "fp16_tflops": "fp16",
+                            "tf32_tflops": "tf32", "fp32_tflops": "fp32"})
+        for i, source in enumerate(sources, 1):
+            console.print(f"[{i}] {source}", markup=False, highlight=False)
 
 
 def main() -> None:

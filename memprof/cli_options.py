@@ -149,8 +149,7 @@ def setup_overrides(run: dict[str, Any]) -> dict[str, Any]:
                     "train_norms": run["adapter_train_norms"]},
         "ia3": {"targets": run["ia3_targets"], "feedforward": run["ia3_feedforward"]},
         "prompt": {"num_virtual_tokens": run["virtual_tokens"], "projection": run["prefix_projection"]},
-        "overheads": {"cuda_context_bytes": None if run["cuda_context_mib"] is None else int(run["cuda_context_mib"] * 2**20),
-                      "allocator_reserve_frac": run["reserve_frac"]},
+        "overheads": {"allocator_reserve_frac": run["reserve_frac"]},
     }
     out: dict[str, Any] = {
         "method": run["method"], "batch_size": run["batch_size"], "seq_len": run["seq_len"], "dtype": run["dtype"],
@@ -159,6 +158,7 @@ def setup_overrides(run: dict[str, Any]) -> dict[str, Any]:
         "loop": run["loop"], "optimizer_impl": run["optimizer_impl"], "zero_grad": run["zero_grad"],
         "grad_accum": run["grad_accum"], "padded": run["padded"], "keep_outputs": run["keep_outputs"],
         "use_cache": run["use_cache"],
+        "cuda_context_mib": run["cuda_context_mib"],  # checked and scaled to bytes by memprof.resolve
     }
     for name, values in groups.items():
         given = {k: v for k, v in values.items() if v is not None}

@@ -6,6 +6,7 @@ Precedence when resolving (``resolve_setup``): dataclass defaults < TOML file < 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -98,6 +99,7 @@ class LoraSpec:
     modules_to_save: tuple[str, ...] | None = None  # None = peft's task default (classifier/score for seq-cls)
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "lora")
         _check_int("lora r", self.r, 1, 65536)
         _check_int("lora alpha", self.alpha, 1, 10**6)
         if not 0.0 <= self.dropout < 1.0:
@@ -117,6 +119,7 @@ class QuantSpec:
     blocksize: int = 64         # weights per absmax constant
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "quant")
         if self.quant_type not in ("nf4", "fp4"):
             raise ConfigError(f"quant type '{self.quant_type}' is not supported; choose one of: nf4, fp4")
         if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
@@ -135,6 +138,7 @@ class AdapterSpec:
     train_norms: bool = False          # also train the LayerNorm/RMSNorm weights (Houlsby trains them)
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "adapter")
         if self.bottleneck is not None and self.reduction_factor is not None:
             raise ConfigError("give the adapter bottleneck size or its reduction factor, not both")
         if self.bottleneck is not None:
@@ -155,6 +159,9 @@ class IA3Spec:
     targets: tuple[str, ...] | None = None       # None = peft's default for the model type
     feedforward: tuple[str, ...] | None = None   # targets whose *input* is scaled; None = peft default
 
+    def __post_init__(self) -> None:
+        _check_field_types(self, "ia3")
+
 
 @dataclass(frozen=True)
 class PromptLearningSpec:
@@ -165,7 +172,10 @@ class PromptLearningSpec:
     projection_hidden: int | None = None     # prefix projection width; None = token_dim (peft default)
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "prompt")
         _check_int("num virtual tokens", self.num_virtual_tokens, 1, 65536)
+        if self.projection_hidden is not None:
+            _check_int("prefix projection hidden size", self.projection_hidden, 1, 1 << 20)
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,7 @@ class Overheads:
     cublas_workspace_bytes: int = 8 * 2**20  # per stream; allocated on the first matmul and kept
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "overheads")
         if self.cuda_context_bytes < 0 or self.cublas_workspace_bytes < 0:
             raise ConfigError("overhead sizes must be >= 0 bytes")
         if not 0.0 <= self.allocator_reserve_frac <= 1.0:
@@ -317,6 +328,37 @@ def _check_int(what: str, value: Any, lo: int, hi: int) -> None:
         raise ConfigError(f"{what} must be an integer, got {value!r}")
     if not lo <= value <= hi:
         raise ConfigError(f"{what} must be between {lo} and {hi}, got {value}")
+
+
+def check_timeout(timeout_s: float | None) -> None:
+    """A timeout is a finite number of seconds > 0 (NaN would never fire; 0 would kill every run)."""
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                  or not math.isfinite(timeout_s) or timeout_s <= 0):
+        raise ConfigError(f"--timeout must be a number of seconds > 0, got {timeout_s!r}")
+
+
+def _check_field_types(obj: Any, what: str) -> None:
+    """Every bool, str, number and name-list field of an options dataclass holds that type: a string "no" is not
+    a boolean (it would be truthy), a float is not a count, NaN is not a number. Enum and nested option fields
+    are parsed by memprof.resolve."""
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type).replace(" ", "")
+        name = f"{what} {f.name.replace('_', ' ')}".strip()
+        if value is None and kind.endswith("|None"):
+            continue
+        base = kind.removesuffix("|None")
+        if base == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        if base == "str" and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        if base == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if base == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                or not math.isfinite(value)):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if base == "tuple[str,...]" and (not isinstance(value, tuple)
+                                         or not all(isinstance(v, str) and v for v in value)):
+            raise ConfigError(f"{name} must be a list of module names, got {value!r}")
 
 
 def __getattr__(name: str):  # noqa: ANN202 - kept importable from here: resolution moved to memprof.resolve

@@ -96,9 +96,18 @@ def estimate_renderables(est: Estimate, fit: Any = None, explain: bool = False, 
         lines.append(Text(f"{fit.gpu.name} ({fmt_bytes(fit.gpu.memory_bytes)}): {verdict}, {how} "
                           f"({fmt_pct(fit.used_fraction)} used)", style=style))
     if max_batch is not None:
-        lines.append(Text(f"largest batch size that fits at s={est.setup.seq_len}: {max_batch}"))
+        from .analytic.fit import BATCH_SEARCH_LIMIT
+
+        more = " or more (the search stops there)" if max_batch >= BATCH_SEARCH_LIMIT else ""
+        lines.append(Text(f"largest batch size that fits at s={est.setup.seq_len}: {max_batch}{more}"))
     if max_seq is not None:
-        lines.append(Text(f"largest sequence length that fits at b={est.setup.batch_size}: {max_seq}"))
+        from .analytic.fit import SEQ_SEARCH_LIMIT
+        from .spec import position_limit
+
+        table = position_limit(est.spec)
+        more = (f" (the model's {table} learned positions; longer sequences do not run)" if table == max_seq else
+                " or more (the search stops there)" if max_seq >= SEQ_SEARCH_LIMIT else "")
+        lines.append(Text(f"largest sequence length that fits at b={est.setup.batch_size}: {max_seq}{more}"))
     for n in ([note] if note else []) + list(est.notes):
         lines.append(Text(f"note: {n}", style="dim"))
     if explain:
@@ -183,7 +192,7 @@ def render_measurement(m: Any, fmt: Format, console: Console, note: str | None =
     lines = [Text(f"memprof measurement ({m.device.upper()}{', ' + m.env.device_name if m.env and m.env.device_name else ''})",
                   style="bold"),
              Text(f"{m.spec_name} | {method} | b={s['batch_size']} s={s['seq_len']} | {precision} | {s['optimizer']} | "
-                  f"{s['attn_impl']}" + (f" | {loop}" if loop else ""))]
+                  f"{s['attn_impl']} | {loop or 'torch loop'}")]
     if m.status != "ok":
         lines.append(Text(f"status: {m.status}: {m.message}", style="bold red"))
         console.print(Group(*lines))

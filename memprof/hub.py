@@ -87,6 +87,12 @@ def _load_from_hub(repo_id: str) -> dict[str, Any]:
     return parse_config_json(Path(path).read_text(), f"config.json of {repo_id}")
 
 
+def _check_num_labels(num_labels: int | None) -> None:
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)
+                                   or not 1 <= num_labels <= 1 << 20):
+        raise ConfigError(f"--num-labels must be an integer between 1 and {1 << 20}, got {num_labels!r}")
+
+
 def resolve_spec(model: str | None = None, params: float | None = None, task: Task | None = None,
                  num_labels: int | None = None) -> tuple[ModelSpec, str | None]:
     """The ModelSpec for a model name/path or a parameter count, and a note on what was assumed.
@@ -96,6 +102,11 @@ def resolve_spec(model: str | None = None, params: float | None = None, task: Ta
     """
     if (model is None) == (params is None):
         raise ConfigError("give a model (preset, hub id or config.json) or --params N, not both")
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise ConfigError(f"model must be a preset name, hub id or config.json path (a string), got {model!r}")
+    if params is not None and (isinstance(params, bool) or not isinstance(params, (int, float))):
+        raise ConfigError(f"params must be a number of parameters (3e9), got {params!r}")
+    _check_num_labels(num_labels)
     if params is not None:
         spec, ref = synthesize_from_params(params)
         note = (f"--params {params:.3g}: LLaMA-like shape scaled from {ref}: h={spec.hidden_size}, "
@@ -117,6 +128,8 @@ def load_spec_any(model: str, task: Task | None = None, num_labels: int | None =
     the traced estimator builds.
     """
     from .spec import Family, default_task, _get  # noqa: PLC0415 (internal helpers)
+
+    _check_num_labels(num_labels)
 
     cfg, name, source = load_hf_config(model)
     try:

@@ -35,6 +35,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .config import Device
 from .records import Category, Measurement, MemoryBreakdown, setup_row
 from .runtime import probes
 from .runtime.from_model import describe_run, step_setup
@@ -361,15 +362,24 @@ class MemprofCallback(TrainerCallback):
         warn_margin: warn once when a step exceeds its estimate by more than this fraction.
         trainer: the Trainer, to log the metrics through ``Trainer.log`` (``attach`` sets it).
         overrides: RunSetup fields the Trainer does not say.
+        fit_check: at train start, ``True`` predicts the largest per-device batch that fits at the training set's
+            longest sequence and warns when the configured batch is larger; ``"verify"`` then confirms it with
+            real steps in worker processes (``memprof.verify``), backing off after an OOM.
+        gpu: the budget of the fit check: a catalog name or a size ("A100-80GB", "24GiB") [default: this CUDA
+            device; on a CPU the check needs one].
     """
 
     def __init__(self, out: str | Path | None = "measurements", name: str | None = None, warn_margin: float = 0.10,
-                 trainer: Any = None, overrides: dict[str, Any] | None = None, fit_check: bool = False) -> None:
+                 trainer: Any = None, overrides: dict[str, Any] | None = None, fit_check: bool | str = False,
+                 gpu: str | None = None) -> None:
+        if fit_check not in (False, True, "predict", "verify"):
+            raise ValueError(f"fit_check must be False, True ('predict') or 'verify', not {fit_check!r}")
         self.out, self.name, self.warn_margin, self.trainer, self.overrides = out, name, warn_margin, trainer, overrides
-        self.fit_check = fit_check
+        self.fit_check, self.gpu = fit_check, gpu
         self.profiler: StepProfiler | None = None
         self.max_peak_bytes = 0
         self.predicted_max_batch: int | None = None
+        self.verified: Any = None  # memprof.verify.FitCheck after fit_check="verify"
 
     @property
     def records(self) -> list[StepRecord]:
@@ -385,19 +395,23 @@ class MemprofCallback(TrainerCallback):
             self._predict_fit(args, kwargs.get("train_dataloader"))
 
     def _predict_fit(self, args: Any, loader: Any) -> None:
-        """fit_check: before the first step, the largest per-device batch the estimate says fits this GPU at the
-        dataset's longest sequence; a warning when the configured batch is larger (the long batch would OOM).
-        Verifying with real steps needs the device free: run ``memprof fit --verify`` before training."""
+        """fit_check: before the first step, the largest per-device batch the estimate says fits the budget at the
+        dataset's longest sequence, a warning when the configured batch is larger (the long batch would OOM), and
+        with "verify" real steps at that size in worker processes. On CUDA the workers share the device with this
+        process, which already holds the model: a size that fits alone can fail the check (said in the warning)."""
         profiler = self.profiler
-        if profiler is None or profiler.setup is None or profiler.spec is None or profiler.device != "cuda":
+        if profiler is None or profiler.setup is None or profiler.spec is None:
             return
+        if self.gpu is None and profiler.device != "cuda":
+            return  # no budget to check against: on a CPU, name the GPU to plan for (gpu=)
         longest = _longest(getattr(loader, "dataset", None))
         if longest is None:
             return
-        from .analytic.fit import Gpu, max_batch_size
+        from .analytic.fit import Gpu, max_batch_size, resolve_gpu
 
-        gpu = Gpu(profiler.env.device_name or "this GPU", int(profiler.env.device_total_memory_bytes or 0))
-        setup = step_setup(profiler.setup, 1, longest, True)
+        gpu = (resolve_gpu(self.gpu) if self.gpu is not None else
+               Gpu(profiler.env.device_name or "this GPU", int(profiler.env.device_total_memory_bytes or 0)))
+        setup = replace(step_setup(profiler.setup, 1, longest, True), device=Device.cuda)  # the plan for a GPU
         self.predicted_max_batch = max_batch_size(profiler.spec, setup, gpu)
         wanted = int(getattr(args, "per_device_train_batch_size", 1))
         if self.predicted_max_batch < wanted:
@@ -405,6 +419,17 @@ class MemprofCallback(TrainerCallback):
                           f"batch that fits {gpu.name} is predicted to be {self.predicted_max_batch}, below "
                           f"per_device_train_batch_size={wanted}: the step that meets it would run out of memory",
                           stacklevel=2)
+        if self.fit_check != "verify":
+            return
+        from .verify import verify_fit
+
+        held = torch.cuda.memory_reserved() if profiler.device == "cuda" else 0
+        self.verified = check = verify_fit(profiler.spec, setup, gpu, profiler.device)
+        if check.confirmed is None or check.confirmed < min(wanted, check.predicted):
+            shared = (f"; this process held {held / 2**30:.2f} GiB of the device during the check" if held else "")
+            warnings.warn(f"memprof: verified at s={longest} on {check.device}: predicted b={check.predicted}, "
+                          f"confirmed " + (f"b={check.confirmed}" if check.confirmed is not None else "none") +
+                          f" ({', '.join(f'b={a.size} {a.status}' for a in check.attempts)}){shared}", stacklevel=2)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.profiler is not None:

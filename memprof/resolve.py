@@ -47,8 +47,12 @@ def _build_group(cls: type, name: str, values: Mapping[str, Any], problems: list
             continue
         if key == "variant":
             val = parse_enum(AdapterVariant, val, "adapter variant")
-        elif key in ("targets", "feedforward", "modules_to_save") and isinstance(val, (list, str)):
-            val = tuple(v.strip() for v in (val.split(",") if isinstance(val, str) else val) if v.strip())
+        elif key in ("targets", "feedforward", "modules_to_save") and isinstance(val, (list, tuple, str)):
+            items = val.split(",") if isinstance(val, str) else list(val)
+            if not all(isinstance(v, str) for v in items):
+                problems.append(f"{name}.{key} must be a list of module names, got {val!r}")
+                continue
+            val = tuple(v.strip() for v in items if v.strip())
         kwargs[key] = val
     try:
         return cls(**kwargs)

@@ -62,6 +62,20 @@ STEP_LABELS = {"rank": "rank", "step": "step", "batch_size": "b", "seq_len": "s"
                "tokens_per_s": "tokens/s"}
 
 
+def _step_cell(key: str, value: Any) -> Any:
+    if value is None:
+        return value
+    if key.endswith("_bytes") and isinstance(value, int):
+        return fmt_bytes_auto(value)
+    if key == "drift_frac":
+        return f"{100 * value:+.3f}%"
+    if key == "step_time_s":
+        return f"{value:.3f}"
+    if key == "tokens_per_s":
+        return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+    return value
+
+
 def render_steps(rows: Sequence[dict[str, Any]], fmt: Format, console: Console) -> None:
     """Per-step records of a profiled run: every field in json/csv; a compact table (the run named once) else."""
     if fmt in (Format.json, Format.csv):
@@ -74,8 +88,7 @@ def render_steps(rows: Sequence[dict[str, Any]], fmt: Format, console: Console) 
     notes = ["drift: (measured - estimate) / estimate; the estimate is memprof's for each step's own shape "
              "(b, padded s, padding; CPU: the tracked estimate, CUDA: + cuBLAS workspace)"]
     # a run's steps span a small range: bytes in the unit that shows it (tiny models: KiB / MiB)
-    rows = [{k: fmt_bytes_auto(v) if k.endswith("_bytes") and isinstance(v, int) else v for k, v in r.items()}
-            for r in rows]
+    rows = [{k: _step_cell(k, v) for k, v in r.items()} for r in rows]
     if fmt is Format.table:
         print_unwrapped(console, rows_table(rows, columns, heading, STEP_LABELS))
         for n in notes:
@@ -87,26 +100,27 @@ def render_steps(rows: Sequence[dict[str, Any]], fmt: Format, console: Console) 
                     highlight=False, end="")
 
 
-def render_fit_check(check: Any, fmt: Format, console: Console) -> None:
-    """``fit --verify``: predicted against confirmed batch size, every attempt, the phase that limits it."""
-    rows = [{"batch_size": a.batch_size, "status": a.status, "device_total_bytes": a.device_total_bytes,
-             "peak_phase": a.peak_phase, "message": a.message} for a in check.attempts]
+def render_fit_checks(checks: list[Any], fmt: Format, console: Console) -> None:
+    """``fit --verify``: per dimension, predicted against confirmed size, every attempt, the phase that limits it."""
     if fmt is Format.json:
-        console.out(json.dumps({"predicted_batch_size": check.predicted, "confirmed_batch_size": check.confirmed,
-                                "device": check.device, "budget_bytes": check.budget_bytes,
-                                "limiting_phase": check.limiting_phase, "attempts": rows, "note": check.note},
-                               indent=2), highlight=False)
+        console.out(json.dumps({"verified": [c.to_dict() for c in checks]}, indent=2), highlight=False)
         return
     if fmt is not Format.table:
-        render_rows(rows, fmt, console)
+        render_rows([{"dimension": c.dimension, "predicted": c.predicted, "confirmed": c.confirmed, "size": a.size,
+                      "status": a.status, "device_total_bytes": a.device_total_bytes, "peak_phase": a.peak_phase,
+                      "message": a.message} for c in checks for a in c.attempts], fmt, console)
         return
-    lines = [Text(""), Text(f"verified on {check.device}: predicted b={check.predicted}, confirmed "
-                            + (f"b={check.confirmed}" if check.confirmed is not None else "none") +
-                            (f" (the {check.limiting_phase} phase sets its peak)" if check.limiting_phase else ""),
-                            style="bold green" if check.confirmed == check.predicted else "bold yellow")]
-    for a in check.attempts:
-        total = fmt_bytes(a.device_total_bytes) if a.device_total_bytes is not None else "-"
-        lines.append(Text(f"  b={a.batch_size}: {a.status}, device total {total} of {fmt_bytes(check.budget_bytes)}"
-                          + (f" ({a.message.splitlines()[0][:120]})" if a.message else "")))
-    lines.append(Text(f"note: {check.note}", style="dim"))
+    lines = [Text("")]
+    for c in checks:
+        x = c.symbol
+        lines.append(Text(f"verified on {c.device}: predicted {x}={c.predicted}, confirmed "
+                          + (f"{x}={c.confirmed}" if c.confirmed is not None else "none") +
+                          (f" (the {c.limiting_phase} phase sets its peak)" if c.limiting_phase else ""),
+                          style="bold green" if c.confirmed == c.predicted else "bold yellow"))
+        for a in c.attempts:
+            total = fmt_bytes(a.device_total_bytes) if a.device_total_bytes is not None else "-"
+            lines.append(Text(f"  {x}={a.size}: {a.status}, device total {total} of {fmt_bytes(c.budget_bytes)}"
+                              + (f" ({a.message.splitlines()[0][:120]})" if a.message else "")))
+    for n in dict.fromkeys([c.note for c in checks] + [c.basis for c in checks]):
+        lines.append(Text(f"note: {n}", style="dim"))
     console.print(Group(*lines))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from . import __version__
 from .comparison import key_of
 from .compat import TESTED_VERSIONS, installed_versions, known_refusal, refusal_error, require_torch_stack
-from .config import METHOD_OPTIONS, Method, RunSetup
+from .config import METHOD_OPTIONS, Method, RunSetup, check_timeout
 from .resolve import parse_enum, resolve_setup
 from .errors import (ConfigError, DependencyMissingError, DeviceUnavailableError, LibraryRefusalError, MemprofError,
                      UnsupportedModelError)
@@ -101,6 +101,12 @@ def plan_setups(methods: Sequence[str], overrides: Mapping[str, Any], *, batch_s
     parsed = [parse_enum(Method, m, "method") for m in methods]
     if not parsed:
         raise ConfigError("give at least one method (--methods full,lora,...)")
+    # an option group no swept method reads would be dropped silently: refuse it, as estimate does
+    for group in ("lora", "quant", "adapter", "ia3", "prompt"):
+        if overrides.get(group) is not None and not any(group in METHOD_OPTIONS[m] for m in parsed):
+            users = ", ".join(m.value for m, o in METHOD_OPTIONS.items() if group in o)
+            raise ConfigError(f"{group} options do not apply to the methods swept ({', '.join(m.value for m in parsed)});"
+                              f" they apply to: {users}")
     setups = []
     for (dtype, regime), ckpt, b, s, method in itertools.product(
             precisions or [(None, None)], checkpointing or [None], batch_sizes or [None], seq_lens or [None], parsed):
@@ -233,6 +239,11 @@ class MeasureOptions:
     cpu_threads: int | None = None        # torch intra-op threads in the worker (None: torch's default)
     memory_limit_bytes: int | None = None  # worker address-space cap (tests)
     isolate: bool = True                  # False: run in this process (no crash protection; tests)
+
+    def __post_init__(self) -> None:
+        check_timeout(self.timeout_s)
+        if self.warmup_steps < 1 or (self.timed_steps is not None and self.timed_steps < 1):
+            raise ConfigError(f"warm-up and timed steps must be >= 1, got {self.warmup_steps} and {self.timed_steps}")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ from ..config import RunSetup
 from ..errors import ConfigError
 from ..presets import gpu_catalog
 from ..records import Estimate
-from ..spec import ModelSpec
+from ..spec import ModelSpec, position_limit
 from ..units import BYTES_PER_GB, BYTES_PER_GIB, BYTES_PER_MIB
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|mib|mb|g)?\s*$", re.IGNORECASE)
@@ -35,6 +36,9 @@ class Fit:
         return self.needed_bytes / self.gpu.memory_bytes
 
 
+MAX_GPU_BYTES = 2**50  # 1 PiB: far beyond any device; larger sizes are typos or overflow
+
+
 def resolve_gpu(name_or_size: str) -> Gpu:
     """A catalog GPU ("A100-80GB", "h100", "4090") or a size ("24GiB", "80GB", "16g" = GiB).
 
@@ -49,9 +53,10 @@ def resolve_gpu(name_or_size: str) -> Gpu:
     if m:
         value, unit = float(m.group(1)), (m.group(2) or "gib").lower()
         scale = {"gib": BYTES_PER_GIB, "g": BYTES_PER_GIB, "gb": BYTES_PER_GB, "mib": BYTES_PER_MIB, "mb": 10**6}[unit]
-        size = int(value * scale)
-        if size <= 0:
-            raise ConfigError(f"--gpu size must be positive, got {name_or_size!r}")
+        size = int(value * scale) if math.isfinite(value) else 0
+        if size <= 0 or size > MAX_GPU_BYTES:
+            raise ConfigError(f"--gpu size must be positive and at most {MAX_GPU_BYTES // BYTES_PER_GIB:,} GiB, got "
+                              f"{name_or_size[:40]!r}")
         return Gpu(f"{name_or_size.strip()}", size)
     known = sorted({r["name"] for r in gpu_catalog().values()})
     raise ConfigError(f"unknown GPU '{name_or_size}'; give a size like 24GiB or one of: {', '.join(known)}")
@@ -76,7 +81,11 @@ def _largest(lo: int, hi: int, ok) -> int:  # noqa: ANN001
     return lo
 
 
-def max_batch_size(spec: ModelSpec, setup: RunSetup, gpu: Gpu, limit: int = 1 << 16) -> int:
+BATCH_SEARCH_LIMIT = 1 << 16  # fit searches batch sizes up to this many sequences
+SEQ_SEARCH_LIMIT = 1 << 20    # and sequence lengths up to this many tokens (models without a position table)
+
+
+def max_batch_size(spec: ModelSpec, setup: RunSetup, gpu: Gpu, limit: int = BATCH_SEARCH_LIMIT) -> int:
     """Largest batch size whose predicted device total fits ``gpu`` at ``setup.seq_len`` (0: not even 1)."""
     from . import estimate  # noqa: PLC0415 (estimate imports this module's callers)
 
@@ -90,8 +99,7 @@ def max_seq_len(spec: ModelSpec, setup: RunSetup, gpu: Gpu, limit: int | None = 
     """Largest sequence length that fits at ``setup.batch_size``, capped by learned position tables."""
     from . import estimate  # noqa: PLC0415
 
-    cap = limit or (spec.max_positions - (2 if spec.model_type == "roberta" else 0)
-                    if spec.family.value in ("bert", "gpt2") else 1 << 20)
+    cap = limit or position_limit(spec) or SEQ_SEARCH_LIMIT
 
     def ok(s: int) -> bool:
         return estimate(spec, dataclasses.replace(setup, seq_len=s)).device.device_total_bytes <= gpu.memory_bytes

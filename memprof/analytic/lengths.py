@@ -4,8 +4,8 @@ distribution of per-step peak memory and FLOPs over them (pure; ``load_lengths``
 Batching strategies (what decides each step's padded shape):
 - ``longest``: shuffled, B sequences per batch, padded to the batch's longest (DataCollatorWithPadding, the
   Trainer's default random sampler);
-- ``bucketed``: the Trainer's ``group_by_length``: mega-batches of 50 x B shuffled sequences sorted by length,
-  cut into batches, the longest batch first (transformers' LengthGroupedSampler);
+- ``bucketed``: the Trainer's ``train_sampling_strategy="group_by_length"`` (``group_by_length=True`` before
+  transformers 5): mega-batches of 50 x B shuffled sequences sorted by length, cut into batches, the longest batch first (transformers' LengthGroupedSampler);
 - ``packed``: sequences concatenated and cut into rows of the maximum length (TRL's packing, "wrapped"); the rows
   carry the sequences' boundaries, so transformers masks every attention layer as for padding (a b x s x s mask,
   masking_utils.find_packed_sequence_indices);

@@ -132,7 +132,10 @@ def describe_run(model: nn.Module, optimizer: Any = None, args: Any = None,
     else:
         run["dtype"] = Dtype.fp32.value
     inner = base_model(model)
-    if getattr(inner, "is_gradient_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
+    # transformers >= 5.23 names it is_activation_checkpointing (is_gradient_checkpointing warns, goes in v6)
+    name = "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    if getattr(inner, name, False) or getattr(args, "gradient_checkpointing", False):
         run["grad_checkpointing"] = True
     attn = getattr(inner.config, "_attn_implementation", "sdpa")
     if attn not in (AttnImpl.sdpa.value, AttnImpl.eager.value):

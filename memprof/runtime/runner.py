@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3Spec, Loop, LoraSpec, Method, Optimizer,
                       OptimizerImpl, Overheads, PromptLearningSpec, QuantSpec, Regime, RunSetup, ZeroGrad,
-                      check_runnable, with_method_defaults)
+                      check_runnable, check_timeout, with_method_defaults)
 from ..compat import check_supported
 from ..errors import ConfigError, DeviceUnavailableError
 from ..records import EnvInfo, Measurement, MemoryBreakdown, setup_row
@@ -156,6 +156,13 @@ def measurement_from_dict(data: Mapping[str, Any]) -> Measurement:
 def default_name(spec: ModelSpec) -> str:
     """File stem for a model: ``FacebookAI/roberta-base`` -> ``FacebookAI_roberta-base``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name).strip("._") or "model"
+
+
+def check_record_name(name: str | None) -> None:
+    """A record file's stem stays inside its folder: letters, digits, '.', '_', '-', no path, at most 200."""
+    if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", name)):
+        raise ConfigError(f"--name must be a file name stem (letters, digits, '.', '_', '-'; no path; at most 200 "
+                          f"characters), got {str(name)[:60]!r}")
 
 
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
@@ -344,6 +351,8 @@ def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "m
         ConfigError: timeout or memory limit without isolation; invalid step counts.
     """
     setup = with_method_defaults(setup)
+    check_timeout(timeout_s)
+    check_record_name(name)
     check_measurable(setup, None if peft_config else spec)
     if warmup_steps < 1 or (timed_steps is not None and timed_steps < 1):
         raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")

@@ -181,6 +181,11 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
     """
     start = time.perf_counter()
     depth = spec.num_layers
+    if isinstance(layers, bool) or not (layers in ("auto", "full") or isinstance(layers, int)):
+        raise ConfigError(f"trace layers must be auto, full or a block count, got {layers!r}")
+    if isinstance(layers, int) and not 1 <= layers <= max(1, depth - 2):
+        raise ConfigError(f"trace depth must be between 1 and {max(1, depth - 2)} for a {depth}-block model "
+                          f"(or auto / full), got {layers}")
     if spec.task is Task.seq2seq:
         layers = "full"  # an encoder and a decoder stack: cutting one depth would not scale the other
     if layers == "full" or depth <= max(TRACE_DEPTHS):

@@ -3,6 +3,7 @@ StepProfiler, on CPU with tiny models, padded variable-length batches and gradie
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import warnings
@@ -19,7 +20,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from memprof.analytic import estimate  # noqa: E402
 from memprof.cli import app  # noqa: E402
-from memprof.config import Loop, OptimizerImpl  # noqa: E402
+from memprof.config import Device, Loop, OptimizerImpl  # noqa: E402
 from memprof.integrations import STEP_METRICS, StepProfiler, attach  # noqa: E402
 from memprof.runtime.from_model import describe_run, step_setup  # noqa: E402
 from memprof.runtime.harness import build_run, run_warmup, tracked_step  # noqa: E402
@@ -60,14 +61,14 @@ def _collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def _train(tmp_path: Path, lora: bool, equal_shapes: bool, steps: int = 3):  # noqa: ANN202
+def _train(tmp_path: Path, lora: bool, equal_shapes: bool, steps: int = 3, **options):  # noqa: ANN003, ANN202
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=B, gradient_accumulation_steps=K,
         max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
         dataloader_drop_last=True)
     trainer = transformers.Trainer(model=_model(lora), args=args, train_dataset=_dataset(B * K * steps, equal_shapes),
                                    data_collator=_collate)
-    callback = attach(trainer, out=tmp_path / "records", name="tiny")
+    callback = attach(trainer, out=tmp_path / "records", name="tiny", **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
@@ -115,6 +116,27 @@ def test_trainer_callback_agrees_with_memprof_measure(tmp_path: Path) -> None:
     measured = tracked_step(run, setup, "cpu")
     assert abs(steady.peak_bytes - measured.peak_bytes) / measured.peak_bytes < 0.01
     assert steady.estimate_peak_bytes == estimate(spec, setup, tracked=True).peak_bytes
+
+
+def test_trainer_callback_predicts_then_verifies_the_largest_batch(tmp_path: Path) -> None:
+    """fit_check="verify" on a CPU with a GPU budget named: at train start the largest batch the estimate says fits
+    at the training set's longest sequence, then real steps at that size in a worker process (issue 13, item 5)."""
+    trainer, callback = _train(tmp_path, lora=True, equal_shapes=False, steps=1, fit_check="verify", gpu="0.52GiB")
+    check = callback.verified
+    longest = max(len(r["input_ids"]) for r in _dataset(B * K, equal_shapes=False))
+    setup = dataclasses.replace(step_setup(callback.profiler.setup, 1, longest, True), device=Device.cuda)
+    spec = callback.profiler.spec
+    budget = 0.52 * 2**30
+    # the prediction is the estimate's for a CUDA device of that size: its batch fits, one more sequence does not
+    b = callback.predicted_max_batch
+    assert b == check.predicted and b > B
+    assert estimate(spec, dataclasses.replace(setup, batch_size=b)).device.device_total_bytes <= budget
+    assert estimate(spec, dataclasses.replace(setup, batch_size=b + 1)).device.device_total_bytes > budget
+    # then confirmed by a real CPU step at that size, in its own process
+    assert check.dimension == "batch_size" and check.device == "cpu" and check.attempts[0].size == b
+    assert check.confirmed is not None and check.attempts[-1].status == "ok"
+    assert check.attempts[-1].device_total_bytes <= budget
+    assert [r.step for r in callback.records] == [1]  # and training went on
 
 
 def test_step_profiler_in_a_plain_loop() -> None:

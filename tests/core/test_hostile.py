@@ -1,0 +1,162 @@
+"""Hostile and malformed input (issue 10, class 1 "silent wrong numbers" and class 3 "tracebacks"): every value
+of the wrong type or out of range is refused with one line, through the CLI (exit 2, one ``error:`` line, no
+traceback, nothing written) and the Python API (a MemprofError subclass), before any work starts. A string
+``"no"`` must never reach a boolean field: it is truthy and would silently switch the option on."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import memprof
+from memprof.cli import app
+from memprof.errors import MemprofError
+
+# (options given to memprof.estimate("roberta-base", ...), words the one-line error must contain)
+API_CASES = [
+    ({"grad_checkpointing": "no"}, "grad checkpointing must be true or false"),
+    ({"dropout": "false"}, "dropout must be true or false"),
+    ({"padded": 1}, "padded must be true or false"),
+    ({"method": "adapter", "adapter_train_norms": "no"}, "adapter train norms must be true or false"),
+    ({"method": "qlora", "double_quant": "no"}, "quant double quant must be true or false"),
+    ({"method": "prefix", "prefix_projection": "yes"}, "prompt projection must be true or false"),
+    ({"method": "lora", "lora_targets": ["query", 3]}, "lora.targets must be a list of module names"),
+    ({"method": "ia3", "ia3_targets": 5}, "ia3 targets must be a list of module names"),
+    ({"method": "lora", "lora_bias": 0}, "lora bias must be a string"),
+    ({"method": "lora", "lora_dropout": math.nan}, "lora dropout must be a finite number"),
+    ({"method": "lora", "lora_dropout": "0.1"}, "lora dropout must be a finite number"),
+    ({"method": "lora", "lora_r": "16"}, "lora r must be an integer"),
+    ({"method": "lora", "lora_r": 16.5}, "lora r must be an integer"),
+    ({"method": "lora", "lora_r": 0}, "lora r must be between 1"),
+    ({"method": "adapter", "adapter_size": -1}, "adapter bottleneck must be between 1"),
+    ({"method": "adapter", "adapter_act": 3}, "adapter activation must be a string"),
+    ({"method": "prompt", "virtual_tokens": 0}, "num virtual tokens must be between 1"),
+    ({"method": "prefix", "prompt": {"projection": True, "projection_hidden": -5}},
+     "prefix projection hidden size must be between 1"),
+    ({"reserve_frac": math.nan}, "must be a finite number"),
+    ({"reserve_frac": 2.0}, "allocator reserve fraction must be in [0, 1]"),
+    ({"cuda_context_mib": math.inf}, "cuda_context_mib must be a finite number >= 0"),
+    ({"cuda_context_mib": -1}, "cuda_context_mib must be a finite number >= 0"),
+    ({"batch_size": 2.5}, "batch size must be an integer"),
+    ({"batch_size": True}, "batch size must be an integer"),
+    ({"seq_len": "128"}, "sequence length must be an integer"),
+    ({"grad_accum": 0}, "gradient accumulation steps must be between 1"),
+    ({"lora": "r=16"}, "lora must be a table of options"),
+    ({"dtype": "fp8"}, "dtype 'fp8' is not supported"),
+    ({"no_such_option": 1}, "unknown option 'no_such_option'"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), API_CASES, ids=[str(c[0]) for c in API_CASES])
+def test_api_refuses_wrong_types_and_ranges(options: dict, message: str) -> None:
+    with pytest.raises(MemprofError) as exc:
+        memprof.estimate("roberta-base", **options)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("model", [123, ["bert"], 3.5])
+def test_api_refuses_a_model_that_is_not_a_name(model: object) -> None:
+    with pytest.raises(MemprofError, match="model must be a preset name"):
+        memprof.estimate(model)  # type: ignore[arg-type]
+
+
+# (a TOML run file, words the error must contain): the same checks for a config file, where "no" is a string
+TOML_CASES = [
+    ('grad_checkpointing = "no"\n', "grad checkpointing must be true or false"),
+    ('dropout = "off"\n', "dropout must be true or false"),
+    ('method = "adapter"\nadapter_train_norms = "no"\n', "adapter train norms must be true or false"),
+    ('method = "qlora"\ndouble_quant = "false"\n', "quant double quant must be true or false"),
+    ('method = "lora"\n[lora]\nr = "16"\n', "lora r must be an integer"),
+    ('method = "lora"\n[lora]\ntargets = [1, 2]\n', "lora.targets must be a list of module names"),
+    ('reserve_frac = nan\n', "must be a finite number"),
+    ('cuda_context_mib = inf\n', "cuda_context_mib must be a finite number >= 0"),
+    ('lora = 3\n', "lora must be a table of options"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), TOML_CASES, ids=[c[0].strip() for c in TOML_CASES])
+def test_config_file_values_are_checked_like_flags(tmp_path: Path, text: str, message: str) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text(text)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["compare", "roberta-base", "--config", str(toml), "--out", str(out / "r.jsonl")])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert "Traceback" not in r.output and not out.exists()  # nothing written
+
+
+# (CLI arguments, words the one-line error must contain): checked before any work starts
+CLI_CASES = [
+    (["estimate", "roberta-base", "--cuda-context-mib", "nan"], "cuda_context_mib must be a finite number >= 0"),
+    (["estimate", "roberta-base", "--cuda-context-mib", "inf"], "cuda_context_mib must be a finite number >= 0"),
+    (["estimate", "roberta-base", "--reserve-frac", "nan"], "must be a finite number"),
+    (["estimate", "roberta-base", "--num-labels", "0"], "--num-labels must be an integer between 1"),
+    (["estimate", "roberta-base", "--num-labels", "-3"], "--num-labels must be an integer between 1"),
+    (["estimate", "roberta-base", "--gpu", "9" * 60 + "GiB"], "--gpu size must be positive and at most"),
+    (["estimate", "roberta-base", "--gpu", "0GiB"], "--gpu size must be positive"),
+    (["fit", "roberta-base", "--gpu", "1e400GiB"], "unknown GPU '1e400GiB'; give a size like 24GiB"),
+    (["compare", "roberta-base", "--methods", "lora", "--adapter-size", "8"],
+     "adapter options do not apply to the methods swept (lora)"),
+    (["compare", "roberta-base", "--methods", "full,bitfit", "--lora-r", "16"],
+     "lora options do not apply to the methods swept (full, bitfit)"),
+    (["compare", "roberta-base", "--measure", "--timeout", "nan"], "--timeout must be a number of seconds > 0"),
+    (["compare", "roberta-base", "--measure", "--timeout", "0"], "--timeout must be a number of seconds > 0"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), CLI_CASES, ids=[" ".join(c[0][:4]) for c in CLI_CASES])
+def test_cli_refuses_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, [*args, *(["--out", str(out / "r.jsonl")] if args[0] == "compare" else [])])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert "Traceback" not in r.output and not out.exists()
+
+
+def test_measure_refuses_a_timeout_that_never_fires() -> None:
+    pytest.importorskip("torch")
+    from memprof.resolve import resolve_setup
+    from memprof.runtime.runner import measure
+    from memprof.hub import resolve_spec
+
+    spec, _ = resolve_spec("roberta-base")
+    with pytest.raises(MemprofError, match="--timeout must be a number of seconds > 0"):
+        measure(spec, resolve_setup(None, {"device": "cpu"}), timeout_s=math.nan, out_dir=None)
+
+
+def test_fit_says_when_the_answer_is_a_limit_not_memory() -> None:
+    """A huge GPU: the batch search's cap and the model's position table are reported as what they are."""
+    r = CliRunner().invoke(app, ["fit", "roberta-base", "-s", "128", "--gpu", "100000GiB"])
+    assert r.exit_code == 0, r.output
+    assert "largest batch size that fits at s=128: 65536 or more (the search stops there)" in r.output
+    assert "at b=1: 512 (the model's 512 learned positions" in r.output
+    r = CliRunner().invoke(app, ["fit", "Llama-3.2-1B", "-s", "128", "--gpu", "100000GiB"])
+    assert "largest sequence length that fits at b=1: 1048576 or more (the search stops there)" in r.output
+
+
+# needs the torch stack (the checks run before anything is built or measured)
+TORCH_CLI_CASES = [
+    (["trace", "roberta-base", "--layers", "0"], "trace depth must be between 1 and 10 for a 12-block model"),
+    (["trace", "roberta-base", "--layers", "-3"], "trace depth must be between 1 and 10"),
+    (["trace", "roberta-base", "--layers", "1000"], "trace depth must be between 1 and 10"),
+    (["trace", "roberta-base", "--layers", "many"], "must be auto, full or a block count"),
+    (["measure", "roberta-base", "--name", "../../escaped"], "--name must be a file name stem"),
+    (["measure", "roberta-base", "--name", "a/b"], "--name must be a file name stem"),
+    (["measure", "roberta-base", "--timeout", "-1"], "--timeout must be a number of seconds > 0"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), TORCH_CLI_CASES, ids=[" ".join(c[0][:4]) for c in TORCH_CLI_CASES])
+def test_torch_commands_refuse_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    pytest.importorskip("torch")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, [*args, *(["--out", str(out)] if args[0] == "measure" else [])])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert "Traceback" not in r.output and not out.exists() and not (tmp_path / "escaped.jsonl").exists()
