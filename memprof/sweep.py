@@ -17,11 +17,12 @@ Side effects: measurements run in worker processes (runtime.runner), traces impo
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import __version__
 from .comparison import key_of
@@ -259,7 +260,14 @@ def _index(path: Path | None) -> dict[tuple[str, tuple], list[Mapping[str, Any]]
     index: dict[tuple[str, tuple], list[Mapping[str, Any]]] = {}
     if path is None or not path.is_file():
         return index
-    for record in read_records([path]):
+    from .runtime.runner import read_measurements
+
+    stored = read_measurements(path)  # a torn last line (an interrupted write) is skipped with a warning
+    ours = [r for r in stored if r.get("schema") in (ESTIMATE_SCHEMA, MEASUREMENT_SCHEMA)]
+    if stored and not ours:  # someone else's JSONL: do not append memprof records to it
+        raise ConfigError(f"{path} holds records that are not memprof's (schema {ESTIMATE_SCHEMA} or "
+                          f"{MEASUREMENT_SCHEMA}); give another --out")
+    for record in ours:  # an empty file, or one holding only a torn first record, resumes from nothing
         spec, setup = _decode(record)
         kind = "measured" if record["schema"] == MEASUREMENT_SCHEMA else record.get("kind", "analytic")
         index.setdefault((kind, key_of(setup_row(spec, setup))), []).append(record)
@@ -306,8 +314,6 @@ def run_sweep(spec: ModelSpec, setups: Sequence[RunSetup], *, path: Path | None 
         ConfigError: measuring without a results file, or a path that is not ``.jsonl``.
         DependencyMissingError: tracing without the torch stack.
     """
-    from .runtime.runner import append_jsonl
-
     if path is not None and path.suffix != ".jsonl":
         raise ConfigError(f"the results file must end in .jsonl, got {path}")
     if measure is not None and path is None:
@@ -319,32 +325,85 @@ def run_sweep(spec: ModelSpec, setups: Sequence[RunSetup], *, path: Path | None 
         label = _label(setup)
         if progress is not None:
             progress(label, done, len(setups))
-        key = key_of(setup_row(spec, setup))
-        analytic = analytic_rows(spec, setup)
-        rows += analytic
-        fresh = False  # something was computed and recorded now (not reused from the file)
-        if path is not None and ("analytic", key) not in index:
-            append_jsonl(path, estimate_record(spec, setup, "analytic", analytic))
-            fresh = True
-        if analytic[0].get("status") == "n/a":  # the method does not apply: nothing to trace or measure
-            reused += not fresh
-            continue
-        if trace:
-            if progress is not None:
-                progress(f"{label}: tracing", done, len(setups))
-            row, ran = _traced_row(spec, setup, index.get(("traced", key), []), path)
-            rows.append(row)
-            fresh = fresh or ran
-        if measure is not None:
-            row, ran = _measure_row(spec, setup, index.get(("measured", key), []), path, measure, retry_failed,
-                                    lambda phase, step, total: progress(f"{label}: {phase} {step}/{total}", done,
-                                                                        len(setups)) if progress else None)
-            rows.append(row)
-            fresh = fresh or ran
+        with _claimed(path, lambda: progress(f"{label}: waiting for another sweep on {path}", done, len(setups))
+                      if progress else None) as changed:
+            if changed:  # another sweep appended meanwhile: its runs are reused, not redone
+                index = _index(path)
+            r, fresh = _sweep_one(spec, setup, label, done, len(setups), index, path, trace, measure, retry_failed,
+                                  progress)
+        rows += r
         reused += not fresh
     if progress is not None:
         progress("done", len(setups), len(setups))
     return SweepResult(rows=rows, planned=len(setups), reused=reused, path=path)
+
+
+@contextlib.contextmanager
+def _claimed(path: Path | None, waiting: Callable[[], Any]) -> Iterator[bool]:
+    """Hold an exclusive lock on the results file while one run is looked up, computed and appended, so two
+    sweeps on one file never run the same case twice: the second waits for the run in progress, then finds it
+    recorded. Yields whether the file changed since it was last read (by size). POSIX flock; elsewhere no lock."""
+    if path is None or not path.exists():
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+    if path is None:
+        yield False
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows)
+        yield True
+        return
+    with open(path, "rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            waiting()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            waited = True
+        try:
+            size = path.stat().st_size
+            yield waited or size != _SEEN_SIZES.get(path)
+            _SEEN_SIZES[path] = path.stat().st_size
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_SEEN_SIZES: dict[Path, int] = {}  # results file -> its size when this process last released it
+
+
+def _sweep_one(spec: ModelSpec, setup: RunSetup, label: str, done: int, total: int,
+               index: Mapping[tuple[str, tuple], list[Mapping[str, Any]]], path: Path | None, trace: bool,
+               measure: MeasureOptions | None, retry_failed: bool, progress: ProgressFn | None
+               ) -> tuple[list[dict[str, Any]], bool]:
+    """One run of a sweep: its rows, and whether anything was computed and recorded now."""
+    from .runtime.runner import append_jsonl
+
+    rows: list[dict[str, Any]] = []
+    key = key_of(setup_row(spec, setup))
+    analytic = analytic_rows(spec, setup)
+    rows += analytic
+    fresh = False  # something was computed and recorded now (not reused from the file)
+    if path is not None and ("analytic", key) not in index:
+        append_jsonl(path, estimate_record(spec, setup, "analytic", analytic))
+        fresh = True
+    if analytic[0].get("status") == "n/a":  # the method does not apply: nothing to trace or measure
+        return rows, fresh
+    if trace:
+        if progress is not None:
+            progress(f"{label}: tracing", done, total)
+        row, ran = _traced_row(spec, setup, index.get(("traced", key), []), path)
+        rows.append(row)
+        fresh = fresh or ran
+    if measure is not None:
+        row, ran = _measure_row(spec, setup, index.get(("measured", key), []), path, measure, retry_failed,
+                                lambda phase, step, n: progress(f"{label}: {phase} {step}/{n}", done, total)
+                                if progress else None)
+        rows.append(row)
+        fresh = fresh or ran
+    return rows, fresh
 
 
 def _traced_row(spec: ModelSpec, setup: RunSetup, stored: Sequence[Mapping[str, Any]], path: Path | None

@@ -211,12 +211,23 @@ def read_measurements(path: str | Path) -> list[dict[str, Any]]:
 
 
 # ---- the worker process ------------------------------------------------------------------------------------------
-def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
+def _tail(log: Any, lines: int = STDERR_TAIL_LINES) -> str:
     try:
-        text = path.read_text(errors="replace")
-    except OSError:
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+    except (OSError, ValueError):
         return ""
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def worker_argv() -> list[str]:
+    """``python -c BOOT``: runs memprof.runtime.worker with the current directory taken off ``sys.path`` (a
+    ``peft.py`` or ``torch.py`` where the user stands must not be imported) and memprof's own source directory
+    appended, so a checkout that is not installed still works without shadowing anything installed."""
+    root = str(Path(__file__).resolve().parents[2])
+    boot = ("import sys, runpy; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+            f"sys.path.append({root!r}); runpy.run_module({WORKER_MODULE!r}, run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", boot]
 
 
 def _handle(line: bytes, out: dict[str, Any], progress: ProgressFn | None) -> str | None:
@@ -239,24 +250,72 @@ def _handle(line: bytes, out: dict[str, Any], progress: ProgressFn | None) -> st
     return None
 
 
+def memory_available_bytes() -> int | None:
+    """What the kernel lets this machine (or container) use: the cgroup v2 limit, else MemTotal (Linux)."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            return int(limit)
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+OOM_KILL_RSS_FRAC = 0.8  # a SIGKILLed worker that had reached this share of the memory available was OOM-killed
+
+
+def _killed_message(name: str, peak_rss_bytes: int | None, available: int | None) -> tuple[str, str]:
+    """Status and message of a worker that died of a signal; SIGKILL is what the kernel OOM killer sends, so it
+    is an OOM when the worker's peak RSS had reached most of the memory available, with those figures."""
+    if name != "SIGKILL":
+        return "error", f"worker killed by {name}"
+    if peak_rss_bytes is None or not available:
+        return "error", "worker killed by SIGKILL (the kernel OOM killer sends SIGKILL; its peak RSS is unknown)"
+    share = peak_rss_bytes / available
+    evidence = (f"peak RSS {peak_rss_bytes / 2**30:.2f} GiB of {available / 2**30:.2f} GiB available "
+                f"({100 * share:.0f}%)")
+    if share >= OOM_KILL_RSS_FRAC:
+        return "oom", f"likely out of memory: worker killed by SIGKILL, what the kernel OOM killer sends; {evidence}"
+    return "error", (f"worker killed by SIGKILL (the kernel OOM killer sends SIGKILL, but its {evidence} was far "
+                     f"from the limit: probably killed by someone else)")
+
+
+def _reap(proc: subprocess.Popen, deadline: float | None) -> tuple[int, int | None]:
+    """Wait for the worker and return its exit status and peak RSS in bytes (wait4's rusage; Linux: KiB)."""
+    while True:
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # already reaped
+            return proc.wait(), None
+        if pid:
+            rc = os.waitstatus_to_exitcode(status)
+            proc.returncode = rc
+            return rc, int(usage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+        if deadline is not None and time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, 0)
+        time.sleep(0.02)
+
+
 def _run_child(argv: Sequence[str], job: Mapping[str, Any], timeout_s: float | None,
-               progress: ProgressFn | None) -> dict[str, Any]:
+               progress: ProgressFn | None, available_bytes: int | None = None) -> dict[str, Any]:
     """Run one worker; returns {"status", "message", "result", "env"} from its messages and exit."""
     read_fd, write_fd = os.pipe()
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    with tempfile.NamedTemporaryFile(prefix="memprof-worker-", suffix=".log", delete=False) as log:
-        log_path = Path(log.name)
-        proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                pass_fds=(write_fd,), start_new_session=True, env=env)
+    log = tempfile.TemporaryFile(prefix="memprof-worker-")  # unlinked at once: no log outlives the run
+    proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                            pass_fds=(write_fd,), start_new_session=True)
     os.close(write_fd)
     out: dict[str, Any] = {"status": None, "message": None, "result": None, "env": None}
     last = "start"
     try:
         assert proc.stdin is not None
         try:
-            proc.stdin.write(json.dumps({**job, "result_fd": write_fd}).encode())
+            proc.stdin.write(json.dumps({**job, "result_fd": write_fd, "parent_pid": os.getpid()}).encode())
             proc.stdin.close()
         except BrokenPipeError:
             pass
@@ -279,15 +338,16 @@ def _run_child(argv: Sequence[str], job: Mapping[str, Any], timeout_s: float | N
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
                     last = _handle(line, out, progress) or last
-        rc = proc.wait(None if deadline is None else max(0.1, deadline - time.monotonic()))
+        rc, peak_rss = _reap(proc, None if deadline is None else max(deadline, time.monotonic() + 0.1))
         if out["status"] is None:
+            status = "error"
             if rc < 0:
-                name = signal.Signals(-rc).name
-                why = f"worker killed by {name}" + (" (the kernel OOM killer sends SIGKILL)" if name == "SIGKILL" else "")
+                status, why = _killed_message(signal.Signals(-rc).name, peak_rss,
+                                              available_bytes or memory_available_bytes())
             else:
                 why = f"worker exited with status {rc} without a result"
-            tail = _tail(log_path)
-            out.update(status="error", message=why + (f" during {last}" if last != "start" else "")
+            tail = _tail(log)
+            out.update(status=status, message=why + (f" during {last}" if last != "start" else "")
                        + (f"\n{tail}" if tail else ""))
         return out
     except subprocess.TimeoutExpired:
@@ -300,7 +360,7 @@ def _run_child(argv: Sequence[str], job: Mapping[str, Any], timeout_s: float | N
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log_path.unlink(missing_ok=True)
+        log.close()
 
 
 def check_measurable(setup: RunSetup, spec: ModelSpec | None = None) -> None:
@@ -370,7 +430,7 @@ def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "m
                "timed_steps": timed_steps, "breakdown": breakdown, "pretrained": pretrained,
                "peft_config": str(peft_config) if peft_config else None, "memory_limit_bytes": memory_limit_bytes,
                "cpu_threads": cpu_threads}
-        outcome = _run_child([sys.executable, "-m", WORKER_MODULE], job, timeout_s, progress)
+        outcome = _run_child(worker_argv(), job, timeout_s, progress)
         if outcome["result"] is not None:
             m = measurement_from_dict(outcome["result"])
         else:

@@ -2,7 +2,9 @@
 ``harness.run_measurement`` and reports over the file descriptor the job names, one JSON object per line:
 ``{"env": ...}``, ``{"progress": [phase, step, total]}``, then ``{"result": ...}`` or ``{"error": ...}``.
 
-Started by ``runner.measure``; its stdout and stderr go to a log whose tail becomes the message of a crash.
+Started by ``runner.measure`` (``runner.worker_argv``: the current directory is not on ``sys.path``, so a stray
+``peft.py`` there is never imported); its stdout and stderr go to an unnamed temporary file whose tail becomes the
+message of a crash (nothing is left behind, whatever happens to either process); it dies with its parent.
 """
 
 from __future__ import annotations
@@ -45,8 +47,26 @@ def _cap_address_space(spec: Any, setup: Any, limit_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
+def _die_with_parent(parent_pid: int | None) -> None:
+    """The worker runs in its own session (a timeout kills its whole group), so a killed parent would leave it
+    running: on Linux the kernel sends it SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG); a parent that
+    died before that was set is caught by the pid check. Elsewhere the parent's pipe closing ends it (EPIPE)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def main() -> int:
     job = json.loads(sys.stdin.read())
+    _die_with_parent(job.get("parent_pid"))
     emit = _emitter(int(job["result_fd"]))
     try:
         import torch

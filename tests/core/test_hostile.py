@@ -160,3 +160,25 @@ def test_torch_commands_refuse_in_one_line(tmp_path: Path, args: list[str], mess
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
     assert "Traceback" not in r.output and not out.exists() and not (tmp_path / "escaped.jsonl").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b'{"schema": "memprof.estim'], ids=["empty", "torn first record"])
+def test_an_empty_or_torn_results_file_resumes(tmp_path: Path, content: bytes) -> None:
+    """An interrupted first write leaves an empty file or a torn first line: the sweep resumes from nothing,
+    appends its records on lines of their own, and the file then reads back whole."""
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(content)
+    r = CliRunner().invoke(app, ["compare", "roberta-base", "-m", "lora", "--out", str(path)])
+    assert r.exit_code == 0, r.output
+    again = CliRunner().invoke(app, ["compare", "roberta-base", "-m", "lora", "--out", str(path), "-f", "json"])
+    assert again.exit_code == 0 and "1 of 1 runs reused" in again.output
+    report = CliRunner().invoke(app, ["report", str(path), "-f", "csv"])
+    assert report.exit_code == 0 and report.output.count("\n") == 2  # header + the one run
+
+
+def test_a_results_file_that_is_not_memprofs_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.jsonl"
+    path.write_text('{"loss": 1.5}\n')
+    r = CliRunner().invoke(app, ["compare", "roberta-base", "-m", "lora", "--out", str(path)])
+    assert r.exit_code == 2 and "not memprof's" in r.output
+    assert path.read_text() == '{"loss": 1.5}\n'  # nothing appended

@@ -170,3 +170,18 @@ def test_in_process_mode(tmp_path: Path) -> None:
     assert m.status == "ok"
     (record,) = read_measurements(tmp_path / "tiny-gpt2.jsonl")
     assert measurement_from_dict(record["measurement"]) == m
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="wait4's ru_maxrss in KiB")
+@pytest.mark.parametrize(("available_mib", "status", "words"), [
+    (96, "oom", "likely out of memory: worker killed by SIGKILL"),
+    (64 * 1024, "error", "far from the limit: probably killed by someone else"),
+], ids=["near the limit", "far from it"])
+def test_a_sigkilled_worker_is_an_oom_when_its_rss_says_so(available_mib: int, status: str, words: str) -> None:
+    """SIGKILL is what the kernel OOM killer sends: a worker that had touched 80 MiB of 96 MiB available is
+    recorded as an OOM with that evidence; one that used a sliver of 64 GiB is an error, said as such."""
+    code = "import os, signal; b = bytearray(80 * 2**20); os.kill(os.getpid(), signal.SIGKILL)"
+    out = runner._run_child([sys.executable, "-c", code], {}, timeout_s=30, progress=None,
+                            available_bytes=available_mib * 2**20)
+    assert out["status"] == status and words in out["message"], out
+    assert "peak RSS" in out["message"] and f"of {available_mib / 1024:.2f} GiB available" in out["message"]

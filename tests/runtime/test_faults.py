@@ -1,0 +1,119 @@
+"""Faults around the measurement worker (issue 10, classes 5 and 6): a killed parent leaves no worker and no log
+behind, and the worker never imports modules from the directory the user stands in."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from tiny_configs import tiny_spec  # noqa: E402
+from memprof.config import Device, Dtype, Method, RunSetup  # noqa: E402
+from memprof.runtime.runner import measure  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+CPU = {"batch_size": 2, "seq_len": 16, "dtype": Dtype.fp32, "device": Device.cpu}
+
+
+def test_worker_ignores_modules_in_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peft.py (and a torch.py) where the user runs memprof must not be imported by the worker."""
+    marker = tmp_path / "imported"
+    for name in ("peft", "torch", "transformers"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write('{name}\\n')\nraise SystemExit(9)\n")
+    monkeypatch.chdir(tmp_path)
+    m = measure(tiny_spec("gpt2"), RunSetup(method=Method.lora, **CPU), out_dir=None, warmup_steps=1, timed_steps=1)
+    assert m.status == "ok", m.message
+    assert not marker.exists()
+
+
+def _workers(tag: str) -> list[int]:
+    """Live worker processes whose environment carries ``tag``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if tag.encode() in (entry / "environ").read_bytes():
+                cmd = (entry / "cmdline").read_bytes()
+                if b"memprof.runtime.worker" in cmd:
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_parent_leaves_no_worker_and_no_log(tmp_path: Path, sig: signal.Signals) -> None:
+    """A parent measuring a run that takes minutes is killed once its worker is running: the worker is gone
+    within two seconds and no worker log is left in the temporary directory."""
+    tag = f"MEMPROF_FAULT_TEST={uuid.uuid4().hex}"
+    key, value = tag.split("=")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+        from tiny_configs import tiny_spec
+        from memprof.config import Device, Dtype, Method, RunSetup
+        from memprof.runtime.runner import measure
+        # many timed steps at a size that takes a while: the worker is still running when the parent dies
+        setup = RunSetup(method=Method.full, batch_size=64, seq_len=64, dtype=Dtype.fp32, device=Device.cpu)
+        measure(tiny_spec("gpt2"), setup, out_dir=None, warmup_steps=1, timed_steps=10_000)
+    """)
+    env = {**os.environ, key: value, "TMPDIR": str(tmpdir)}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not _workers(tag):
+            assert parent.poll() is None, "the parent ended before its worker started"
+            assert time.monotonic() < deadline, "no worker started"
+            time.sleep(0.2)
+        time.sleep(1.0)  # the worker is importing or stepping
+        parent.send_signal(sig)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 2.0
+        while _workers(tag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _workers(tag) == [], "a worker outlived its parent by more than 2 s"
+        assert list(tmpdir.iterdir()) == [], "a worker log was left behind"
+    finally:
+        for pid in _workers(tag):
+            os.kill(pid, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_two_concurrent_sweeps_on_one_file_measure_each_case_once(tmp_path: Path) -> None:
+    """Two `memprof compare --measure` processes started together on one results file: every case is measured
+    once (the second sweep waits for the run in progress and reuses it), and both print every row."""
+    import json
+
+    from tiny_configs import GPT2
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(GPT2))
+    out = tmp_path / "runs.jsonl"
+    argv = [sys.executable, "-m", "memprof", "compare", str(config), "--methods", "full,lora,bitfit", "--measure",
+            "--steps", "1", "--threads", "1", "-b", "2", "-s", "16", "--dtype", "fp32", "--out", str(out),
+            "-f", "csv"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr.decode()[-2000:]
+        assert stdout.decode().count("\n") == 4  # a header and the three runs
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    measured = [r["measurement"]["setup_row"]["method"] for r in records if r["schema"] == "memprof.measurement/1"]
+    analytic = [r["setup"]["method"] for r in records if r.get("kind") == "analytic"]
+    assert sorted(measured) == ["bitfit", "full", "lora"] and sorted(analytic) == ["bitfit", "full", "lora"]
