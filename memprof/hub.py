@@ -27,11 +27,17 @@ def load_hf_config(name_or_path: str) -> tuple[dict[str, Any], str, str]:
         canonical, cfg = preset
         return cfg, canonical, "preset"
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as exc:  # a name too long for the file system, ...: not a path that exists
+        raise ConfigError(f"model {name_or_path[:60]!r}... is neither a preset nor a readable path "
+                          f"({exc.strerror or type(exc).__name__})") from None
+    if is_dir:
         path = path / "config.json"
-        if not path.is_file():
+        is_file = path.is_file()
+        if not is_file:
             raise ConfigError(f"directory {name_or_path} has no config.json")
-    if path.is_file():
+    if is_file:
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:

@@ -50,6 +50,9 @@ def check_plot_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ConfigError(f"--plot writes a PNG; give a path ending in .png, got {path}")
+    from .outputs import check_writable
+
+    check_writable(path, "--plot")
     try:
         import matplotlib.figure  # noqa: F401
     except ImportError:

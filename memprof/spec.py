@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Mapping
 
-from .errors import ConfigError, UnsupportedModelError
+from .errors import ConfigError, MemprofError, UnsupportedModelError
 
 
 class Family(str, Enum):
@@ -189,6 +189,8 @@ def from_hf_config(cfg: Mapping[str, Any], name: str, source: str = "file", task
     model_type = cfg.get("model_type")
     if not model_type:
         raise UnsupportedModelError(f"{name}: config has no 'model_type'; is it a transformers config.json?")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{name}: model_type must be a string, got {model_type!r}"[:200])
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     cfg = {**cfg, "model_type": model_type}
     family = FAMILY_OF_MODEL_TYPE.get(model_type)
@@ -205,7 +207,13 @@ def from_hf_config(cfg: Mapping[str, Any], name: str, source: str = "file", task
             f"{name}: the {task.value} task is traced, not modelled analytically; use memprof trace or "
             "estimate --trace")
     builder = {Family.bert: _bert, Family.gpt2: _gpt2, Family.llama: _llama}[family]
-    return builder(cfg, name, source, task, num_labels)
+    try:
+        return builder(cfg, name, source, task, num_labels)
+    except MemprofError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a field of the wrong type or shape
+        raise ConfigError(f"config of {name}: a field has the wrong type or value ({type(exc).__name__}: "
+                          f"{str(exc)[:120]})") from None
 
 
 def _bert(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_labels: int) -> ModelSpec:
@@ -308,6 +316,8 @@ def parse_config_json(text: str, where: str) -> dict[str, Any]:
         cfg = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be a model config") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{where} must hold a JSON object, got {type(cfg).__name__}")
     return cfg

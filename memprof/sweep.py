@@ -318,6 +318,10 @@ def run_sweep(spec: ModelSpec, setups: Sequence[RunSetup], *, path: Path | None 
         raise ConfigError(f"the results file must end in .jsonl, got {path}")
     if measure is not None and path is None:
         raise ConfigError("measuring needs a results file (--out FILE.jsonl)")
+    if path is not None:
+        from .outputs import check_writable
+
+        check_writable(path, "--out")
     index = _index(path)
     rows: list[dict[str, Any]] = []
     reused = 0

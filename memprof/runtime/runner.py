@@ -35,6 +35,7 @@ from ..config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3S
                       check_runnable, check_timeout, with_method_defaults)
 from ..compat import check_supported
 from ..errors import ConfigError, DeviceUnavailableError
+from ..outputs import check_writable
 from ..records import EnvInfo, Measurement, MemoryBreakdown, setup_row
 from ..spec import Family, ModelSpec, Task
 
@@ -413,6 +414,8 @@ def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "m
     setup = with_method_defaults(setup)
     check_timeout(timeout_s)
     check_record_name(name)
+    if out_dir is not None:
+        check_writable(out_dir, "--out", folder=True)  # before the run, not after it
     check_measurable(setup, None if peft_config else spec)
     if warmup_steps < 1 or (timed_steps is not None and timed_steps < 1):
         raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")

@@ -182,3 +182,61 @@ def test_a_results_file_that_is_not_memprofs_is_refused(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["compare", "roberta-base", "-m", "lora", "--out", str(path)])
     assert r.exit_code == 2 and "not memprof's" in r.output
     assert path.read_text() == '{"loss": 1.5}\n'  # nothing appended
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["estimate", "roberta-base", "--timeout", "nan"], "No such option: --timeout"),
+    (["estimate", "roberta-base", "-b", "abc"], "'abc' is not a valid int"),
+    (["estimate", "roberta-base", "-b"], "requires an argument"),
+    (["nosuch"], "No such command 'nosuch'"),
+], ids=["unknown option", "not an int", "missing value", "unknown command"])
+def test_usage_errors_are_one_line_from_the_console(args: list[str], message: str) -> None:
+    """click's own usage errors (not memprof's) through the real entry point: one error line, exit 2, no box."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "memprof", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def _one_error_line(r) -> str:  # noqa: ANN001
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ('{"model_type": "gpt2", "n_inner": "abc", "n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 100}',
+     "a field has the wrong type or value"),
+    ('{"model_type": ["bert"]}', "model_type must be a string"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"model_type": "llama", "hidden_size": -64}', "must be a positive integer"),
+], ids=["wrong type", "model_type a list", "deep nesting", "negative size"])
+def test_malformed_config_json_is_one_line(tmp_path: Path, config: str, message: str) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(config)
+    assert message in _one_error_line(CliRunner().invoke(app, ["estimate", str(path)]))
+
+
+def test_a_name_too_long_for_the_file_system_is_one_line(tmp_path: Path) -> None:
+    for model in ("a" * 300, str(tmp_path / ("b" * 300) / "config.json")):
+        assert "neither a preset nor a readable path" in _one_error_line(CliRunner().invoke(app, ["estimate", model]))
+
+
+@pytest.mark.parametrize("option", ["--out", "--plot"])
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path: Path, option: str) -> None:
+    """A results file or plot under a path component that is a file, or in a place that refuses files, is one
+    line before the sweep runs, and nothing is created."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    suffix = ".jsonl" if option == "--out" else ".png"
+    for target, words in ((blocker / f"x{suffix}", "exists and is not a folder"),
+                          (Path("/proc") / f"x{suffix}", "cannot be")):
+        if option == "--plot":
+            pytest.importorskip("matplotlib")
+        line = _one_error_line(CliRunner().invoke(app, ["compare", "roberta-base", "-m", "lora", option, str(target)]))
+        assert words in line and option in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
