@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, UnsupportedModelError
+from .outputs import printable
 from .presets import find_preset, preset_names
 from .spec import ModelSpec, Task, from_hf_config, parse_config_json, synthesize_from_params
 
@@ -22,6 +23,8 @@ def load_hf_config(name_or_path: str) -> tuple[dict[str, Any], str, str]:
         ConfigError: a local file that is missing fields or is not valid JSON.
         UnsupportedModelError: the name is neither a preset, a local path, nor reachable on the hub.
     """
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name_or_path):
+        raise ConfigError(f"model name '{printable(name_or_path)}' holds control characters")
     preset = find_preset(name_or_path)
     if preset is not None:
         canonical, cfg = preset
@@ -48,15 +51,51 @@ def load_hf_config(name_or_path: str) -> tuple[dict[str, Any], str, str]:
     return _load_from_hub(name_or_path), name_or_path, "hub"
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
-    """A quick DNS + TCP check, so an offline machine fails at once instead of after the client's retries."""
+def hub_endpoint() -> tuple[str, int]:
+    """Host and port of the hub the client will use (``HF_ENDPOINT``, as huggingface_hub reads it)."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick DNS + TCP check of the hub endpoint, so an offline machine fails at once instead of after the
+    client's retries (minutes); False under ``HF_HUB_OFFLINE``."""
     import socket
 
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
     try:
-        with socket.create_connection((host, 443), timeout=timeout_s):
+        with socket.create_connection(hub_endpoint(), timeout=timeout_s):
             return True
     except OSError:
         return False
+
+
+def check_pretrained(source: str) -> None:
+    """``--pretrained``: a local folder, or a hub id that is cached or reachable; checked before any worker starts
+    (transformers would otherwise retry an unreachable hub for minutes and fail inside the run).
+
+    Raises:
+        ConfigError: a hub id with no cached copy while the hub is unreachable.
+    """
+    try:
+        if Path(source).expanduser().exists():
+            return
+    except OSError:
+        pass
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return
+    except Exception:  # noqa: BLE001 (not installed, or not a valid repo id: decided below)
+        pass
+    if not hub_reachable():
+        host, _ = hub_endpoint()
+        raise ConfigError(f"--pretrained {source!r} is not a local folder, not in the hub cache, and the hub "
+                          f"({host}) is not reachable; give a local path or go online")
 
 
 def _load_from_hub(repo_id: str) -> dict[str, Any]:
@@ -79,7 +118,7 @@ def _load_from_hub(repo_id: str) -> dict[str, Any]:
         try:
             path = hf_hub_download(repo_id, "config.json", local_files_only=True)
         except Exception:  # not in the local cache
-            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or not _hub_reachable():
+            if not hub_reachable():
                 raise UnsupportedModelError(
                     f"'{repo_id}' is not a preset, a local file or in the hub cache, and the hub is not reachable; "
                     f"{hint}") from None

@@ -152,12 +152,22 @@ def _get(cfg: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
+# Bounds on a config's sizes, far beyond any released model (Llama 3.1 405B: 126 layers, h=16384, 128k vocab):
+# a larger value is a typo or hostile input, and the estimator's work grows with the depth.
+MAX_LAYERS = 4096
+MAX_SIZE = 1 << 24
+
+
 def _require(cfg: Mapping[str, Any], name: str, *keys: str) -> int:
     value = _get(cfg, *keys)
     if value is None:
         raise ConfigError(f"config of {name} has none of the keys {', '.join(keys)}")
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"config of {name}: {keys[0]} must be a positive integer, got {value!r}")
+    limit = MAX_LAYERS if "layer" in keys[0] else MAX_SIZE
+    if value > limit:
+        raise ConfigError(f"config of {name}: {keys[0]} = {value} is beyond any real model (memprof accepts at most "
+                          f"{limit:,})")
     return value
 
 

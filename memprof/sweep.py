@@ -197,6 +197,11 @@ def _decode(record: Mapping[str, Any]) -> tuple[ModelSpec, RunSetup]:
         return spec_from_json(record["spec"]), setup_from_json(record["setup"])
     except KeyError as exc:
         raise ConfigError(f"a {record.get('schema')} record has no {exc.args[0]}") from None
+    except MemprofError:
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:  # null or wrong-typed fields in a hand-edited file
+        raise ConfigError(f"a {record.get('schema')} record is malformed ({type(exc).__name__}: "
+                          f"{str(exc)[:100]})") from None
 
 
 def record_row(record: Mapping[str, Any], spec: ModelSpec, setup: RunSetup) -> dict[str, Any] | None:

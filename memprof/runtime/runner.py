@@ -35,7 +35,7 @@ from ..config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3S
                       check_runnable, check_timeout, with_method_defaults)
 from ..compat import check_supported
 from ..errors import ConfigError, DeviceUnavailableError
-from ..outputs import check_writable
+from ..outputs import check_writable, printable
 from ..records import EnvInfo, Measurement, MemoryBreakdown, setup_row
 from ..spec import Family, ModelSpec, Task
 
@@ -207,7 +207,7 @@ def read_measurements(path: str | Path) -> list[dict[str, Any]]:
             where = "truncated last line" if number >= len(lines) - 1 else f"invalid line {number}"
             warnings.warn(f"{path}: skipping {where} ({len(line)} bytes)", stacklevel=2)
             continue
-        records.append(record)
+        records.append(printable(record))  # a record from someone else's file prints no escape sequences
     return records
 
 
@@ -376,6 +376,9 @@ def check_measurable(setup: RunSetup, spec: ModelSpec | None = None) -> None:
     check_runnable(setup)
     if spec is not None:
         check_supported(spec, setup)
+        from .build import check_positions  # noqa: PLC0415 (the torch stack is there: this measures)
+
+        check_positions(spec, setup)  # the worker would refuse it after seconds of imports: say so now
     if setup.device is Device.cpu and setup.method is Method.qlora:
         raise DeviceUnavailableError("QLoRA needs bitsandbytes' 4-bit CUDA kernels; measure it on a GPU "
                                      "(--device cuda), or use --method lora on CPU (memprof trace emulates QLoRA)")
@@ -416,6 +419,10 @@ def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "m
     check_record_name(name)
     if out_dir is not None:
         check_writable(out_dir, "--out", folder=True)  # before the run, not after it
+    if pretrained is not None:
+        from ..hub import check_pretrained
+
+        check_pretrained(pretrained)
     check_measurable(setup, None if peft_config else spec)
     if warmup_steps < 1 or (timed_steps is not None and timed_steps < 1):
         raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")

@@ -214,7 +214,9 @@ def _one_error_line(r) -> str:  # noqa: ANN001
     ('{"model_type": ["bert"]}', "model_type must be a string"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ('{"model_type": "llama", "hidden_size": -64}', "must be a positive integer"),
-], ids=["wrong type", "model_type a list", "deep nesting", "negative size"])
+    ('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1000000000000, '
+     '"vocab_size": 100, "intermediate_size": 128}', "is beyond any real model (memprof accepts at most 4,096)"),
+], ids=["wrong type", "model_type a list", "deep nesting", "negative size", "10^12 layers"])
 def test_malformed_config_json_is_one_line(tmp_path: Path, config: str, message: str) -> None:
     path = tmp_path / "config.json"
     path.write_text(config)
@@ -240,3 +242,55 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path: Pa
         line = _one_error_line(CliRunner().invoke(app, ["compare", "roberta-base", "-m", "lora", option, str(target)]))
         assert words in line and option in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_measure_checks_its_folder_and_weights_before_any_worker(tmp_path: Path) -> None:
+    """An unwritable --out and hub weights that cannot be fetched are one line at once (transformers would retry
+    an unreachable hub for minutes inside the run); the hub endpoint is HF_ENDPOINT's, as the client's."""
+    pytest.importorskip("torch")
+    runner = CliRunner()
+    line = _one_error_line(runner.invoke(app, ["measure", "roberta-base", "--out", "/proc/nope", "-b", "1"]))
+    assert "--out /proc/nope cannot be written" in line
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+    line = _one_error_line(runner.invoke(app, ["measure", "roberta-base", "--pretrained", "no-such/model", "--out",
+                                               str(tmp_path / "m")], env=env))
+    assert "not in the hub cache, and the hub (127.0.0.1) is not reachable" in line
+    assert not (tmp_path / "m").exists()  # checking created nothing
+
+
+def test_escape_sequences_in_names_and_records_never_reach_the_terminal(tmp_path: Path) -> None:
+    """A model name or a record read from someone else's file holding terminal escapes (clear screen, retitle)
+    is printed with them shown as \\xNN, never raw."""
+    line = _one_error_line(CliRunner().invoke(app, ["estimate", "rob\x1b[2Jerta"]))
+    assert "\x1b" not in line and "\\x1b[2J" in line
+    path = tmp_path / "r.jsonl"
+    assert CliRunner().invoke(app, ["compare", "roberta-base", "-m", "lora", "--out", str(path)]).exit_code == 0
+    path.write_text(path.read_text().replace("FacebookAI/roberta-base", "evil\\u001b]0;pwned\\u0007name"))
+    for fmt in ("table", "markdown", "csv", "json", "html"):
+        r = CliRunner().invoke(app, ["report", str(path), "-f", fmt])
+        assert r.exit_code == 0, r.output
+        assert "\x1b" not in r.output and "\x07" not in r.output and "pwned" in r.output
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda r: r["setup"].update(batch_size=None), "batch size must be an integer"),
+    (lambda r: r.update(setup=None), "record is malformed"),
+    (lambda r: r.pop("spec"), "record has no spec"),
+    (lambda r: r["spec"].update(hidden_size="x"), "hidden_size must be a positive integer"),
+], ids=["null batch", "null setup", "no spec", "wrong-typed spec"])
+def test_report_on_hand_edited_records_is_one_line(tmp_path: Path, edit, message: str) -> None:  # noqa: ANN001
+    import json
+
+    path = tmp_path / "r.jsonl"
+    assert CliRunner().invoke(app, ["compare", "roberta-base", "-m", "lora", "--out", str(path)]).exit_code == 0
+    record = json.loads(path.read_text().splitlines()[0])
+    edit(record)
+    path.write_text(json.dumps(record) + "\n")
+    assert message in _one_error_line(CliRunner().invoke(app, ["report", str(path)]))
+
+
+def test_measure_refuses_a_sequence_past_the_position_table_before_the_worker(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    r = CliRunner().invoke(app, ["measure", "roberta-base", "-s", "1000", "-b", "1", "--out", str(tmp_path / "m")])
+    assert "exceeds FacebookAI/roberta-base's 512 learned positions" in _one_error_line(r)
+    assert not (tmp_path / "m").exists()  # no error record: nothing ran
