@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .cli_options import (ColumnsOpt, FormatOpt, GpuOpt, ModelArg, ParamsOpt, PeftConfigOpt, resolve_measure_run, resolve_model, resolve_run,
-                          setup_overrides, sweep_axes, sweep_device, with_run_options)
+                          run_console, setup_overrides, sweep_axes, sweep_device, with_run_options)
 from .config import Device, RunSetup
 from .compat import require_torch_stack
 from .errors import ConfigError, LibraryRefusalError, MemprofError
@@ -502,24 +502,8 @@ def presets(fmt: FormatOpt = Format.table) -> None:
 
 
 def main() -> None:
-    """The console script: click's own usage errors (an unknown option, a missing or malformed value) become the
-    same one ``error:`` line and exit code 2 as memprof's, instead of a boxed usage panel."""
-    # typer vendors click (typer._click) in recent releases: find its UsageError through a public class
-    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-    try:
-        app(standalone_mode=False)
-    except usage_error as exc:
-        if not exc.format_message().strip():  # no arguments: the help was shown, nothing went wrong to report
-            sys.exit(exc.exit_code)
-        hint = f" (see: memprof {exc.ctx.command_path.split(' ', 1)[1]} --help)" if exc.ctx and " " in \
-            exc.ctx.command_path else " (see: memprof --help)"
-        err_console.print(Text.assemble(("error: ", "bold red"), exc.format_message().replace("\n", " ") + hint))
-        sys.exit(2)
-    except typer.Abort:
-        err_console.print(Text("aborted", style="bold red"))
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+    """The console script (``memprof``, ``python -m memprof``)."""
+    sys.exit(run_console(app, err_console))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -238,3 +238,30 @@ def sweep_axes(run: dict[str, Any], batch_sizes: str | None, seq_lens: str | Non
     return {"batch_sizes": parse_ints(batch_sizes, "--batch-sizes"), "seq_lens": parse_ints(seq_lens, "--seq-lens"),
             "precisions": parse_precisions(precisions),
             "checkpointing": parse_switches(checkpointing, "--checkpointing")}
+
+
+def run_console(app: typer.Typer, err_console: Any) -> int:
+    """Run the CLI and return its exit code. click's own usage errors (an unknown option, a missing or malformed
+    value, an unknown command) become the same one ``error:`` line and exit code 2 as memprof's errors, instead of
+    a boxed usage panel. With ``standalone_mode=False`` click returns the exit code of ``typer.Exit`` (memprof's
+    errors exit 2 that way) rather than raising it."""
+    from rich.text import Text
+
+    # typer vendors click (typer._click) in recent releases: find its UsageError through a public class
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as exc:
+        if not exc.format_message().strip():  # no arguments: the help was shown, nothing went wrong to report
+            return exc.exit_code
+        words = exc.ctx.command_path.split() if exc.ctx else []
+        command = next((w for w in words[1:] if not w.startswith("-") and w != "memprof"), None)
+        hint = f" (see: memprof {command} --help)" if command else " (see: memprof --help)"
+        err_console.print(Text.assemble(("error: ", "bold red"), exc.format_message().replace("\n", " ") + hint))
+        return 2
+    except typer.Abort:
+        err_console.print(Text("aborted", style="bold red"))
+        return 130
+    except typer.Exit as exc:
+        return exc.exit_code
+    return code if isinstance(code, int) else 0

@@ -189,7 +189,8 @@ def test_a_results_file_that_is_not_memprofs_is_refused(tmp_path: Path) -> None:
     (["estimate", "roberta-base", "-b", "abc"], "'abc' is not a valid int"),
     (["estimate", "roberta-base", "-b"], "requires an argument"),
     (["nosuch"], "No such command 'nosuch'"),
-], ids=["unknown option", "not an int", "missing value", "unknown command"])
+    (["estimate", "roberta-base", "--dtype", "fp8"], "dtype 'fp8' is not supported"),
+], ids=["unknown option", "not an int", "missing value", "unknown command", "memprof's own error"])
 def test_usage_errors_are_one_line_from_the_console(args: list[str], message: str) -> None:
     """click's own usage errors (not memprof's) through the real entry point: one error line, exit 2, no box."""
     import subprocess
