@@ -11,6 +11,7 @@ The three lines that matter in your own script are marked below: import, attach,
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import sys
 import warnings
@@ -43,15 +44,8 @@ def main() -> None:
     rng = random.Random(0)
     lengths = [rng.choice([24, 48, 64, 96, 128]) + rng.randint(-8, 0) for _ in range(4 * 2 * args.steps)]
     data = [{"input_ids": [rng.randrange(config.vocab_size) for _ in range(n)]} for n in lengths]
-
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:  # right padding to the batch's longest
-        n = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), n), config.eos_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[i, :len(r["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    # right padding to each batch's longest with the EOS id, labels -100 on the pads
+    collate = functools.partial(memprof.integrations.pad_batch, pad_token_id=config.eos_token_id)
 
     training = transformers.TrainingArguments(
         output_dir="/tmp/memprof-profile-trainer", per_device_train_batch_size=4, gradient_accumulation_steps=2,

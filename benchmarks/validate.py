@@ -724,21 +724,12 @@ def trainer_steps() -> list[dict[str, Any]]:
     import transformers
 
     from memprof.resolve import resolve_setup
-    from memprof.integrations import attach
+    from memprof.integrations import attach, pad_batch
     from memprof.runtime.build import apply_method, build_base_model
 
     cfg = TRAINER_RUN
     rng = random.Random(cfg["seed"])
     lengths = [rng.randint(*cfg["lengths"]) for _ in range(cfg["sequences"])]
-
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        n = max(len(r["input_ids"]) for r in rows)
-        ids = torch.zeros(len(rows), n, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[i, :len(r["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
     out = []
     for model_name in TRAINER_MODELS:
@@ -755,7 +746,7 @@ def trainer_steps() -> list[dict[str, Any]]:
                     output_dir="/tmp/memprof-validate-trainer", per_device_train_batch_size=cfg["batch_size"],
                     gradient_accumulation_steps=cfg["grad_accum"], max_steps=cfg["steps"], report_to=[],
                     use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1000)
-                trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+                trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=pad_batch)
                 callback = attach(trainer, out=None)
                 trainer.train()
             for r in callback.records:

@@ -227,9 +227,7 @@ class RunSetup:
         _check_int("batch size", self.batch_size, 1, 1 << 20)
         _check_int("sequence length", self.seq_len, 1, 1 << 22)
         _check_int("gradient accumulation steps", self.grad_accum, 1, 1 << 16)
-        for name in ("grad_checkpointing", "dropout", "padded", "keep_outputs", "use_cache"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name.replace('_', ' ')} must be true or false, got {getattr(self, name)!r}")
+        _check_field_types(self, "")  # the booleans (a string "no" would be truthy)
         if self.optimizer_impl is OptimizerImpl.fused and self.optimizer not in FUSED_OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer.value} has no fused kernel; fused applies to: "
                               f"{', '.join(o.value for o in FUSED_OPTIMIZERS)}")

@@ -46,7 +46,7 @@ try:  # the callback subclasses TrainerCallback when transformers is there (it a
 except ImportError:  # pragma: no cover
     TrainerCallback = object  # type: ignore[assignment,misc]
 
-__all__ = ["MemprofCallback", "StepProfiler", "StepRecord", "attach", "STEP_METRICS"]
+__all__ = ["MemprofCallback", "StepProfiler", "StepRecord", "attach", "pad_batch", "STEP_METRICS"]
 
 SCHEMA = "memprof.measurement/1"
 # Trainer.log keys (stable): bytes, seconds, fractions; "estimate" is memprof's analytic estimate of the step
@@ -458,6 +458,18 @@ def attach(trainer: Any, **options: Any) -> MemprofCallback:
     callback = MemprofCallback(trainer=trainer, **options)
     trainer.add_callback(callback)
     return callback
+
+
+def pad_batch(rows: list[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """A data collator for rows of ``input_ids``: right padding to the batch's longest, an attention mask, and
+    labels that are the ids with -100 on the pads (what DataCollatorForSeq2Seq produces for causal LMs)."""
+    n = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), n), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        mask[i, :len(r["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def _longest(dataset: Any, limit: int = 1_000_000) -> int | None:

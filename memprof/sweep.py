@@ -352,13 +352,12 @@ def _claimed(path: Path | None, waiting: Callable[[], Any]) -> Iterator[bool]:
     """Hold an exclusive lock on the results file while one run is looked up, computed and appended, so two
     sweeps on one file never run the same case twice: the second waits for the run in progress, then finds it
     recorded. Yields whether the file changed since it was last read (by size). POSIX flock; elsewhere no lock."""
-    if path is None or not path.exists():
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
     if path is None:
         yield False
         return
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
     try:
         import fcntl
     except ImportError:  # pragma: no cover (Windows)

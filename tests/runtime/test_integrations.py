@@ -21,7 +21,7 @@ from typer.testing import CliRunner  # noqa: E402
 from memprof.analytic import estimate  # noqa: E402
 from memprof.cli import app  # noqa: E402
 from memprof.config import Device, Loop, OptimizerImpl  # noqa: E402
-from memprof.integrations import STEP_METRICS, StepProfiler, attach  # noqa: E402
+from memprof.integrations import STEP_METRICS, StepProfiler, attach, pad_batch  # noqa: E402
 from memprof.runtime.from_model import describe_run, step_setup  # noqa: E402
 from memprof.runtime.harness import build_run, run_warmup, tracked_step  # noqa: E402
 
@@ -50,24 +50,13 @@ def _dataset(n: int, equal_shapes: bool) -> list[dict]:
     return [{"input_ids": [rng.randrange(3, 256) for _ in range(k)]} for k in lengths]
 
 
-def _collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Right padding to the batch's longest, labels -100 on the pads (what DataCollatorForSeq2Seq does)."""
-    n = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-        mask[i, :len(r["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
 def _train(tmp_path: Path, lora: bool, equal_shapes: bool, steps: int = 3, **options):  # noqa: ANN003, ANN202
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=B, gradient_accumulation_steps=K,
         max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
         dataloader_drop_last=True)
     trainer = transformers.Trainer(model=_model(lora), args=args, train_dataset=_dataset(B * K * steps, equal_shapes),
-                                   data_collator=_collate)
+                                   data_collator=pad_batch)
     callback = attach(trainer, out=tmp_path / "records", name="tiny", **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -147,7 +136,7 @@ def test_step_profiler_in_a_plain_loop() -> None:
     profiler = StepProfiler(model, optimizer)
     data = _dataset(3 * B, equal_shapes=False)
     for i in range(3):
-        batch = _collate(data[i * B:(i + 1) * B])
+        batch = pad_batch(data[i * B:(i + 1) * B])
         with profiler.step():
             model(**batch).loss.backward()
             optimizer.step()
@@ -164,7 +153,7 @@ def test_warns_once_when_the_run_exceeds_its_estimate() -> None:
     model = _model(lora=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     profiler = StepProfiler(model, optimizer, warn_margin=0.01)
-    batch = _collate(_dataset(B, equal_shapes=True))
+    batch = pad_batch(_dataset(B, equal_shapes=True))
     kept = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

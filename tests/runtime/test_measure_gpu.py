@@ -89,26 +89,17 @@ def test_trainer_callback_on_cuda(tmp_path) -> None:  # noqa: ANN001
     of max_memory_allocated, and the train-start fit check."""
     import transformers
 
-    from memprof.integrations import MemprofCallback
+    from memprof.integrations import MemprofCallback, pad_batch
 
     spec = _spec()
     cfg = transformers.LlamaConfig(**{k: v for k, v in spec.hf_config.items() if k != "model_type"})
     model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
     data = [{"input_ids": list(range(1, 1 + n))} for n in (256, 512, 384, 128) * 4]
 
-    def collate(rows):  # noqa: ANN001, ANN202
-        n = max(len(r["input_ids"]) for r in rows)
-        ids = torch.zeros(len(rows), n, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[i, :len(r["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
                                           report_to=[], save_strategy="no", bf16=False, disable_tqdm=True)
     callback = MemprofCallback(out=tmp_path, fit_check=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=pad_batch,
                                    callbacks=[callback])
     trainer.train()
     assert callback.predicted_max_batch is not None and callback.predicted_max_batch >= 1
