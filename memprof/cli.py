@@ -23,7 +23,7 @@ from .compat import require_torch_stack
 from .errors import ConfigError, LibraryRefusalError, MemprofError
 from .documents import estimate_document, estimate_renderables
 from .report import Format, render_rows
-from .spec import ModelSpec
+from .spec import ModelSpec, check_sequence_length
 
 EXIT_USER_ERROR = 2
 
@@ -283,7 +283,7 @@ def measure(
         setup, defaults_note = resolve_measure_run(run, peft_config)
         from .runtime.runner import check_measurable
 
-        check_measurable(setup, None if peft_config else spec)  # before the progress bar: a refusal is one line
+        check_measurable(setup, spec, peft_config)  # before the progress bar: a refusal is one line
         from .documents import render_measurement
         from .report import progress_bar
 
@@ -293,10 +293,11 @@ def measure(
                             cpu_threads=threads, progress=progress)
         if m.status == "n/a":  # refused by the installed libraries inside the worker: one line, as up front
             raise LibraryRefusalError(m.message or "the installed libraries refuse this run")
-        from .runtime.runner import default_name
+        from .runtime.runner import concurrency_note, default_name
 
         path = (out / f"{name or default_name(spec)}.jsonl") if out is not None else None
-        render_measurement(m, fmt, console, note=defaults_note, est=_estimate_of(spec, setup, m.device, peft_config),
+        note = "; ".join(n for n in (defaults_note, concurrency_note(m)) if n) or None
+        render_measurement(m, fmt, console, note=note, est=_estimate_of(spec, setup, m.device, peft_config),
                            path=path)
         if m.status != "ok":
             raise typer.Exit(code=1)
@@ -383,13 +384,15 @@ def compare(
         spec, note = resolve_model(model, params, run, any_family=do_measure or do_trace)
         if methods is not None and run["method"] is not None:
             raise ConfigError("give --methods or -m/--method, not both")
-        methods = methods or run["method"] or "full,lora,adapter,bitfit"
+        if methods is None:
+            methods = run["method"] or "full,lora,adapter,bitfit"
         axes = sweep_axes(run, batch_sizes, seq_lens, precisions, checkpointing)
         extra, defaults, device_note = sweep_device(run, axes) if do_measure else ({}, {}, None)
         note = "; ".join(n for n in (note, device_note) if n)
         overrides = {**setup_overrides(run), **extra}
         setups = plan_setups(parse_list(methods, "--methods"), overrides, file=run["config"], defaults=defaults,
                              **axes)
+        check_sequence_length(spec, max(s.seq_len for s in setups))  # a length no method can run: refused, as estimate
         if out is None and (do_measure or do_trace):
             out = Path("compare") / f"{default_name(spec)}.jsonl"
         options = MeasureOptions(warmup_steps=warmup, timed_steps=steps, timeout_s=timeout, cpu_threads=threads)

@@ -245,8 +245,17 @@ def run_console(app: typer.Typer, err_console: Any) -> int:
     value, an unknown command) become the same one ``error:`` line and exit code 2 as memprof's errors, instead of
     a boxed usage panel. With ``standalone_mode=False`` click returns the exit code of ``typer.Exit`` (memprof's
     errors exit 2 that way) rather than raising it."""
+    import warnings
+
     from rich.text import Text
 
+    from .outputs import printable
+
+    def one_line(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ARG001
+        """A Python warning (memprof's or a library's) as one ``warning:`` line, not the file:line + source pair."""
+        err_console.print(Text.assemble(("warning: ", "yellow"), printable(" ".join(str(message).split()))))
+
+    warnings.showwarning = one_line
     # typer vendors click (typer._click) in recent releases: find its UsageError through a public class
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
     try:

@@ -73,7 +73,7 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def check_pretrained(source: str) -> None:
+def check_pretrained(source: str, *, what: str = "--pretrained", filename: str = "config.json") -> None:
     """``--pretrained``: a local folder, or a hub id that is cached or reachable; checked before any worker starts
     (transformers would otherwise retry an unreachable hub for minutes and fail inside the run).
 
@@ -88,13 +88,13 @@ def check_pretrained(source: str) -> None:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        if isinstance(try_to_load_from_cache(source, filename), str):
             return
     except Exception:  # noqa: BLE001 (not installed, or not a valid repo id: decided below)
         pass
     if not hub_reachable():
         host, _ = hub_endpoint()
-        raise ConfigError(f"--pretrained {source!r} is not a local folder, not in the hub cache, and the hub "
+        raise ConfigError(f"{what} {source!r} is not a local folder, not in the hub cache, and the hub "
                           f"({host}) is not reachable; give a local path or go online")
 
 

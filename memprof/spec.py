@@ -90,8 +90,12 @@ class ModelSpec:
         for what in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "intermediate_size"):
             value = getattr(self, what)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model {what} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model {what} must be a positive integer, got {value!r}"[:200])
+            limit = MAX_LAYERS if what == "num_layers" else MAX_SIZE
+            if value > limit:  # a record or spec from a file: the estimator's work grows with the depth
+                raise ConfigError(f"model {what} = {value} is beyond any real model (memprof accepts at most "
+                                  f"{limit:,})")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
@@ -171,6 +175,31 @@ def _require(cfg: Mapping[str, Any], name: str, *keys: str) -> int:
     return value
 
 
+def _int(cfg: Mapping[str, Any], name: str, key: str, default: int, minimum: int = 1) -> int:
+    """An optional integer field: absent or null gives ``default``; otherwise an int in [minimum, MAX_SIZE]."""
+    value = _get(cfg, key, default=default)
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= MAX_SIZE:
+        raise ConfigError(f"config of {name}: {key} must be an integer between {minimum} and {MAX_SIZE:,}, "
+                          f"got {value!r}"[:200])
+    return value
+
+
+def _prob(cfg: Mapping[str, Any], name: str, key: str, default: float) -> float:
+    """A dropout probability: a finite number in [0, 1] (transformers' nn.Dropout refuses anything else)."""
+    value = _get(cfg, key, default=default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"config of {name}: {key} must be a probability in [0, 1], got {value!r}"[:200])
+    return float(value)
+
+
+def _flag(cfg: Mapping[str, Any], name: str, key: str, default: bool) -> bool:
+    """A boolean field: JSON true or false only (the string "false" is truthy and would flip the option)."""
+    value = _get(cfg, key, default=default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"config of {name}: {key} must be true or false, got {value!r}"[:200])
+    return value
+
+
 def default_task(cfg: Mapping[str, Any]) -> Task:
     """Encoders get a sequence-classification head, decoders a causal-LM head, encoder-decoders seq2seq."""
     model_type = cfg.get("model_type")
@@ -233,8 +262,8 @@ def _bert(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_labels
     a = _require(cfg, name, "num_attention_heads")
     if h % a:
         raise ConfigError(f"config of {name}: hidden_size {h} is not divisible by num_attention_heads {a}")
-    hidden_dropout = float(_get(cfg, "hidden_dropout_prob", default=0.1))
-    classifier_dropout = _get(cfg, "classifier_dropout", default=hidden_dropout)
+    hidden_dropout = _prob(cfg, name, "hidden_dropout_prob", 0.1)
+    classifier_dropout = _prob(cfg, name, "classifier_dropout", hidden_dropout)
     return ModelSpec(
         name=name, model_type=cfg["model_type"], family=Family.bert,
         vocab_size=_require(cfg, name, "vocab_size"), hidden_size=h,
@@ -242,9 +271,9 @@ def _bert(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_labels
         intermediate_size=_require(cfg, name, "intermediate_size"),
         max_positions=_require(cfg, name, "max_position_embeddings"), task=task, num_labels=num_labels,
         hidden_act=str(_get(cfg, "hidden_act", default="gelu")), norm="layernorm",
-        type_vocab_size=int(_get(cfg, "type_vocab_size", default=2)), tie_embeddings=False,
-        hidden_dropout=hidden_dropout, attention_dropout=float(_get(cfg, "attention_probs_dropout_prob", default=0.1)),
-        embedding_dropout=hidden_dropout, classifier_dropout=float(classifier_dropout),
+        type_vocab_size=_int(cfg, name, "type_vocab_size", 2, minimum=0), tie_embeddings=False,
+        hidden_dropout=hidden_dropout, attention_dropout=_prob(cfg, name, "attention_probs_dropout_prob", 0.1),
+        embedding_dropout=hidden_dropout, classifier_dropout=classifier_dropout,
         source=source, hf_config=cfg,
     )
 
@@ -258,13 +287,13 @@ def _gpt2(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_labels
         name=name, model_type="gpt2", family=Family.gpt2,
         vocab_size=_require(cfg, name, "vocab_size"), hidden_size=h,
         num_layers=_require(cfg, name, "n_layer", "num_hidden_layers"), num_heads=a, num_kv_heads=a, head_dim=h // a,
-        intermediate_size=int(_get(cfg, "n_inner", default=4 * h)),
+        intermediate_size=_int(cfg, name, "n_inner", 4 * h),
         max_positions=_require(cfg, name, "n_positions", "max_position_embeddings"), task=task, num_labels=num_labels,
         hidden_act=str(_get(cfg, "activation_function", default="gelu_new")), norm="layernorm",
-        tie_embeddings=bool(_get(cfg, "tie_word_embeddings", default=True)),
-        hidden_dropout=float(_get(cfg, "resid_pdrop", default=0.1)),
-        attention_dropout=float(_get(cfg, "attn_pdrop", default=0.1)),
-        embedding_dropout=float(_get(cfg, "embd_pdrop", default=0.1)),
+        tie_embeddings=_flag(cfg, name, "tie_word_embeddings", True),
+        hidden_dropout=_prob(cfg, name, "resid_pdrop", 0.1),
+        attention_dropout=_prob(cfg, name, "attn_pdrop", 0.1),
+        embedding_dropout=_prob(cfg, name, "embd_pdrop", 0.1),
         source=source, hf_config=cfg,
     )
 
@@ -287,35 +316,37 @@ def _llama(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_label
     variant = _LLAMA_VARIANTS[model_type]
     h = _require(cfg, name, "hidden_size")
     a = _require(cfg, name, "num_attention_heads")
-    kv = int(_get(cfg, "num_key_value_heads", default=a))
+    kv = _int(cfg, name, "num_key_value_heads", a)
     head_dim = _get(cfg, "head_dim")
-    if head_dim is None:
+    if head_dim is not None:
+        head_dim = _int(cfg, name, "head_dim", 0)
+    else:
         if h % a:
             raise ConfigError(f"config of {name}: hidden_size {h} is not divisible by num_attention_heads {a}")
         head_dim = h // a
-    attention_bias = bool(_get(cfg, "attention_bias", default=False))
+    attention_bias = _flag(cfg, name, "attention_bias", False)
     act = str(_get(cfg, "hidden_activation", "hidden_act", default="silu"))
     if model_type.startswith("gemma") and act == "gelu":
         act = "gelu_pytorch_tanh"  # transformers maps the legacy "gelu" of Gemma configs to the tanh approximation
     # transformers' config defaults: untied for llama/mistral/qwen/phi3, tied for gemma
-    tie = bool(_get(cfg, "tie_word_embeddings", default=variant.get("tie", False)))
-    resid_dropout = float(_get(cfg, "resid_pdrop", default=0.0))
+    tie = _flag(cfg, name, "tie_word_embeddings", variant.get("tie", False))
+    resid_dropout = _prob(cfg, name, "resid_pdrop", 0.0)
     return ModelSpec(
         name=name, model_type=model_type, family=Family.llama,
         vocab_size=_require(cfg, name, "vocab_size"), hidden_size=h,
         num_layers=_require(cfg, name, "num_hidden_layers"), num_heads=a, num_kv_heads=kv, head_dim=int(head_dim),
         intermediate_size=_require(cfg, name, "intermediate_size"),
-        max_positions=int(_get(cfg, "max_position_embeddings", default=2048)), task=task, num_labels=num_labels,
+        max_positions=_int(cfg, name, "max_position_embeddings", 2048), task=task, num_labels=num_labels,
         hidden_act=act, gated_mlp=True, norm="rmsnorm", tie_embeddings=tie,
         qkv_bias=attention_bias or variant.get("qkv_bias", False), o_bias=attention_bias,
-        mlp_bias=bool(_get(cfg, "mlp_bias", default=False)),
+        mlp_bias=_flag(cfg, name, "mlp_bias", False),
         qk_norm=variant.get("qk_norm", False), sandwich_norm=variant.get("sandwich_norm", False),
         fused_qkv=variant.get("fused_qkv", False), rotary_cat=variant.get("rotary_cat", False),
         embed_scale=variant.get("embed_scale", False),
         attn_softcap=_get(cfg, "attn_logit_softcapping") if model_type == "gemma2" else None,
         final_softcap=_get(cfg, "final_logit_softcapping") if model_type == "gemma2" else None,
-        hidden_dropout=resid_dropout, attention_dropout=float(_get(cfg, "attention_dropout", default=0.0)),
-        embedding_dropout=float(_get(cfg, "embd_pdrop", default=0.0)),
+        hidden_dropout=resid_dropout, attention_dropout=_prob(cfg, name, "attention_dropout", 0.0),
+        embedding_dropout=_prob(cfg, name, "embd_pdrop", 0.0),
         source=source, hf_config=cfg,
     )
 

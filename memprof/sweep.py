@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -210,12 +211,33 @@ def record_row(record: Mapping[str, Any], spec: ModelSpec, setup: RunSetup) -> d
     if record["schema"] == MEASUREMENT_SCHEMA:
         from .runtime.runner import measurement_from_dict
 
-        return {**measurement_from_dict(record["measurement"]).to_row(), **key}
+        try:
+            row = measurement_from_dict(record["measurement"]).to_row()
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"a {MEASUREMENT_SCHEMA} record is malformed ({type(exc).__name__}: "
+                              f"{str(exc)[:100]})") from None
+        return {**_checked_numbers(row), **key}
     if record.get("kind") != "traced":
         return None
     if record.get("status", "ok") != "ok":
         return failed_row(spec, setup, "traced", record["status"], record.get("message") or "")
-    return {**record["estimate"], **key, "kind": "traced"}
+    if not isinstance(record.get("estimate"), Mapping):
+        raise ConfigError(f"a traced {ESTIMATE_SCHEMA} record has no estimate table")
+    return {**_checked_numbers(record["estimate"]), **key, "kind": "traced"}
+
+
+def _checked_numbers(row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A stored row whose sizes and times are what they claim: byte counts integers >= 0, seconds and rates finite
+    numbers >= 0 (a hand-edited -537791128 peak would otherwise print as a saving of -537791128.0%)."""
+    for name, value in row.items():
+        if value is None:
+            continue
+        if name.endswith("_bytes") and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ConfigError(f"a stored record has {name} = {value!r}: byte counts are integers >= 0"[:200])
+        if name.endswith(("_s", "_per_s", "_params")) and (
+                not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf):
+            raise ConfigError(f"a stored record has {name} = {value!r}: it must be a finite number >= 0"[:200])
+    return row
 
 
 def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

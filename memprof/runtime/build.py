@@ -149,10 +149,49 @@ def load_peft_config(path: str | Path):  # noqa: ANN201
         raise ConfigError(f"peft config {path}: peft_type '{data.get('peft_type')}' is not one of: "
                           f"{', '.join(sorted(mapping))}")
     try:
-        return mapping[peft_type].from_peft_type(**data) if hasattr(mapping[peft_type], "from_peft_type") \
+        config = mapping[peft_type].from_peft_type(**data) if hasattr(mapping[peft_type], "from_peft_type") \
             else mapping[peft_type](**{k: v for k, v in data.items() if k != "peft_type"})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"peft config {path} is invalid: {' '.join(str(exc).split())[:300]}") from None
+    except ImportError as exc:  # an option that needs an optional package (LoftQ init: scipy; AdaMSS: scikit-learn)
+        from .refusals import missing_package
+
+        error = missing_package(exc, f"peft config {path}")
+        if error is None:
+            raise
+        raise error from None
+    _check_hub_resources(config, path)
+    return config
+
+
+def _check_hub_resources(config: Any, path: str | Path) -> None:
+    """A peft config that loads files by name when applied (prompt tuning initialised from text loads its
+    tokenizer) is checked now: an unreachable hub would otherwise be retried for a minute inside the run."""
+    init = getattr(config, "prompt_tuning_init", None)
+    tokenizer = getattr(config, "tokenizer_name_or_path", None)
+    if str(getattr(init, "value", init)).upper() == "TEXT" and tokenizer:
+        from ..hub import check_pretrained
+
+        check_pretrained(str(tokenizer), what=f"peft config {path}: tokenizer_name_or_path",
+                         filename="tokenizer_config.json")
+
+
+def check_peft_config(spec: ModelSpec, setup: RunSetup, path: str | Path) -> None:
+    """Everything a measurement would find wrong with ``--peft-config`` before its worker starts: the file, the
+    packages and hub files its options need, and peft applying it to the model (targets that match nothing,
+    feedforward modules outside the targets), on the meta device, which allocates nothing.
+
+    Raises:
+        ConfigError, DependencyMissingError, LibraryRefusalError: what the run would have failed with.
+    """
+    import warnings
+
+    from .refusals import library_refusals, what_runs
+
+    config = load_peft_config(path)
+    with warnings.catch_warnings(), library_refusals(what_runs(spec, setup, config)):
+        warnings.simplefilter("ignore")
+        apply_method(build_base_model(spec, setup, "meta"), spec, setup, config)
 
 
 def _freeze_all_but(model: nn.Module, keep: Iterable[str], spec: ModelSpec) -> None:

@@ -231,6 +231,44 @@ def worker_argv() -> list[str]:
     return [sys.executable, "-c", boot]
 
 
+def other_workers() -> int | None:
+    """How many memprof measurement workers (of any sweep, any user) run on this machine now; None where /proc
+    cannot tell (not Linux)."""
+    proc = Path("/proc")
+    if not (proc / "self").exists():
+        return None
+    count = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if WORKER_MODULE.encode() in (entry / "cmdline").read_bytes():
+                count += 1
+        except OSError:  # gone, or not ours to read
+            continue
+    return count
+
+
+def concurrent_load(before: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What ran beside a measurement, sampled when its worker starts and when it ends: other memprof workers and
+    the 1-minute load average against the CPU count. Timings taken under load are slower than the machine's."""
+    workers = other_workers()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if before is None:
+        return {"other_workers": workers, "load_avg_1m": [load], "cpu_count": os.cpu_count()}
+    counts = [c for c in (before["other_workers"], workers) if c is not None]
+    return {**before, "other_workers": max(counts) if counts else None, "load_avg_1m": [*before["load_avg_1m"], load]}
+
+
+def concurrency_note(m: Measurement) -> str | None:
+    """A note when other memprof measurements ran beside ``m`` (its step times are then not the machine's)."""
+    others = (m.extra.get("concurrent_load") or {}).get("other_workers")
+    if not others:
+        return None
+    return (f"{others} other memprof measurement{'s' if others > 1 else ''} ran on this machine at the same time; "
+            "step times and throughput are slower than the machine's")
+
+
 def _handle(line: bytes, out: dict[str, Any], progress: ProgressFn | None) -> str | None:
     """Apply one worker message to ``out``; returns a progress description for messages that are progress."""
     try:
@@ -364,21 +402,25 @@ def _run_child(argv: Sequence[str], job: Mapping[str, Any], timeout_s: float | N
         log.close()
 
 
-def check_measurable(setup: RunSetup, spec: ModelSpec | None = None) -> None:
+def check_measurable(setup: RunSetup, spec: ModelSpec | None = None, peft_config: str | Path | None = None) -> None:
     """Refuse, before any process starts, what cannot run on the chosen device (or, given the model, with the
-    installed library versions).
+    installed library versions; given a ``--peft-config`` too, what peft would refuse when applying it).
 
     Raises:
         ConfigError: a combination no training step runs as configured (config.check_runnable).
         DeviceUnavailableError: QLoRA or 8-bit AdamW (bitsandbytes CUDA kernels) on a CPU.
         LibraryRefusalError: the installed transformers / peft refuse this method on this model.
+        DependencyMissingError: the peft config's options need a package that is not installed.
     """
     check_runnable(setup)
     if spec is not None:
-        check_supported(spec, setup)
-        from .build import check_positions  # noqa: PLC0415 (the torch stack is there: this measures)
+        from .build import check_peft_config, check_positions  # noqa: PLC0415 (the torch stack is there)
 
-        check_positions(spec, setup)  # the worker would refuse it after seconds of imports: say so now
+        if peft_config is None:
+            check_supported(spec, setup)
+        else:  # the worker would fail on it after seconds of imports: say so now
+            check_peft_config(spec, setup, peft_config)
+        check_positions(spec, setup)
     if setup.device is Device.cpu and setup.method is Method.qlora:
         raise DeviceUnavailableError("QLoRA needs bitsandbytes' 4-bit CUDA kernels; measure it on a GPU "
                                      "(--device cuda), or use --method lora on CPU (memprof trace emulates QLoRA)")
@@ -423,7 +465,7 @@ def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "m
         from ..hub import check_pretrained
 
         check_pretrained(pretrained)
-    check_measurable(setup, None if peft_config else spec)
+    check_measurable(setup, spec, peft_config)
     if warmup_steps < 1 or (timed_steps is not None and timed_steps < 1):
         raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")
     if not isolate:
@@ -440,7 +482,9 @@ def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "m
                "timed_steps": timed_steps, "breakdown": breakdown, "pretrained": pretrained,
                "peft_config": str(peft_config) if peft_config else None, "memory_limit_bytes": memory_limit_bytes,
                "cpu_threads": cpu_threads}
+        load = concurrent_load()
         outcome = _run_child(worker_argv(), job, timeout_s, progress)
+        load = concurrent_load(load)
         if outcome["result"] is not None:
             m = measurement_from_dict(outcome["result"])
         else:
@@ -448,6 +492,7 @@ def measure(spec: ModelSpec, setup: RunSetup, *, out_dir: str | Path | None = "m
             m = Measurement(spec_name=spec.name, setup_row=setup_row(spec, setup), status=outcome["status"],
                             device=setup.device.value, message=outcome["message"],
                             env=EnvInfo(**env) if env else None, warmup_steps=warmup_steps, timed_steps=timed_steps or 0)
+        m = dataclasses.replace(m, extra={**m.extra, "concurrent_load": load})
     if out_dir is not None:
         record = {"schema": SCHEMA, "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "measurement": measurement_to_dict(m), "setup": setup_to_json(setup), "spec": spec_to_json(spec)}

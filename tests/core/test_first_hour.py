@@ -112,6 +112,25 @@ def test_measure_precedence_is_flags_over_file_over_cpu_defaults(tmp_path: Path)
     assert setup.device.value == "cuda" and note is None and setup.batch_size == 1  # no CPU defaults on a GPU
 
 
+def test_measured_sweep_precedence_is_axes_and_flags_over_file_over_cpu_defaults(tmp_path: Path) -> None:
+    """``compare --measure`` on a CPU: the same order as measure (flags and swept axes > --config > CPU defaults),
+    for every method of the sweep."""
+    from memprof.sweep import plan_setups
+
+    path = tmp_path / "run.toml"
+    path.write_text('batch_size = 2\nseq_len = 16\ndtype = "bf16"\n')
+    device, defaults, used = measured_device(path, {}, cuda_available=False)
+    assert device.value == "cpu" and used == []  # the file sets every CPU default
+    setups = plan_setups(["full", "lora"], {"device": "cpu"}, file=path, defaults=defaults)
+    assert {(s.batch_size, s.seq_len, s.dtype.value) for s in setups} == {(2, 16, "bf16")}
+    setups = plan_setups(["lora"], {"device": "cpu", "batch_size": 4}, file=path, defaults=defaults,
+                         seq_lens=[32, 64])
+    assert [(s.batch_size, s.seq_len, s.dtype.value) for s in setups] == [(4, 32, "bf16"), (4, 64, "bf16")]
+    _, defaults, used = measured_device(None, {}, cuda_available=False)
+    setups = plan_setups(["lora"], {"device": "cpu"}, defaults=defaults)
+    assert (setups[0].batch_size, setups[0].seq_len, setups[0].dtype.value) == (8, 128, "fp32")
+
+
 @pytest.mark.parametrize(("device_name", "row"), [
     ("NVIDIA RTX A6000", "RTX-A6000"), ("NVIDIA RTX 6000 Ada Generation", "RTX-6000-Ada"), ("NVIDIA A40", "A40"),
     ("NVIDIA L40", "L40"), ("NVIDIA L40S", "L40S"), ("NVIDIA GeForce RTX 5090", "RTX-5090"),

@@ -211,13 +211,31 @@ def _one_error_line(r) -> str:  # noqa: ANN001
 
 @pytest.mark.parametrize(("config", "message"), [
     ('{"model_type": "gpt2", "n_inner": "abc", "n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 100}',
-     "a field has the wrong type or value"),
+     "n_inner must be an integer between 1 and"),
     ('{"model_type": ["bert"]}', "model_type must be a string"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ('{"model_type": "llama", "hidden_size": -64}', "must be a positive integer"),
     ('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1000000000000, '
      '"vocab_size": 100, "intermediate_size": 128}', "is beyond any real model (memprof accepts at most 4,096)"),
-], ids=["wrong type", "model_type a list", "deep nesting", "negative size", "10^12 layers"])
+    ('{"model_type": "bert", "hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2, '
+     '"intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64, "type_vocab_size": -2}',
+     "type_vocab_size must be an integer between 0 and"),
+    ('{"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 100, "n_positions": 64, "attn_pdrop": NaN}',
+     "attn_pdrop must be a probability in [0, 1], got nan"),
+    ('{"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 100, "n_positions": 64, "resid_pdrop": 1.5}',
+     "resid_pdrop must be a probability in [0, 1]"),
+    ('{"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 100, "n_positions": 64, '
+     '"tie_word_embeddings": "false"}', "tie_word_embeddings must be true or false, got 'false'"),
+    ('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2, '
+     '"vocab_size": 100, "intermediate_size": 128, "num_key_value_heads": 0}',
+     "num_key_value_heads must be an integer between 1 and"),
+    ('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2, '
+     '"vocab_size": 100, "intermediate_size": 128, "head_dim": -32}', "head_dim must be an integer between 1 and"),
+    ('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2, '
+     '"vocab_size": 100, "intermediate_size": 128, "max_position_embeddings": "4096"}',
+     "max_position_embeddings must be an integer between 1 and"),
+], ids=["wrong type", "model_type a list", "deep nesting", "negative size", "10^12 layers", "negative token types",
+        "NaN dropout", "dropout past 1", "string boolean", "no kv heads", "negative head_dim", "string positions"])
 def test_malformed_config_json_is_one_line(tmp_path: Path, config: str, message: str) -> None:
     path = tmp_path / "config.json"
     path.write_text(config)
@@ -278,7 +296,8 @@ def test_escape_sequences_in_names_and_records_never_reach_the_terminal(tmp_path
     (lambda r: r.update(setup=None), "record is malformed"),
     (lambda r: r.pop("spec"), "record has no spec"),
     (lambda r: r["spec"].update(hidden_size="x"), "hidden_size must be a positive integer"),
-], ids=["null batch", "null setup", "no spec", "wrong-typed spec"])
+    (lambda r: r["spec"].update(num_layers=10**12), "num_layers = 1000000000000 is beyond any real model"),
+], ids=["null batch", "null setup", "no spec", "wrong-typed spec", "10^12 layers"])
 def test_report_on_hand_edited_records_is_one_line(tmp_path: Path, edit, message: str) -> None:  # noqa: ANN001
     import json
 
@@ -295,3 +314,114 @@ def test_measure_refuses_a_sequence_past_the_position_table_before_the_worker(tm
     r = CliRunner().invoke(app, ["measure", "roberta-base", "-s", "1000", "-b", "1", "--out", str(tmp_path / "m")])
     assert "exceeds FacebookAI/roberta-base's 512 learned positions" in _one_error_line(r)
     assert not (tmp_path / "m").exists()  # no error record: nothing ran
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"\x00\xff\xfe binary", "cannot be read as text"),
+    (b"[lora]\n[lora.r]\nx = 1\n", "lora r must be an integer"),
+    (b'device = 3\n', "device '3' is not supported"),
+    (b'batch_size = [1, 2]\n', "batch size must be an integer"),
+    (b"method = \n", "config file"),
+    (None, "is a directory"),
+], ids=["binary", "table for a number", "number for a name", "list for a number", "not TOML", "a directory"])
+def test_a_config_file_that_is_not_a_run_file_is_one_line(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "run.toml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    assert message in _one_error_line(CliRunner().invoke(app, ["estimate", "roberta-base", "--config", str(path)]))
+
+
+def test_compare_refuses_an_empty_method_list_and_an_impossible_length(tmp_path: Path) -> None:
+    """An empty --methods (an unset shell variable) is not "every method"; a --seq-len past the position table
+    is refused before a sweep starts, as estimate refuses it (no n/a rows, nothing written)."""
+    out = tmp_path / "out" / "r.jsonl"
+    line = _one_error_line(CliRunner().invoke(app, ["compare", "roberta-base", "--methods", "", "--out", str(out)]))
+    assert "--methods must list at least one value" in line
+    for flag in ([], ["--measure"]):
+        if flag:
+            pytest.importorskip("torch")
+        r = CliRunner().invoke(app, ["compare", "roberta-base", "-m", "lora", "-s", "1000", *flag, "--out", str(out)])
+        assert "sequence length 1000 exceeds FacebookAI/roberta-base's 512 learned positions" in _one_error_line(r)
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m.update(peak_bytes=-537791128), "peak_bytes = -537791128: byte counts are integers >= 0"),
+    (lambda m: m.update(peak_bytes=1.5e9), "byte counts are integers >= 0"),
+    (lambda m: m.update(step_time_median_s=float("nan")), "step_time_median_s = nan: it must be a finite number"),
+    (lambda m: m.update(samples_per_s=-4.0), "samples_per_s = -4.0: it must be a finite number >= 0"),
+    (lambda m: m.update(steady_bytes="1 GB"), "steady_bytes = '1 GB': byte counts are integers >= 0"),
+    (lambda m: m.update(step_time_ci95_s=5), "record is malformed"),
+], ids=["negative peak", "fractional bytes", "NaN time", "negative rate", "string bytes", "number for an interval"])
+def test_report_on_a_hand_edited_measurement_is_one_line(tmp_path: Path, edit, message: str) -> None:  # noqa: ANN001
+    """Stored numbers are checked when read: a negative peak would otherwise print as a -537791128.0% saving."""
+    pytest.importorskip("torch")
+    import json
+
+    from tiny_configs import tiny_spec
+    from memprof.config import Device, Dtype, Method, RunSetup
+    from memprof.runtime.runner import measure
+
+    setup = RunSetup(method=Method.lora, batch_size=1, seq_len=8, dtype=Dtype.fp32, device=Device.cpu)
+    measure(tiny_spec("gpt2"), setup, out_dir=tmp_path, name="m", isolate=False, timed_steps=1, breakdown=False)
+    path = tmp_path / "m.jsonl"
+    record = json.loads(path.read_text())
+    edit(record["measurement"])
+    path.write_text(json.dumps(record) + "\n")
+    assert message in _one_error_line(CliRunner().invoke(app, ["report", str(path)]))
+
+
+# (peft config JSON, words the error must contain): each is refused by trace and by measure before any worker runs
+PEFT_CASES = [
+    ("[1, 2]", "is not a peft config (a JSON object with a peft_type)"),
+    (b"\x00\xff\xfe", "is not a JSON file"),
+    ('{"peft_type": "NOSUCH"}', "peft_type 'NOSUCH' is not one of"),
+    ('{"peft_type": "IA3", "task_type": "SEQ_CLS", "target_modules": ["query"], "feedforward_modules": ["dense"]}',
+     "`feedforward_modules` should be a subset of `target_modules`"),
+    ('{"peft_type": "LORA", "task_type": "SEQ_CLS", "target_modules": ["no_such_module"]}',
+     "peft cannot apply LoraConfig to FacebookAI/roberta-base: No modules were targeted for adaptation"),
+    ('{"peft_type": "LORA", "task_type": "SEQ_CLS", "target_modules": ["query"], "r": -4}', "lora r must be between 1"),
+    ('{"peft_type": "LORA", "task_type": "SEQ_CLS", "target_modules": ["query"], "init_lora_weights": "loftq"}',
+     "needs a package that is not installed (peft 0.21.2: The required package 'scipy' is not installed"),
+    ('{"peft_type": "ADAMSS", "task_type": "SEQ_CLS", "target_modules": ["query"]}',
+     "needs a package that is not installed (peft 0.21.2: scikit-learn is required for AdaMSS"),
+    ('{"peft_type": "PROMPT_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": 8, "prompt_tuning_init": "TEXT",'
+     ' "prompt_tuning_init_text": "classify", "tokenizer_name_or_path": "no-such/tokenizer"}',
+     "tokenizer_name_or_path 'no-such/tokenizer' is not a local folder, not in the hub cache, and the hub "
+     "(127.0.0.1) is not reachable"),
+]
+
+
+@pytest.mark.parametrize("command", ["trace", "measure"])
+@pytest.mark.parametrize(("content", "message"), PEFT_CASES,
+                         ids=["a list", "binary", "unknown type", "IA3 feedforward outside targets", "no target matches",
+                              "negative rank", "LoftQ needs scipy", "AdaMSS needs scikit-learn",
+                              "tokenizer from an unreachable hub"])
+def test_a_peft_config_that_cannot_run_is_one_line_before_any_work(tmp_path: Path, command: str,
+                                                                   content: str | bytes, message: str) -> None:
+    """What peft or a missing package would refuse inside the run is one line at once (exit 2), for measure as
+    for trace: no worker starts, nothing is written, and no hub is waited on for a minute."""
+    import time
+
+    pytest.importorskip("peft")
+    for package in ("scipy", "sklearn"):
+        if package in message.replace("scikit-learn", "sklearn") and _installed(package):
+            pytest.skip(f"{package} is installed here: the config runs")
+    path = tmp_path / "adapter_config.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    out = tmp_path / "out"
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+    extra = ["--out", str(out), "-b", "1", "-s", "16"] if command == "measure" else ["-s", "16"]
+    started = time.monotonic()
+    r = CliRunner().invoke(app, [command, "roberta-base", "--peft-config", str(path), *extra], env=env)
+    assert message in _one_error_line(r)
+    assert time.monotonic() - started < 60  # a hang (an unreachable hub is retried for minutes) fails here
+    assert not out.exists()
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
