@@ -12,6 +12,7 @@ rounds every storage to the CUDA caching allocator's 512-byte blocks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 import warnings
 from typing import Iterator
@@ -63,6 +64,8 @@ def _normalise(peaks: dict[str, tuple[int, MemoryBreakdown]], depth: int) -> dic
 
 def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft_config=None) -> DepthTrace:  # noqa: ANN001
     """Trace two steps of ``spec`` cut to ``depth`` blocks on fake tensors."""
+    if peft_config is not None:  # peft fills in and keeps per-model fields (num_layers of prompt learning)
+        peft_config = copy.deepcopy(peft_config)
     if depth is not None and depth != spec.num_layers:
         spec = spec.with_layers(depth)
     check_positions(spec, setup)

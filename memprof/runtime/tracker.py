@@ -35,6 +35,12 @@ class _Info:
     label: Category | None  # known at creation (params, inputs, weight copies) or resolved later
 
 
+def _holds(refs: dict[int, weakref.ref], t: object) -> bool:
+    """Whether ``t`` itself (not an equal tensor: comparing fake tensors has no value) is in ``refs``."""
+    ref = refs.get(id(t))
+    return ref is not None and ref() is t
+
+
 class MemoryTracker(TorchDispatchMode):
     """Track live tensor bytes by category and phase.
 
@@ -56,10 +62,15 @@ class MemoryTracker(TorchDispatchMode):
     def __init__(self, round_bytes: int = 1, fake_scalars: bool = False) -> None:
         """round_bytes: round each storage up to a multiple (512 = CUDA caching allocator blocks).
         fake_scalars: answer ``.item()`` on fake tensors with 1 (optimizers read step counters; values never
-        matter to memory) instead of failing with DataDependentOutputException."""
+        matter to memory) instead of failing with DataDependentOutputException. A boolean is False (no NaN
+        found, not every mask entry set), except a uniform draw compared above a constant
+        (``torch.rand(1) > module_dropout``, LoHa/LoKr/LyCORIS module dropout), which is True: the branch that
+        applies the module, certain at dropout 0 and the costlier one otherwise."""
         super().__init__()
         self.round_bytes = round_bytes
         self.fake_scalars = fake_scalars
+        self._draws: dict[int, weakref.ref] = {}   # id -> fake uniform draws in [0, 1)
+        self._kept: dict[int, weakref.ref] = {}    # id -> draw > constant (True when read)
         self._live: dict[int, _Info] = {}
         self._refs: dict[int, weakref.ref] = {}
         self._serial = 0
@@ -169,8 +180,15 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         if self.fake_scalars and func is torch.ops.aten._local_scalar_dense.default \
                 and type(args[0]).__name__ == "FakeTensor":
-            return False if args[0].dtype == torch.bool else (1.0 if args[0].is_floating_point() else 1)
+            if args[0].dtype == torch.bool:
+                return _holds(self._kept, args[0])
+            return 1.0 if args[0].is_floating_point() else 1
         out = func(*args, **(kwargs or {}))
+        if self.fake_scalars and isinstance(out, torch.Tensor) and type(out).__name__ == "FakeTensor":
+            if func in (torch.ops.aten.rand.default, torch.ops.aten.uniform_.default):
+                self._draws[id(out)] = weakref.ref(out)
+            elif func is torch.ops.aten.gt.Scalar and _holds(self._draws, args[0]) and float(args[1]) < 1.0:
+                self._kept[id(out)] = weakref.ref(out)
         label = None
         if func._schema.name in _COPY_OPS and args and isinstance(args[0], torch.Tensor):
             src = self._key_of(args[0])
