@@ -57,7 +57,9 @@ MODELS = ("bert-base-uncased", "gpt2", "Llama-3.2-1B", "Qwen2.5-0.5B", "gemma-2b
 FAMILY = {"bert-base-uncased": "encoder (BERT)", "gpt2": "GPT-2", "Llama-3.2-1B": "LLaMA, GQA 32/8",
           "Qwen2.5-0.5B": "Qwen2, GQA 14/2, qkv bias", "gemma-2b": "Gemma, MQA, 256k vocab",
           "Phi-3-mini-4k-instruct": "Phi-3, fused qkv / gate_up"}
-METHODS = ("full", "lora", "qlora", "adapter", "bitfit", "ia3", "prefix", "prompt")
+METHODS = ("full", "lora", "qlora", "adapter", "bitfit", "ia3", "prefix", "prompt", "dora")
+# a method row that is another method with options: (method, options merged under the model's own for it)
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"dora": ("lora", {"lora": {"dora": True}})}
 REGIMES: dict[str, dict[str, str]] = {
     "fp32": {"dtype": "fp32"},
     "bf16": {"dtype": "bf16"},                       # pure bf16: weights, grads, states in bf16
@@ -142,10 +144,19 @@ class Job:
                 str(self.seq_len), self.loop)
 
 
+def method_options(model: str, method: str) -> dict[str, Any]:
+    """The options a row of ``method`` runs with on ``model`` (an alias's options merged into its base method's)."""
+    base, extra = ALIASES.get(method, (method, {}))
+    options = {k: dict(v) if isinstance(v, dict) else v for k, v in METHOD_OPTIONS.get(model, {}).get(base, {}).items()}
+    for key, value in extra.items():
+        options[key] = {**options.get(key, {}), **value} if isinstance(value, dict) else value
+    return options
+
+
 def jobs(parts: str, models: tuple[str, ...], methods: tuple[str, ...], precisions: tuple[str, ...]) -> Iterator[Job]:
     for model in models:
         for method in methods:
-            options = METHOD_OPTIONS.get(model, {}).get(method, {})
+            options = method_options(model, method)
             if "A" in parts:
                 for precision in precisions:
                     for b, s in FULL_SIZES[precision]:
@@ -159,7 +170,7 @@ def jobs(parts: str, models: tuple[str, ...], methods: tuple[str, ...], precisio
                             yield Job("B", f"{model} narrow", method, precision, b, s, "2", options)
     for model in (m for m in models if m in LOOP_MODELS):
         for method in (m for m in methods if m in LOOP_METHODS):
-            options = METHOD_OPTIONS.get(model, {}).get(method, {})
+            options = method_options(model, method)
             for loop, over in LOOP_VARIANTS.items():
                 if "C" in parts:
                     for precision in (p for p in precisions if p in LOOP_PRECISIONS):
@@ -229,7 +240,8 @@ def run_job(job: Job) -> dict[str, Any]:
     device = "cuda" if job.part in ("A", "C") else "cpu"
     row: dict[str, Any] = dict(zip(KEY, job.key))
     row.update(family=FAMILY[job.model.removesuffix(" narrow")], device=device + ("" if device == "cpu" else " (modelled)"))
-    setup = resolve_setup(None, {"method": job.method, "batch_size": job.batch_size, "seq_len": job.seq_len,
+    setup = resolve_setup(None, {"method": ALIASES.get(job.method, (job.method,))[0], "batch_size": job.batch_size,
+                                 "seq_len": job.seq_len,
                                  "device": device, **REGIMES[job.precision], **job.options})
     errors: dict[str, str] = {}
     plain = tracked = traced = measured = None
@@ -858,7 +870,12 @@ def main() -> None:
     header = {**environment(), "command": "python benchmarks/validate.py" + (
         " " + shlex.join(a for a in sys.argv[1:] if a != "--render-only") if [a for a in sys.argv[1:] if a != "--render-only"] else "")}
     steps = list(csv.DictReader(steps_path.open(newline=""))) if steps_path.exists() else []
-    md_path.write_text(render_markdown(rows, header) + "\n".join(render_steps(steps)) + ("\n" if steps else ""))
+    catalogue = args.out / "peft_catalogue.md"  # written by benchmarks/peft_catalogue.py
+    tail = ""
+    if catalogue.exists():
+        body = catalogue.read_text().split("\n", 1)[1]
+        tail = "\n## Part F: peft's whole method catalogue, traced (tiny models, CPU)\n" + body
+    md_path.write_text(render_markdown(rows, header) + "\n".join(render_steps(steps)) + ("\n" if steps else "") + tail)
     print(f"wrote {md_path} ({len(rows)} rows)")
 
 

@@ -59,6 +59,8 @@ RUN_OPTIONS: list[tuple[str, Any]] = [
     ("lora_targets", Annotated[Optional[str], typer.Option(
         "--lora-targets", help="Comma-separated module names, or all-linear.  \\[default: peft's for the model type]")]),
     ("lora_bias", Annotated[Optional[str], typer.Option("--lora-bias", help="none | all | lora_only  \\[default: none]")]),
+    ("lora_dora", Annotated[Optional[bool], typer.Option(
+        "--lora-dora/--no-lora-dora", help="DoRA: LoRA plus a trained magnitude per output feature.  \\[default: off]")]),
     ("modules_to_save", Annotated[Optional[str], typer.Option(
         "--modules-to-save", help="Comma-separated modules trained in full.  \\[default: the seq-cls head]")]),
     ("quant_type", Annotated[Optional[str], typer.Option("--quant-type", help="QLoRA: nf4 | fp4  \\[default: nf4]")]),
@@ -110,7 +112,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Run shape": ("method", "batch_size", "seq_len", "task", "num_labels"),
     "Precision and kernels": ("dtype", "regime", "optimizer", "attn", "device", "grad_checkpointing", "dropout"),
     "The loop": ("loop", "optimizer_impl", "zero_grad", "grad_accum", "padded", "keep_outputs", "use_cache"),
-    "LoRA / QLoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_bias", "modules_to_save",
+    "LoRA / QLoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_bias", "lora_dora", "modules_to_save",
                      "quant_type", "double_quant"),
     "Bottleneck adapters": ("adapter_variant", "adapter_size", "adapter_reduction", "adapter_act",
                             "adapter_train_norms"),
@@ -142,7 +144,8 @@ def setup_overrides(run: dict[str, Any]) -> dict[str, Any]:
     """Flags -> resolve_setup overrides (None = not given; option groups only when one of theirs is given)."""
     groups = {
         "lora": {"r": run["lora_r"], "alpha": run["lora_alpha"], "dropout": run["lora_dropout"],
-                 "targets": run["lora_targets"], "bias": run["lora_bias"], "modules_to_save": run["modules_to_save"]},
+                 "targets": run["lora_targets"], "bias": run["lora_bias"], "modules_to_save": run["modules_to_save"],
+                 "dora": run["lora_dora"]},
         "quant": {"quant_type": run["quant_type"], "double_quant": run["double_quant"]},
         "adapter": {"variant": run["adapter_variant"], "bottleneck": run["adapter_size"],
                     "reduction_factor": run["adapter_reduction"], "activation": run["adapter_act"],

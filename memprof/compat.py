@@ -166,6 +166,8 @@ def tested_line(libraries: tuple[tuple[str, str], ...] | None = None) -> str:
 
 def method_name(setup: RunSetup) -> str:
     """How the method reads in a sentence ('prefix tuning', 'LoRA')."""
+    if setup.method is Method.lora and setup.lora is not None and setup.lora.dora:
+        return "DoRA"
     return {Method.prefix: "prefix tuning", Method.prompt: "prompt tuning", Method.lora: "LoRA",
             Method.qlora: "QLoRA", Method.ia3: "IA3", Method.bitfit: "BitFit", Method.adapter: "bottleneck adapters",
             Method.full: "full fine-tuning"}[setup.method]

@@ -97,6 +97,7 @@ class LoraSpec:
     targets: tuple[str, ...] | None = None  # None = peft's default for the model type; ("all-linear",) = every linear
     bias: str = "none"                      # none | all | lora_only (which biases train)
     modules_to_save: tuple[str, ...] | None = None  # None = peft's task default (classifier/score for seq-cls)
+    dora: bool = False                      # DoRA (Liu et al. 2024): + a trainable magnitude per output feature
 
     def __post_init__(self) -> None:
         _check_field_types(self, "lora")

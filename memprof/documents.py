@@ -36,7 +36,7 @@ def describe_setup(est: Estimate) -> str:
     s = est.setup
     method = s.method.value
     if s.lora is not None:
-        method += f" r={s.lora.r}"
+        method += f" r={s.lora.r}" + (" DoRA" if s.lora.dora else "")
     if s.adapter is not None:
         method += f" {s.adapter.variant.value} r={s.adapter.bottleneck_size(est.spec.hidden_size)}"
     if s.prompt is not None:

@@ -3,11 +3,11 @@
 describes (pure: reads JSON, never imports peft).
 
 Modelled analytically: LoRA (r, lora_alpha, lora_dropout, target_modules as names, "all-linear" or a regular
-expression, bias, modules_to_save; rsLoRA and the PiSSA / OLoRA / LoftQ / EVA initialisations change values,
-not memory), IA3 (target and feed-forward modules), prefix tuning (virtual tokens, projection and its width) and
-prompt tuning (virtual tokens). What would change memory in ways the analytic model does not follow (DoRA's
-magnitude vector and weight norms, per-module ranks, a subset of layers, other peft methods) is refused in one
-line that says to use ``--trace``, which runs the real peft code.
+expression, bias, modules_to_save, use_dora; rsLoRA and the PiSSA / OLoRA / LoftQ / EVA initialisations change
+values, not memory), IA3 (target and feed-forward modules), prefix tuning (virtual tokens, projection and its
+width) and prompt tuning (virtual tokens). What would change memory in ways the analytic model does not follow
+(per-module ranks, a subset of layers, other peft methods) is refused in one line that says to use ``--trace``,
+which runs the real peft code.
 """
 
 from __future__ import annotations
@@ -90,8 +90,6 @@ def run_options(config: Any) -> dict[str, Any]:
                                     "(it runs the real peft code on fake tensors)")
 
     if kind == "LORA":
-        if data.get("use_dora"):
-            raise refuse("DoRA (use_dora=true: a magnitude vector and weight norms)")
         if data.get("rank_pattern") or data.get("alpha_pattern"):
             raise refuse("per-module rank_pattern / alpha_pattern")
         if data.get("layers_to_transform") is not None:
@@ -103,6 +101,8 @@ def run_options(config: Any) -> dict[str, Any]:
                                 "targets": _names(data.get("target_modules"))}
         if data.get("modules_to_save") is not None:
             lora["modules_to_save"] = tuple(data["modules_to_save"])
+        if data.get("use_dora"):
+            lora["dora"] = True
         out.update(method="lora", lora=lora)
     elif kind == "IA3":
         out.update(method="ia3", ia3={"targets": _names(data.get("target_modules")),

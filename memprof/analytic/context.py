@@ -140,7 +140,9 @@ class Ctx:
             if wq is not None:
                 g.drop(wq)
         r = self.lora.get(full_name)
-        if r:
+        if r and self.setup.lora is not None and self.setup.lora.dora:
+            y = peft_methods.dora(self, x_in, y, r, m, label, w, bias)
+        elif r:
             y = peft_methods.lora(self, x_in, y, r, m, label)
         if x_in is not x:
             g.drop(x_in)

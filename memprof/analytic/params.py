@@ -222,7 +222,7 @@ def method_params(spec: ModelSpec, setup: RunSetup) -> ParamCounts:
         chosen = resolve_lora_targets(spec, lora)
         for _, m in chosen:
             n, big = _lora_params(m, lora.r)
-            added += n
+            added += n + (m.d_out if lora.dora else 0)  # DoRA: lora_magnitude_vector, one per output feature
             largest = max(largest, big)
         adapter_fp32 = added
         adapted = len(chosen)
@@ -327,7 +327,7 @@ def trainable_tensors(spec: ModelSpec, setup: RunSetup) -> tuple[tuple[int, int,
         chosen = resolve_lora_targets(spec, lora)
         for _, m in chosen:
             d_in, d_out = (m.d_in, m.d_out)
-            out += [(lora.r, d_in, True), (d_out, lora.r, True)]
+            out += [(lora.r, d_in, True), (d_out, lora.r, True)] + ([(1, d_out, True)] if lora.dora else [])
         if lora.bias == "all":
             out += [(1, m.bias_params, False) for n, m in named if m.bias and not _saved_match(n, saved)]
         elif lora.bias == "lora_only":

@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from ..config import AdapterVariant, IA3Spec, Method
+from ..errors import UnsupportedModelError
 from .hf_layers import input_embeddings
 from .modules import Module, global_modules
 from .params import modules_to_save, prefix_token_dim, resolve_ia3_targets, resolve_lora_targets
 from .shapes import kv_tok, tok
-from .sim import BYTES, WCOPY, P, T, pscale
+from .sim import BYTES, WCOPY, P, T, promote, pscale
 
 if TYPE_CHECKING:
     from .context import Ctx
@@ -28,7 +29,12 @@ def configure(ctx: Ctx) -> None:
     if method in (Method.lora, Method.qlora):
         lora = setup.lora
         assert lora is not None
-        ctx.lora = {name: lora.r for name, _ in resolve_lora_targets(spec, lora)}
+        chosen = resolve_lora_targets(spec, lora)
+        if lora.dora and (method is Method.qlora or any(not m.is_linear for _, m in chosen)):
+            raise UnsupportedModelError(
+                "DoRA on " + ("QLoRA's 4-bit base (its weight is dequantized for the norms)" if method is Method.qlora
+                              else "embedding targets") + " is not in memprof's analytic model; use --trace")
+        ctx.lora = {name: lora.r for name, _ in chosen}
         ctx.saved_modules = modules_to_save(spec, lora.modules_to_save)
     elif method is Method.ia3:
         ctx.ia3 = {name: ff for name, _, ff in resolve_ia3_targets(spec, setup.ia3 or IA3Spec())}
@@ -86,6 +92,83 @@ def lora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
     out = g.cast(summed, y.dtype, label + " lora out")
     g.drop(summed)
     return out
+
+def dora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str, w: T, bias: T | None) -> T:
+    """peft lora/variants.py DoraLinearVariant.forward and lora/dora.py DoraLinearLayer.forward (Liu et al. 2024):
+
+        x = dropout(x.to(A.dtype)); base_result = result if no dropout else None
+        lora_weight = B(A(eye(d_in))).T          # built with grad, used only detached: freed on return
+        weight = W.to(x.dtype)
+        norm = ||weight + scaling * lora_weight||_row, detached
+        mns = magnitude / norm                    # keeps norm for magnitude's gradient
+        lora_result = B(A(x))
+        base_result = base_result - bias, or F.linear(x, weight) (keeps the weight copy for x's gradient)
+        result + ((mns - 1) * base_result + mns * lora_result * scaling)
+    """
+    g = ctx.g
+    adt = "fp32"  # peft autocast_adapter_dtype: adapter weights (and the magnitude) fp32 on a half base
+    a_w = g.param(r * m.d_in, r, adt, True, label + ".lora_A")
+    b_w = g.param(m.d_out * r, m.d_out, adt, True, label + ".lora_B")
+    mag = g.param(m.d_out, m.d_out, adt, True, label + ".lora_magnitude_vector")
+    xa = g.cast(x, adt, label + " dora input (fp32)")
+    p = ctx.setup.lora.dropout if ctx.setup.lora else 0.0
+    xd = g.dropout(xa, p, label + " dora dropout")
+    # get_lora_weight: B(A(I)) under the current precision; only its detached value is used
+    # the graph of this lora weight keeps A's input (the identity, or its autocast half copy) and B's input
+    eye = g.new(P(c=m.d_in * m.d_in), m.d_in, adt, label + " dora eye")
+    eye_h = ctx.to_half(eye, label + " dora eye")
+    wa = ctx.weight_for_matmul(a_w, label + " lora A")
+    ae = g.new(P(c=m.d_in * r), r, ctx.amp or adt, label + " dora A(I)")
+    g.drop(wa)
+    ae_h = ctx.to_half(ae, label + " dora A(I)")
+    wb = ctx.weight_for_matmul(b_w, label + " lora B")
+    lw = g.new(P(c=m.d_in * m.d_out), m.d_out, ctx.amp or adt, label + " dora lora weight")
+    g.drop(ae_h, wb)
+    g.drop(eye)  # get_lora_weight returns: its identity goes unless the graph holds it (no autocast)
+    lw_x = g.cast(lw, xd.dtype, label + " dora lora weight (x dtype)")
+    g.drop(lw)  # lora_weight = lora_weight.to(x.dtype): under autocast the half result goes
+    weight = g.cast(w, xd.dtype, label + " dora base weight (x dtype)", fate=WCOPY)
+    # get_weight_norm: weight + scaling * lora_weight, row norms (no graph: the lora weight is detached)
+    scaled_w = g.new(P(c=m.d_in * m.d_out), m.d_in, xd.dtype, label + " dora scaling * lora weight")
+    summed_w = g.new(P(c=m.d_in * m.d_out), m.d_in, xd.dtype, label + " dora weight + lora weight")
+    g.drop(scaled_w)
+    norm = g.new(P(c=m.d_out), m.d_out, xd.dtype, label + " dora weight norm")
+    g.drop(summed_w)
+    mns = g.mul(mag, norm, label + " dora magnitude / norm", dtype=promote(mag, norm))
+    g.drop(norm)
+    # lora_result = B(A(x))
+    xh = ctx.to_half(xd, label + " lora A")
+    wa = ctx.weight_for_matmul(a_w, label + " lora A")
+    a_out = g.linear(xh, a_w, r, label + " lora A out", w_used=wa, out_dtype=ctx.amp)
+    g.drop(xh, wa)
+    ah = ctx.to_half(a_out, label + " lora B")
+    wb = ctx.weight_for_matmul(b_w, label + " lora B")
+    lora_out = g.linear(ah, b_w, m.d_out, label + " lora B out", w_used=wb, out_dtype=ctx.amp)
+    g.drop(ah, wb, a_out)
+    if p == 0:
+        base = g.add(y, bias, label + " dora base - bias") if bias is not None else g.alias(y)
+    else:
+        xb = ctx.to_half(xd, label + " dora base")
+        # autocast's half copy of the weight (of the parameter itself when x's dtype is the storage dtype)
+        wq = ctx.weight_for_matmul(w, label + " dora base") if weight.st is w.st else ctx.to_half(weight, label)
+        base = g.linear(xb, weight, m.d_out, label + " dora base result", w_used=wq, out_dtype=ctx.amp)
+        g.drop(xb, wq)
+    minus = g.add(mns, None, label + " dora scale - 1")
+    t_base = g.mul(minus, base, label + " dora (scale - 1) * base")
+    g.drop(minus)
+    t_lora = g.mul(mns, lora_out, label + " dora scale * lora")
+    t_scaled = g.mul(t_lora, None, label + " dora * scaling")
+    g.drop(t_lora)
+    dora_out = g.add(t_base, t_scaled, label + " dora result")
+    g.drop(t_base, t_scaled)
+    # DoraLinearLayer.forward returns: its locals (and the graph of the detached lora weight) go
+    g.drop(eye_h, ae, lw_x, weight, mns, lora_out, base, xd)
+    summed = g.add(y, dora_out, label + " + dora", dtype=promote(y, dora_out))
+    g.drop(y, dora_out, xa)
+    out = g.cast(summed, y.dtype, label + " lora out")
+    g.drop(summed)
+    return out
+
 
 def bottleneck_adapter(ctx: Ctx, y: T, label: str) -> T:
     """memprof BottleneckAdapter: y + up(act(down(y.to(fp32)))).to(y.dtype)."""

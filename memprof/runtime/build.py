@@ -116,6 +116,7 @@ def peft_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (peft.Pef
         return peft.LoraConfig(
             task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
             bias=lora.bias, modules_to_save=list(lora.modules_to_save) if lora.modules_to_save is not None else None,
+            use_dora=lora.dora,
         )
     if method is Method.ia3:
         ia3 = setup.ia3
@@ -194,12 +195,27 @@ def check_peft_config(spec: ModelSpec, setup: RunSetup, path: str | Path) -> Non
         apply_method(build_base_model(spec, setup, "meta"), spec, setup, config)
 
 
+def host_buffers(model: torch.nn.Module, device_type: str) -> list[tuple[torch.nn.Module, str]]:
+    """(module, buffer name) of the buffers of peft tuner layers that are not on ``device_type``."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a dependency of measuring
+        return []
+    return [(m, name) for m in model.modules() if isinstance(m, BaseTunerLayer)
+            for name, b in m._buffers.items() if b is not None and b.device.type != device_type]
+
+
 def _freeze_all_but(model: nn.Module, keep: Iterable[str], spec: ModelSpec) -> None:
     heads = HEADS.get(spec.task, ())
     keep = tuple(keep)
     for name, p in model.named_parameters():
         top = name.split(".")[0]
         p.requires_grad_(any(k in name for k in keep) or top in heads)
+
+
+class ValuesNeededError(ConfigError):
+    """Applying a peft config to a model on the meta device failed because its initialisation reads the weights'
+    values (FRoD's decomposition, SHiRA's random mask from the weights): the trace applies it to real weights."""
 
 
 def apply_method(model: nn.Module, spec: ModelSpec, setup: RunSetup, peft_config: Any = None) -> nn.Module:
@@ -214,9 +230,15 @@ def apply_method(model: nn.Module, spec: ModelSpec, setup: RunSetup, peft_config
         import peft
 
         config = peft_config if peft_config is not None else peft_config_for(spec, setup)
+        on_meta = any(p.device.type == "meta" for p in model.parameters())
         try:
             model = peft.get_peft_model(model, config)
-        except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as exc:
+            if on_meta and isinstance(exc, (NotImplementedError, RuntimeError)) and "meta" in str(exc):
+                raise ValuesNeededError(f"peft's {type(config).__name__} initialisation reads the weights' values "
+                                        f"({' '.join(str(exc).split())[:120]})") from None
+            if isinstance(exc, RuntimeError):
+                raise
             raise ConfigError(f"peft cannot apply {type(config).__name__} to {spec.name}: {exc}") from None
         return model
     if method is Method.adapter:

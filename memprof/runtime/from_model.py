@@ -48,15 +48,16 @@ def method_fields(model: nn.Module) -> dict[str, Any] | None:
     config = configs.get(getattr(model, "active_adapter", "default")) or next(iter(configs.values()))
     kind = str(getattr(getattr(config, "peft_type", None), "value", config.peft_type))
     if kind == "LORA":
-        if getattr(config, "use_dora", False) or isinstance(config.target_modules, str) \
-                and config.target_modules != "all-linear":
-            return None  # DoRA's extra tensors and regex targets: not in the analytic model
+        if isinstance(config.target_modules, str) and config.target_modules != "all-linear":
+            return None  # regex targets: not in the analytic model
         targets = config.target_modules
         lora = {"r": int(config.r), "alpha": int(config.lora_alpha), "dropout": float(config.lora_dropout),
                 "bias": config.bias,
                 "targets": ("all-linear",) if targets == "all-linear" else tuple(sorted(targets or ())) or None}
         if config.modules_to_save:
             lora["modules_to_save"] = tuple(config.modules_to_save)
+        if getattr(config, "use_dora", False):
+            lora["dora"] = True
         quantized = any(type(p).__name__ == "Params4bit" for p in model.parameters())
         return {"method": "qlora" if quantized else "lora", "lora": lora}
     if kind == "IA3":

@@ -30,7 +30,7 @@ from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError
 from ..records import Category, EnvInfo, Measurement, MemoryBreakdown, Phase, setup_row
 from ..spec import Family, ModelSpec
 from . import probes
-from .build import (TORCH_DTYPE, apply_method, build_base_model, check_positions, count_trainable, enable_checkpointing, make_optimizer,
+from .build import (TORCH_DTYPE, apply_method, host_buffers, build_base_model, check_positions, count_trainable, enable_checkpointing, make_optimizer,
                     synthetic_batch)
 from .refusals import library_refusals, what_runs
 from .step import block_modules, run_step
@@ -112,6 +112,17 @@ def quantize_blocks_4bit(model: nn.Module, setup: RunSetup) -> int:
     return replaced
 
 
+def keep_on_host(model: torch.nn.Module, device: str) -> None:
+    """Parameters and buffers to ``device`` (peft and memprof's adapters already create theirs there), except the
+    buffers of peft's layers that peft leaves in host memory, as in peft's own benchmark (the base loaded on the
+    device, never moved after ``get_peft_model``): BOFT's permutation matrices ``boft_P``, which its forward
+    copies to the device at each use. ``trace.host_buffers`` picks the same ones."""
+    host = host_buffers(model, torch.device(device).type)
+    model.to(device)
+    for module, name in host:
+        module._buffers[name] = module._buffers[name].to("cpu")
+
+
 def build_run(spec: ModelSpec, setup: RunSetup, device: str, pretrained: str | None = None,
               peft_config: Any = None) -> BuiltRun:
     """Build phase: the model on ``device`` (random init unless ``pretrained``), the method, activation
@@ -123,7 +134,7 @@ def build_run(spec: ModelSpec, setup: RunSetup, device: str, pretrained: str | N
         if setup.method is Method.qlora:
             quantize_blocks_4bit(model, setup)
         model = apply_method(model, spec, setup, peft_config)
-        model.to(device)  # peft and memprof's adapters create their weights on the base model's device already
+        keep_on_host(model, device)
         if setup.grad_checkpointing:
             enable_checkpointing(model)  # non-reentrant; transformers enables input grads for PEFT
     model.train()
@@ -345,7 +356,8 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 1, 
     except Exception as exc:  # noqa: BLE001 (OOM is a result; anything else propagates)
         if not is_oom(exc):
             raise
-        message = f"out of memory during {phase}: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
+        first = (str(exc).splitlines() or [""])[0][:500]  # a bare MemoryError has no message
+        message = f"out of memory during {phase}: {type(exc).__name__}" + (f": {first}" if first else "")
         del exc
         gc.collect()
         if device == "cuda":

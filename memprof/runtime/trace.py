@@ -15,17 +15,17 @@ import contextlib
 import copy
 import time
 import warnings
-from typing import Iterator
+from typing import Any, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ..compat import check_supported
 from ..config import Device, Method, QuantSpec, RunSetup
-from ..errors import ConfigError
+from ..errors import ConfigError, LibraryRefusalError, UnsupportedModelError
 from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec, Task
-from .build import TORCH_DTYPE, enable_checkpointing, apply_method, build_base_model, check_positions, count_trainable, make_optimizer, synthetic_batch
+from .build import TORCH_DTYPE, ValuesNeededError, enable_checkpointing, apply_method, build_base_model, host_buffers, check_positions, count_trainable, make_optimizer, synthetic_batch
 from .emulate import CudaEmulation
 from .quant import emulate_4bit
 from .refusals import library_refusals, what_runs
@@ -74,10 +74,11 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
     cuda = setup.device is Device.cuda
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with warnings.catch_warnings(), library_refusals(what_runs(spec, setup, peft_config)):
+    with warnings.catch_warnings(), library_refusals(what_runs(spec, setup, peft_config)), \
+            _data_dependent_shapes(what_runs(spec, setup, peft_config)):
         warnings.simplefilter("ignore")
-        model = build_base_model(spec, setup, "meta")
-        model = apply_method(model, spec, setup, peft_config)
+        model = apply_as_run(spec, setup, peft_config)
+        host = _host_tensors(model) if cuda else set()
         if setup.method is Method.qlora:  # bitsandbytes cannot run on fake tensors: emulate its memory
             emulate_4bit(model, setup.quant or QuantSpec(), TORCH_DTYPE[setup.dtype])
         emulation = CudaEmulation() if cuda else None
@@ -85,7 +86,7 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
             enable_checkpointing(model, **({"context_fn": emulation.checkpoint_contexts} if emulation else {}))
         trainable, total = count_trainable(model)
         with FakeTensorMode(allow_non_fake_inputs=True):
-            materialize(model, "cpu")
+            materialize(model, "cpu", host)
             model.train()
             optimizer = make_optimizer(model, setup, "cuda" if cuda else "cpu")
             batch = synthetic_batch(spec, setup, "cpu")
@@ -110,10 +111,11 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
     return DepthTrace(spec.num_layers, total, trainable, results[0], results[1], steady, after[-1])
 
 
-def materialize(model: torch.nn.Module, device: str) -> None:
-    """Replace every meta parameter and buffer by an uninitialised tensor on ``device`` (fake under
-    FakeTensorMode), keeping shared (tied) parameters shared. ``Module.to_empty`` unties them and fails on
-    parameters that carry a weakref (peft's prefix encoder)."""
+def materialize(model: torch.nn.Module, device: str, host: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    """Replace every parameter and buffer by an uninitialised tensor on ``device`` (fake under FakeTensorMode),
+    keeping shared (tied) parameters shared; the buffers in ``host`` (ids) go to the meta device instead, which
+    the tracker does not count: they stay in host memory in the run, and each use copies them to the device.
+    ``Module.to_empty`` unties parameters and fails on parameters that carry a weakref (peft's prefix encoder)."""
     new: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for name, p in list(module._parameters.items()):
@@ -125,8 +127,80 @@ def materialize(model: torch.nn.Module, device: str) -> None:
         for name, b in list(module._buffers.items()):
             if b is not None:
                 if id(b) not in new:
-                    new[id(b)] = torch.empty_like(b, device=device)
+                    new[id(b)] = torch.empty_like(b, device="meta" if id(b) in host else device)
                 module._buffers[name] = new[id(b)]
+
+
+@contextlib.contextmanager
+def _data_dependent_shapes(what: str) -> Iterator[None]:
+    """A step whose tensor shapes depend on tensor values (a boolean-mask index, ``nonzero``: WaveFT's sparse
+    spectrum, CPT's label masks) has no size on fake tensors: one line saying so and what measures it instead."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    try:
+        yield
+    except (DataDependentOutputException, DynamicOutputShapeException) as exc:
+        op = str(exc).strip() or type(exc).__name__
+        raise UnsupportedModelError(f"{what} cannot be traced on fake tensors: its step has shapes that depend on "
+                                    f"tensor values ({op}); measure it instead (memprof measure, CPU or GPU)") from None
+
+
+def apply_as_run(spec: ModelSpec, setup: RunSetup, peft_config: Any = None) -> torch.nn.Module:
+    """``spec`` built on meta with ``setup``'s method (or ``peft_config``) applied as the run applies it: adapters
+    placed as on the run's device (``_adapters_placed_as_on``), and an initialisation that reads the weights'
+    values (FRoD, SHiRA) run on random CPU weights of this depth, then moved to meta (the memory is the same)."""
+    with _adapters_placed_as_on(setup.device):
+        try:
+            return apply_method(build_base_model(spec, setup, "meta"), spec, setup, copy.deepcopy(peft_config))
+        except ValuesNeededError:
+            model = apply_method(build_base_model(spec, setup, "cpu"), spec, setup, copy.deepcopy(peft_config))
+            materialize(model, "meta")  # not Module.to("meta"), which unties shared weights
+            return model
+
+
+def _host_tensors(model: torch.nn.Module) -> set[int]:
+    """Buffers of peft's layers that peft made on the CPU and never moves to the base layer's device (BOFT's
+    permutation matrices ``boft_P``: ``register_buffer`` outside the adapter dicts that
+    BaseTunerLayer._move_adapter_to_device_of_base_layer moves). The harness keeps them in host memory
+    (``harness.keep_on_host``), as peft's own benchmark does; on the trace's meta base they are the peft buffers
+    not on meta."""
+    return {id(module._buffers[name]) for module, name in host_buffers(model, "meta")}
+
+
+@contextlib.contextmanager
+def _adapters_placed_as_on(device: Device) -> Iterator[None]:
+    """peft moves each new adapter to the device and dtype of its base layer
+    (BaseTunerLayer._move_adapter_to_device_of_base_layer, peft 0.21.2 tuners_utils.py), and a ParameterDict
+    re-wraps each moved tensor as a trainable Parameter. The trace's base layers are on meta, so every entry is
+    moved: AdaLoRA's frozen ``ranknum`` becomes trainable, as on a GPU. On a CPU the run's base layers are on the
+    CPU, and an entry already there in the base dtype is not moved: it stays frozen (in fp32; a bf16 base still
+    casts and re-wraps it). That is restored here for CPU runs."""
+    if device is not Device.cpu:
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    original = BaseTunerLayer._move_adapter_to_device_of_base_layer
+
+    def move(self, adapter_name: str, device: torch.device | None = None) -> None:  # noqa: ANN001
+        base_dtype = self._get_base_layer_device_and_dtype(self.get_base_layer())[1]
+        stay = []
+        for layer_name in self.adapter_layer_names + self.other_param_names:
+            layer = getattr(self, layer_name, None)
+            if isinstance(layer, torch.nn.ParameterDict) and adapter_name in layer:
+                item = layer[adapter_name]
+                if (device is None and item.device.type == "cpu" and not item.requires_grad
+                        and (base_dtype is None or item.dtype == base_dtype or not item.dtype.is_floating_point)):
+                    stay.append((layer, adapter_name))
+        original(self, adapter_name, device)
+        for layer, key in stay:
+            layer[key].requires_grad_(False)
+
+    BaseTunerLayer._move_adapter_to_device_of_base_layer = move
+    try:
+        yield
+    finally:
+        BaseTunerLayer._move_adapter_to_device_of_base_layer = original
 
 
 @contextlib.contextmanager
@@ -191,13 +265,22 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
                           f"(or auto / full), got {layers}")
     if spec.task is Task.seq2seq:
         layers = "full"  # an encoder and a decoder stack: cutting one depth would not scale the other
+    cut_note = None
     if layers == "full" or depth <= max(TRACE_DEPTHS):
         runs = [trace_depth(spec, setup, depth, peft_config)]
     else:
         d1 = int(layers) if isinstance(layers, int) else TRACE_DEPTHS[0]
         if not 1 <= d1 < depth - 1:
             raise ConfigError(f"trace depth must be between 1 and {depth - 2} for a {depth}-block model")
-        runs = [trace_depth(spec, setup, d1, peft_config), trace_depth(spec, setup, d1 + 1, peft_config)]
+        try:
+            runs = [trace_depth(spec, setup, d1, peft_config), trace_depth(spec, setup, d1 + 1, peft_config)]
+        except (ConfigError, LibraryRefusalError) as exc:
+            if peft_config is None or isinstance(exc, ValuesNeededError):
+                raise
+            # a config that names blocks the cut model lacks (AdaptionPrompt's adapter_layers, layers_to_transform):
+            # its structure does not repeat per block, so the whole model is traced (the answer is exact, slower)
+            runs = [trace_depth(spec, setup, depth, peft_config)]
+            cut_note = f"traced at full depth: at {d1} blocks the peft config does not apply ({exc})"
     if len(runs) == 1:
         r = runs[0]
         first, steady, total, trainable, steady_bytes = r.first, r.steady, r.total_params, r.trainable_params, r.steady_bytes
@@ -223,6 +306,8 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
 
     notes = [f"traced {'full depth' if len(runs) == 1 else f'depths {runs[0].depth} and {runs[1].depth}, extrapolated to {depth}'}"
              f" on fake tensors ({'CUDA kernels emulated, 512-byte blocks' if setup.device is Device.cuda else 'CPU kernels'})"]
+    if cut_note:
+        notes.append(cut_note)
     return Estimate(
         kind="traced", spec=spec, setup=setup, total_params=total, trainable_params=trainable, peak=peak,
         peak_phase=_phase_of(peak_key), phase_peaks=tuple(sorted(phase_peaks.items(), key=lambda kv: list(Phase).index(kv[0]))),

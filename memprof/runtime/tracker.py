@@ -87,6 +87,8 @@ class MemoryTracker(TorchDispatchMode):
 
     # ---- registration -------------------------------------------------------------------------------
     def _key_of(self, t: torch.Tensor) -> tuple[int, Any] | None:
+        if t.device.type == "meta":  # no memory: a host-resident tensor in a trace (trace.materialize)
+            return None
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):

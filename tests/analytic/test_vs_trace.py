@@ -174,3 +174,22 @@ def test_categories_agree(family: str, method: str, regime: dict) -> None:
                if abs(a_cats[c] - t_cats[c]) > 0.01 * t.total_bytes}
         assert not bad, f"{phase.value}: categories (analytic, traced) differ beyond 1% of the peak: {bad}"
 
+
+
+DORA_REGIMES = [{"dtype": "fp32", "device": "cpu"}, {"dtype": "fp32"}, {"dtype": "bf16"},
+                {"dtype": "fp16", "regime": "amp"}, {"dtype": "bf16", "regime": "mixed"}]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no dropout", "dropout"])
+@pytest.mark.parametrize("regime", DORA_REGIMES, ids=["fp32 cpu", "fp32", "pure", "amp", "mixed"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_dora(family: str, regime: dict, dropout: float, request: pytest.FixtureRequest) -> None:
+    """DoRA (peft's DoraLinearLayer): the magnitude vector, the detached weight norm built from an identity
+    matrix through A and B and a copy of the weight in x's dtype (freed when the layer returns), and what the
+    scaled sum keeps for backward: the base result, and with LoRA dropout the weight copy the extra linear reads.
+    Open gap (strict: a fix shows up here): fp16 AMP on layers with a bias (BERT, GPT-2), where
+    ``base_result - bias`` promotes the half base result to fp32: BERT's backward -2.6%, GPT-2 up to -6%."""
+    if regime.get("regime") == "amp" and family in ("bert", "gpt2") and (family == "gpt2" or dropout == 0.0):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="DoRA under fp16 AMP with biased layers (open gap)"))
+    _assert_close(_phase_errors(family, {"method": "lora", **regime,
+                                         "lora": {"dora": True, "dropout": dropout, "targets": "all-linear"}}))

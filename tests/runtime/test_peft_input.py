@@ -76,12 +76,19 @@ def test_the_api_takes_a_config_object() -> None:
     assert tr.setup.lora.r == 16 and tr.trainable_params == est.trainable_params
 
 
+def test_a_dora_config_is_modelled_with_peft_s_count() -> None:
+    """use_dora=true: LoRA plus one trainable magnitude per output feature of each target, as peft counts it."""
+    dora = peft.LoraConfig(task_type="CAUSAL_LM", r=8, use_dora=True, target_modules=["q_proj", "v_proj"])
+    est = memprof.estimate(tiny_spec("llama"), peft_config=dora, batch_size=2, seq_len=16)
+    assert est.setup.lora.dora and est.trainable_params == _peft_count(dora)[0]
+
+
 def test_what_the_analytic_model_does_not_cover_is_refused_and_traced(tmp_path: Path) -> None:
-    dora = peft.LoraConfig(task_type="CAUSAL_LM", r=8, use_dora=True)
-    dora.save_pretrained(str(tmp_path / "dora"))
-    with pytest.raises(ConfigError, match="DoRA .* use --trace"):
-        memprof.estimate(tiny_spec("llama"), peft_config=dora)
-    r = runner.invoke(app, ["trace", "Llama-3.2-1B", "--peft-config", str(tmp_path / "dora"), "-b", "1", "-s", "16",
+    subset = peft.LoraConfig(task_type="CAUSAL_LM", r=8, layers_to_transform=[0])
+    subset.save_pretrained(str(tmp_path / "subset"))
+    with pytest.raises(ConfigError, match="layers_to_transform .* use --trace"):
+        memprof.estimate(tiny_spec("llama"), peft_config=subset)
+    r = runner.invoke(app, ["trace", "Llama-3.2-1B", "--peft-config", str(tmp_path / "subset"), "-b", "1", "-s", "16",
                             "--layers", "1"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["estimate", "gpt2", "--peft-config", str(tmp_path)])
