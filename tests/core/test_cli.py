@@ -117,3 +117,20 @@ def test_python_dash_m_runs_the_same_cli() -> None:
     out = subprocess.run([sys.executable, "-m", "memprof", "estimate", "gpt2", "-f", "json"], capture_output=True,
                          text=True, check=True).stdout
     assert json.loads(out)["estimate"]["model"] == "openai-community/gpt2"
+
+
+def test_dora_adds_one_magnitude_per_output_feature_of_each_target(tmp_path: Path) -> None:
+    """--lora-dora (and `dora = true` in a run file): RoBERTa-base's default targets are query and value, 768
+    outputs each in 12 layers, so DoRA trains 12 * 2 * 768 = 18,432 parameters more than LoRA."""
+    import memprof
+
+    lora = memprof.estimate("roberta-base", method="lora", batch_size=1, seq_len=128)
+    dora = memprof.estimate("roberta-base", method="lora", lora={"dora": True}, batch_size=1, seq_len=128)
+    assert dora.trainable_params - lora.trainable_params == 12 * 2 * 768
+    assert dora.peak_bytes > lora.peak_bytes  # the magnitude's states, the weight-norm transients, the kept base result
+    r = CliRunner().invoke(app, ["estimate", "roberta-base", "--method", "lora", "--lora-dora", "-s", "128"])
+    assert r.exit_code == 0 and "lora r=8 DoRA" in r.output, r.output
+    run = tmp_path / "run.toml"
+    run.write_text('method = "lora"\nseq_len = 128\nbatch_size = 1\n[lora]\ndora = true\n')
+    r = CliRunner().invoke(app, ["estimate", "roberta-base", "--config", str(run), "-f", "json"])
+    assert r.exit_code == 0 and f'"trainable_params": {dora.trainable_params}' in r.output, r.output[:500]
