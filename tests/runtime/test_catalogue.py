@@ -5,6 +5,7 @@ must trace, and a known failure that starts to trace fails here until it is take
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from refusals import skip_if_refused  # noqa: E402
 from tiny_configs import tiny_spec  # noqa: E402
 from memprof.config import Device, Dtype, Method, RunSetup  # noqa: E402
 from memprof.runtime.catalogue import default_config, peft_types, trace_method  # noqa: E402
@@ -36,6 +38,9 @@ REAL_RUN_FAILS = {"SHADOW": AttributeError, "XLORA": RuntimeError}
 # traces that fail although the real step runs: gaps to close (strict: a fix shows up here)
 TRACE_GAPS = {"SHIRA": "the backward of a sparse COO tensor built from fake values"}
 
+# prompt learning through the model's past_key_values, as memprof's prefix method (compat.KNOWN_REFUSALS)
+KV_PREFIX = {"PREFIX_TUNING", "CARTRIDGE"}
+
 CASES = [(family, peft_type) for family in MODELS for peft_type in peft_types()]
 
 
@@ -49,6 +54,12 @@ def test_every_peft_method_traces_with_peft_s_own_count(family: str, peft_type: 
     words = ONE_LINE.get((family, peft_type)) or ONE_LINE.get(("*", peft_type))
     if peft_type == "ADAMSS" and importlib.util.find_spec("sklearn") is not None:
         words = None  # installed here: it must trace
+    if peft_type in KV_PREFIX:  # the installed libraries' known refusals of prefix tuning hold for these too
+        from memprof.config import with_method_defaults
+        from memprof.runtime.trace import trace
+
+        prefix = with_method_defaults(dataclasses.replace(SETUP, method=Method.prefix))
+        skip_if_refused(spec, prefix, lambda: trace(spec, SETUP, peft_config=default_config(peft_type, spec)))
     if peft_type in TRACE_GAPS:
         pytest.xfail(f"known gap: {TRACE_GAPS[peft_type]}")
     if peft_type in REAL_RUN_FAILS:
