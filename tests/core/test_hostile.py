@@ -15,6 +15,20 @@ import memprof
 from memprof.cli import app
 from memprof.errors import MemprofError
 
+# Every hostile input is answered promptly: a hang (an unreachable hub retried for minutes, a 10^12-block replay)
+# fails here. Not a speed target: a bound two orders of magnitude above what each case takes.
+HANG_LIMIT_S = 120
+
+
+@pytest.fixture(autouse=True)
+def _answered_promptly():
+    import time
+
+    start = time.monotonic()
+    yield
+    assert time.monotonic() - start < HANG_LIMIT_S, "a hostile input took minutes to answer"
+
+
 # (options given to memprof.estimate("roberta-base", ...), words the one-line error must contain)
 API_CASES = [
     ({"grad_checkpointing": "no"}, "grad checkpointing must be true or false"),
