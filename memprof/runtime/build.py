@@ -7,6 +7,7 @@ a measurement and the estimator's parameter counts describe the same model. Impo
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -197,10 +198,10 @@ def check_peft_config(spec: ModelSpec, setup: RunSetup, path: str | Path) -> Non
 
 def host_buffers(model: torch.nn.Module, device_type: str) -> list[tuple[torch.nn.Module, str]]:
     """(module, buffer name) of the buffers of peft tuner layers that are not on ``device_type``."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover - peft is a dependency of measuring
+    tuners = sys.modules.get("peft.tuners.tuners_utils")  # not imported: no peft layer can be in the model
+    if tuners is None:
         return []
+    BaseTunerLayer = tuners.BaseTunerLayer  # noqa: N806
     return [(m, name) for m in model.modules() if isinstance(m, BaseTunerLayer)
             for name, b in m._buffers.items() if b is not None and b.device.type != device_type]
 

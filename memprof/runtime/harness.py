@@ -14,6 +14,7 @@ clean peak.
 
 from __future__ import annotations
 
+import errno
 import gc
 import math
 import statistics
@@ -291,8 +292,11 @@ def _flops(spec: ModelSpec, setup: RunSetup, peft_config: Any) -> int | None:
 
 
 def is_oom(exc: BaseException) -> bool:
-    """CUDA OutOfMemoryError, Python MemoryError, or a CPU allocator failure (RuntimeError 'can't allocate')."""
+    """CUDA OutOfMemoryError, Python MemoryError, a CPU allocator failure (RuntimeError 'can't allocate'), or
+    an OSError with ENOMEM (a file operation, such as a lazy import, that could not get memory)."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _CPU_OOM_MARKERS)
 

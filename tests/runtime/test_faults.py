@@ -220,8 +220,8 @@ def test_a_sweep_killed_at_several_moments_resumes_with_nothing_lost_or_done_twi
 def test_a_measurement_records_what_ran_beside_it() -> None:
     """Another memprof worker running during a measurement (a second sweep on another file) is counted in the
     record, with the load average against the CPU count, and the measurement says its timings are not the
-    machine's; alone, it counts none."""
-    from memprof.runtime.runner import concurrency_note
+    machine's. (Other suites on this machine may run workers too: the counts are checked against that.)"""
+    from memprof.runtime.runner import concurrency_note, other_workers
 
     def run() -> object:
         return measure(tiny_spec("gpt2"), RunSetup(method=Method.lora, **CPU), out_dir=None, warmup_steps=1,
@@ -229,15 +229,19 @@ def test_a_measurement_records_what_ran_beside_it() -> None:
 
     alone = run()
     load = alone.extra["concurrent_load"]
-    assert load["other_workers"] == 0 and len(load["load_avg_1m"]) == 2 and load["cpu_count"] == os.cpu_count()
-    assert concurrency_note(alone) is None
+    assert len(load["load_avg_1m"]) == 2 and load["cpu_count"] == os.cpu_count()
+    assert (concurrency_note(alone) is None) == (load["other_workers"] == 0)
+    before = other_workers()
     # a process that looks like a worker to anyone listing processes (its command line names the worker module)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "memprof.runtime.worker"])
     try:
         time.sleep(0.2)
+        assert other_workers() >= 1 and (before > 0 or other_workers() == 1)
         beside = run()
     finally:
         other.kill()
         other.wait()
-    assert beside.status == "ok" and beside.extra["concurrent_load"]["other_workers"] == 1
-    assert "1 other memprof measurement ran on this machine at the same time" in concurrency_note(beside)
+    others = beside.extra["concurrent_load"]["other_workers"]
+    assert beside.status == "ok" and others >= 1
+    assert f"{others} other memprof measurement{'s' if others > 1 else ''} ran on this machine at the same time" \
+        in concurrency_note(beside)
