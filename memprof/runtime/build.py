@@ -193,7 +193,10 @@ def check_peft_config(spec: ModelSpec, setup: RunSetup, path: str | Path) -> Non
     config = load_peft_config(path)
     with warnings.catch_warnings(), library_refusals(what_runs(spec, setup, config)):
         warnings.simplefilter("ignore")
-        apply_method(build_base_model(spec, setup, "meta"), spec, setup, config)
+        try:
+            apply_method(build_base_model(spec, setup, "meta"), spec, setup, config)
+        except ValuesNeededError:  # an initialisation that reads weight values (FRoD): the run has them
+            pass
 
 
 def host_buffers(model: torch.nn.Module, device_type: str) -> list[tuple[torch.nn.Module, str]]:

@@ -64,8 +64,6 @@ def _normalise(peaks: dict[str, tuple[int, MemoryBreakdown]], depth: int) -> dic
 
 def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft_config=None) -> DepthTrace:  # noqa: ANN001
     """Trace two steps of ``spec`` cut to ``depth`` blocks on fake tensors."""
-    if peft_config is not None:  # peft fills in and keeps per-model fields (num_layers of prompt learning)
-        peft_config = copy.deepcopy(peft_config)
     if depth is not None and depth != spec.num_layers:
         spec = spec.with_layers(depth)
     check_positions(spec, setup)
@@ -148,7 +146,9 @@ def _data_dependent_shapes(what: str) -> Iterator[None]:
 def apply_as_run(spec: ModelSpec, setup: RunSetup, peft_config: Any = None) -> torch.nn.Module:
     """``spec`` built on meta with ``setup``'s method (or ``peft_config``) applied as the run applies it: adapters
     placed as on the run's device (``_adapters_placed_as_on``), and an initialisation that reads the weights'
-    values (FRoD, SHiRA) run on random CPU weights of this depth, then moved to meta (the memory is the same)."""
+    values (FRoD, SHiRA) run on random CPU weights of this depth, then moved to meta (the memory is the same).
+    peft fills per-model fields into the config it is given (prompt learning's num_layers): each call applies a
+    copy, so the config can be traced at another depth."""
     with _adapters_placed_as_on(setup.device):
         try:
             return apply_method(build_base_model(spec, setup, "meta"), spec, setup, copy.deepcopy(peft_config))

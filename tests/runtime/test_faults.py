@@ -52,6 +52,16 @@ def _workers(tag: str) -> list[int]:
     return pids
 
 
+def _kill_parent(parent: subprocess.Popen, sig: signal.Signals, tag: str) -> None:
+    """Send ``sig`` to a parent and wait for it; no worker carrying ``tag`` may outlive it by more than 2 s."""
+    parent.send_signal(sig)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 2.0
+    while _workers(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _workers(tag) == [], "a worker outlived its parent by more than 2 s"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_killed_parent_leaves_no_worker_and_no_log(tmp_path: Path, sig: signal.Signals) -> None:
@@ -80,12 +90,7 @@ def test_a_killed_parent_leaves_no_worker_and_no_log(tmp_path: Path, sig: signal
             assert time.monotonic() < deadline, "no worker started"
             time.sleep(0.2)
         time.sleep(1.0)  # the worker is importing or stepping
-        parent.send_signal(sig)
-        parent.wait(timeout=30)
-        deadline = time.monotonic() + 2.0
-        while _workers(tag) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _workers(tag) == [], "a worker outlived its parent by more than 2 s"
+        _kill_parent(parent, sig, tag)
         assert list(tmpdir.iterdir()) == [], "a worker log was left behind"
     finally:
         for pid in _workers(tag):
@@ -170,12 +175,7 @@ def test_a_sweep_killed_at_several_moments_resumes_with_nothing_lost_or_done_twi
             time.sleep(0.02)
 
     def kill(proc: subprocess.Popen, sig: signal.Signals, before: list[str]) -> list[str]:
-        proc.send_signal(sig)
-        proc.wait(timeout=30)
-        deadline = time.monotonic() + 2.0
-        while _workers(tag) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _workers(tag) == [], "a worker outlived its parent by more than 2 s"
+        _kill_parent(proc, sig, tag)
         assert _left(tmpdir) == [], "a worker log was left behind"
         after = _lines(out)
         assert after[:len(before)] == before, "a record written before the kill changed or was lost"
