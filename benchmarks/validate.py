@@ -57,7 +57,8 @@ MODELS = ("bert-base-uncased", "gpt2", "Llama-3.2-1B", "Qwen2.5-0.5B", "gemma-2b
 FAMILY = {"bert-base-uncased": "encoder (BERT)", "gpt2": "GPT-2", "Llama-3.2-1B": "LLaMA, GQA 32/8",
           "Qwen2.5-0.5B": "Qwen2, GQA 14/2, qkv bias", "gemma-2b": "Gemma, MQA, 256k vocab",
           "Phi-3-mini-4k-instruct": "Phi-3, fused qkv / gate_up"}
-METHODS = ("full", "lora", "qlora", "adapter", "bitfit", "ia3", "prefix", "prompt", "dora")
+METHODS = ("full", "lora", "qlora", "adapter", "bitfit", "ia3", "prefix", "prompt", "dora", "adalora", "vera", "loha",
+           "lokr", "ln-tuning", "p-tuning", "trainable-tokens")
 # a method row that is another method with options: (method, options merged under the model's own for it)
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"dora": ("lora", {"lora": {"dora": True}})}
 REGIMES: dict[str, dict[str, str]] = {
@@ -73,7 +74,8 @@ CPU_SIZE = (2, 64)                  # real widths, fp32
 NARROW_SIZES = ((2, 64), (1, 128))  # narrow copies, half precisions
 # peft has no default LoRA / IA3 targets for Phi-3: all linears (LoRA), and LLaMA's IA3 choice on Phi-3's names
 METHOD_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "Phi-3-mini-4k-instruct": {"lora": {"lora": {"targets": "all-linear"}}, "qlora": {"lora": {"targets": "all-linear"}},
+    "Phi-3-mini-4k-instruct": {**{m: {"lora": {"targets": "all-linear"}}
+                                  for m in ("lora", "qlora", "adalora", "vera", "loha", "lokr")},
                                "ia3": {"ia3": {"targets": "qkv_proj,down_proj", "feedforward": "down_proj"}}},
 }
 # Narrow copies for the half-precision CPU measurements: the architecture's own structure (model type, GQA

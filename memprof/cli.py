@@ -332,8 +332,11 @@ def compare(
     model: ModelArg = None,
     params: ParamsOpt = None,
     methods: Annotated[Optional[str], typer.Option(
-        "--methods", help="Comma-separated methods: full, lora, qlora, adapter, bitfit, ia3, prefix, prompt "
-                          "(-m/--method gives one).  \\[default: full,lora,adapter,bitfit]")] = None,
+        "--methods", help="Comma-separated methods (any --method value; -m/--method gives one).  "
+                          "\\[default: full,lora,adapter,bitfit; with --arm: full]")] = None,
+    arms: Annotated[Optional[list[str]], typer.Option(
+        "--arm", help="NAME=PATH: a peft config (adapter_config.json or its directory) as one more run, labelled "
+                      "NAME; repeat it for more (LoRA r=8, DoRA r=16 and a saved IA3 config side by side).")] = None,
     batch_sizes: Annotated[Optional[str], typer.Option(
         "--batch-sizes", help="Comma-separated batch sizes to sweep (instead of --batch-size).")] = None,
     seq_lens: Annotated[Optional[str], typer.Option(
@@ -373,7 +376,7 @@ def compare(
         from .documents import render_comparison
         from .report import progress_bar
         from .runtime.runner import default_name
-        from .sweep import MeasureOptions, parse_list, plan_setups, run_sweep
+        from .sweep import MeasureOptions, arm_names, labelled, parse_arms, parse_list, plan_setups, run_sweep
 
         if plot is not None:
             from .plot import check_plot_path
@@ -385,13 +388,16 @@ def compare(
         if methods is not None and run["method"] is not None:
             raise ConfigError("give --methods or -m/--method, not both")
         if methods is None:
-            methods = run["method"] or "full,lora,adapter,bitfit"
+            methods = run["method"] or ("full" if arms else "full,lora,adapter,bitfit")
+        arm_options = parse_arms(arms or [])
         axes = sweep_axes(run, batch_sizes, seq_lens, precisions, checkpointing)
         extra, defaults, device_note = sweep_device(run, axes) if do_measure else ({}, {}, None)
         note = "; ".join(n for n in (note, device_note) if n)
         overrides = {**setup_overrides(run), **extra}
         setups = plan_setups(parse_list(methods, "--methods"), overrides, file=run["config"], defaults=defaults,
-                             **axes)
+                             arms=arm_options, **axes)
+        names = arm_names(spec, arm_options, lambda arm: plan_setups([], overrides, file=run["config"],
+                                                                     defaults=defaults, arms=[arm], **axes))
         check_sequence_length(spec, max(s.seq_len for s in setups))  # a length no method can run: refused, as estimate
         if out is None and (do_measure or do_trace):
             out = Path("compare") / f"{default_name(spec)}.jsonl"
@@ -404,7 +410,7 @@ def compare(
         if out is not None:
             err_console.print(Text(f"{out}: {result.reused} of {result.planned} runs reused from earlier sweeps, "
                                    f"{result.planned - result.reused} run now", style="dim"))
-        rows = compare_runs(result.rows)
+        rows = [labelled(r, names) for r in compare_runs(result.rows)]
         render_comparison([r.to_row() for r in rows], fmt, console, by_category=by_category, columns_wanted=columns,
                           png=_png(rows, fmt))
         _plot(rows, plot)

@@ -35,7 +35,9 @@ GpuOpt = Annotated[Optional[str], typer.Option(
 
 RUN_OPTIONS: list[tuple[str, Any]] = [
     ("method", Annotated[Optional[str], typer.Option(
-        "--method", "-m", help="full | lora | qlora | adapter | bitfit | ia3 | prefix | prompt  \\[default: full]")]),
+        "--method", "-m", help="full | lora | qlora | adapter | bitfit | ia3 | prefix | prompt | adalora | vera | loha | "
+                               "lokr | ln-tuning | p-tuning | trainable-tokens (DoRA: lora with --lora-dora; any other "
+                               "peft config: --peft-config with trace or measure)  \\[default: full]")]),
     ("batch_size", Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Sequences per step.  \\[default: 1]")]),
     ("seq_len", Annotated[Optional[int], typer.Option("--seq-len", "-s", help="Tokens per sequence.  \\[default: 512]")]),
     ("dtype", Annotated[Optional[str], typer.Option("--dtype", help="fp32 | bf16 | fp16  \\[default: bf16]")]),
@@ -53,7 +55,8 @@ RUN_OPTIONS: list[tuple[str, Any]] = [
     ("task", Annotated[Optional[str], typer.Option(
         "--task", help="seq-cls | causal-lm  \\[default: seq-cls for encoders, causal-lm for decoders]")]),
     ("num_labels", Annotated[Optional[int], typer.Option("--num-labels", help="Classes of a seq-cls head. \\[default: 2]")]),
-    ("lora_r", Annotated[Optional[int], typer.Option("--lora-r", help="LoRA/QLoRA rank.  \\[default: 8]")]),
+    ("lora_r", Annotated[Optional[int], typer.Option(
+        "--lora-r", help="Rank of LoRA, QLoRA, AdaLoRA (init_r), VeRA, LoHa, LoKr.  \\[default: 8; AdaLoRA 12, VeRA 256]")]),
     ("lora_alpha", Annotated[Optional[int], typer.Option("--lora-alpha", help="LoRA alpha.  \\[default: 8]")]),
     ("lora_dropout", Annotated[Optional[float], typer.Option("--lora-dropout", help="LoRA dropout.  \\[default: 0]")]),
     ("lora_targets", Annotated[Optional[str], typer.Option(
@@ -81,6 +84,10 @@ RUN_OPTIONS: list[tuple[str, Any]] = [
         "--virtual-tokens", help="Prefix/prompt tuning: virtual tokens.  \\[default: 20]")]),
     ("prefix_projection", Annotated[Optional[bool], typer.Option(
         "--prefix-projection/--no-prefix-projection", help="Prefix tuning through an MLP.  \\[default: off]")]),
+    ("prompt_encoder_hidden", Annotated[Optional[int], typer.Option(
+        "--prompt-encoder-hidden", help="P-tuning's encoder width (prefix: the projection's).  \\[default: hidden size]")]),
+    ("tokens_trained", Annotated[Optional[int], typer.Option(
+        "--tokens-trained", help="Trainable tokens: how many embedding rows train.  \\[default: 3]")]),
     ("loop", Annotated[Optional[str], typer.Option(
         "--loop", help="torch | trainer: the training loop (trainer: transformers' Trainer defaults).  \\[default: torch]")]),
     ("optimizer_impl", Annotated[Optional[str], typer.Option(
@@ -112,11 +119,13 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Run shape": ("method", "batch_size", "seq_len", "task", "num_labels"),
     "Precision and kernels": ("dtype", "regime", "optimizer", "attn", "device", "grad_checkpointing", "dropout"),
     "The loop": ("loop", "optimizer_impl", "zero_grad", "grad_accum", "padded", "keep_outputs", "use_cache"),
-    "LoRA / QLoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_bias", "lora_dora", "modules_to_save",
+    "LoRA and LoRA-like (QLoRA, AdaLoRA, VeRA, LoHa, LoKr)": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_bias", "lora_dora", "modules_to_save",
                      "quant_type", "double_quant"),
     "Bottleneck adapters": ("adapter_variant", "adapter_size", "adapter_reduction", "adapter_act",
                             "adapter_train_norms"),
-    "IA3, prefix and prompt tuning": ("ia3_targets", "ia3_feedforward", "virtual_tokens", "prefix_projection"),
+    "IA3, prefix, prompt and P-tuning, trainable tokens": ("ia3_targets", "ia3_feedforward", "virtual_tokens",
+                                                           "prefix_projection", "prompt_encoder_hidden",
+                                                           "tokens_trained"),
     "Overheads and config file": ("cuda_context_mib", "reserve_frac", "config"),
 }
 for _name, _annotation in RUN_OPTIONS:
@@ -151,7 +160,9 @@ def setup_overrides(run: dict[str, Any]) -> dict[str, Any]:
                     "reduction_factor": run["adapter_reduction"], "activation": run["adapter_act"],
                     "train_norms": run["adapter_train_norms"]},
         "ia3": {"targets": run["ia3_targets"], "feedforward": run["ia3_feedforward"]},
-        "prompt": {"num_virtual_tokens": run["virtual_tokens"], "projection": run["prefix_projection"]},
+        "prompt": {"num_virtual_tokens": run["virtual_tokens"], "projection": run["prefix_projection"],
+                   "projection_hidden": run["prompt_encoder_hidden"]},
+        "trainable_tokens": {"count": run["tokens_trained"]},
         "overheads": {"allocator_reserve_frac": run["reserve_frac"]},
     }
     out: dict[str, Any] = {

@@ -170,7 +170,9 @@ def method_name(setup: RunSetup) -> str:
         return "DoRA"
     return {Method.prefix: "prefix tuning", Method.prompt: "prompt tuning", Method.lora: "LoRA",
             Method.qlora: "QLoRA", Method.ia3: "IA3", Method.bitfit: "BitFit", Method.adapter: "bottleneck adapters",
-            Method.full: "full fine-tuning"}[setup.method]
+            Method.full: "full fine-tuning", Method.adalora: "AdaLoRA", Method.vera: "VeRA", Method.loha: "LoHa",
+            Method.lokr: "LoKr", Method.ln_tuning: "LN tuning", Method.p_tuning: "P-tuning",
+            Method.trainable_tokens: "trainable tokens"}[setup.method]
 
 
 def run_description(spec: ModelSpec, setup: RunSetup) -> str:

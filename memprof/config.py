@@ -44,6 +44,19 @@ class Method(str, Enum):
     ia3 = "ia3"
     prefix = "prefix"
     prompt = "prompt"
+    adalora = "adalora"                    # AdaLoRA (Zhang et al. 2023): SVD-form LoRA, rank budget reallocated
+    vera = "vera"                          # VeRA (Kopiczko et al. 2024): shared frozen random A, B; trained scales
+    loha = "loha"                          # LoHa (LyCORIS): Hadamard product of two low-rank products
+    lokr = "lokr"                          # LoKr (LyCORIS): Kronecker product of two small factors
+    ln_tuning = "ln-tuning"                # LN tuning (Zhao et al. 2024): trainable copies of the norm layers
+    p_tuning = "p-tuning"                  # P-tuning (Liu et al. 2021): virtual tokens through an MLP encoder
+    trainable_tokens = "trainable-tokens"  # peft trainable tokens: a trained delta for chosen embedding rows
+
+
+# LoRA-like methods: each adapts the linear targets that [lora] names (r, alpha, dropout, targets,
+# modules_to_save); each peft config's own default rank (AdaLoRA's init_r: the rank it starts from and holds).
+LORA_FAMILY: dict[Method, int] = {Method.lora: 8, Method.qlora: 8, Method.adalora: 12, Method.vera: 256,
+                                  Method.loha: 8, Method.lokr: 8}
 
 
 class Optimizer(str, Enum):
@@ -180,6 +193,17 @@ class PromptLearningSpec:
 
 
 @dataclass(frozen=True)
+class TokensSpec:
+    """peft trainable tokens: how many embedding rows train (their indices do not change the memory)."""
+
+    count: int = 3
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "trainable_tokens")
+        _check_int("trainable token count", self.count, 1, 1 << 22)
+
+
+@dataclass(frozen=True)
 class Overheads:
     """Memory outside tensors. Defaults are typical values; measure yours with `memprof measure` on the GPU."""
 
@@ -214,6 +238,7 @@ class RunSetup:
     adapter: AdapterSpec | None = None
     ia3: IA3Spec | None = None
     prompt: PromptLearningSpec | None = None
+    trainable_tokens: TokensSpec | None = None
     overheads: Overheads = field(default_factory=Overheads)
     # ---- the loop around the model (defaults: a plain torch loop, one micro-batch, no padding) ----------------
     loop: Loop = Loop.torch
@@ -237,12 +262,16 @@ class RunSetup:
         if self.regime in (Regime.pure, Regime.amp, Regime.mixed) and self.dtype is Dtype.fp32:
             raise ConfigError(f"regime {self.regime.value} needs a half dtype (bf16 or fp16), got fp32")
         allowed = METHOD_OPTIONS[self.method]
-        for name in ("lora", "quant", "adapter", "ia3", "prompt"):
+        for name in OPTION_GROUPS:
             if getattr(self, name) is not None and name not in allowed:
                 raise ConfigError(
                     f"{name} options do not apply to method '{self.method.value}'"
                     f" (they apply to: {', '.join(m.value for m, o in METHOD_OPTIONS.items() if name in o)})"
                 )
+        lora = self.lora
+        if lora is not None and self.method not in (Method.lora, Method.qlora) and (lora.bias != "none" or lora.dora):
+            raise ConfigError(f"lora {'bias' if lora.bias != 'none' else 'dora'} applies to lora and qlora only, "
+                              f"not to {self.method.value} (its peft config has no such option)")
 
     @property
     def effective_regime(self) -> Regime:
@@ -300,6 +329,12 @@ FUSED_OPTIMIZERS = (Optimizer.adamw, Optimizer.sgd, Optimizer.sgd_momentum)
 # `memprof measure` on a CPU: a size a 2-core machine finishes in minutes, in fp32 (CPU bf16 matmuls are slow).
 CPU_MEASURE_DEFAULTS: dict[str, Any] = {"dtype": Dtype.fp32, "batch_size": 8, "seq_len": 128}
 
+# The RunSetup fields that hold one method's options
+OPTION_GROUPS = ("lora", "quant", "adapter", "ia3", "prompt", "trainable_tokens")
+
+# Methods peft builds (the others: full fine-tuning, memprof's bottleneck adapters, BitFit).
+PEFT_METHODS: tuple[Method, ...] = tuple(m for m in Method if m not in (Method.full, Method.adapter, Method.bitfit))
+
 # Which option groups each method reads; resolve_setup fills in the defaults for them.
 METHOD_OPTIONS: dict[Method, tuple[str, ...]] = {
     Method.full: (),
@@ -310,15 +345,27 @@ METHOD_OPTIONS: dict[Method, tuple[str, ...]] = {
     Method.ia3: ("ia3",),
     Method.prefix: ("prompt",),
     Method.prompt: ("prompt",),
+    Method.adalora: ("lora",),
+    Method.vera: ("lora",),
+    Method.loha: ("lora",),
+    Method.lokr: ("lora",),
+    Method.ln_tuning: (),
+    Method.p_tuning: ("prompt",),
+    Method.trainable_tokens: ("trainable_tokens",),
 }
 _DEFAULT_OPTIONS = {"lora": LoraSpec, "quant": QuantSpec, "adapter": AdapterSpec, "ia3": IA3Spec,
-                    "prompt": PromptLearningSpec}
+                    "prompt": PromptLearningSpec, "trainable_tokens": TokensSpec}
+
+
+def method_option_defaults(method: Method, group: str) -> dict[str, Any]:
+    """Option values a method's peft config defaults differently from the group's dataclass (the rank)."""
+    return {"r": LORA_FAMILY[method]} if group == "lora" and method in LORA_FAMILY else {}
 
 
 def with_method_defaults(setup: RunSetup) -> RunSetup:
     """Fill the option groups the method reads with their defaults (an unset LoraSpec for LoRA, ...)."""
-    missing = {name: _DEFAULT_OPTIONS[name]() for name in METHOD_OPTIONS[setup.method]
-               if getattr(setup, name) is None}
+    missing = {name: _DEFAULT_OPTIONS[name](**method_option_defaults(setup.method, name))
+               for name in METHOD_OPTIONS[setup.method] if getattr(setup, name) is None}
     return dataclasses.replace(setup, **missing) if missing else setup
 
 

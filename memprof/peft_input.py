@@ -5,7 +5,9 @@ describes (pure: reads JSON, never imports peft).
 Modelled analytically: LoRA (r, lora_alpha, lora_dropout, target_modules as names, "all-linear" or a regular
 expression, bias, modules_to_save, use_dora; rsLoRA and the PiSSA / OLoRA / LoftQ / EVA initialisations change
 values, not memory), IA3 (target and feed-forward modules), prefix tuning (virtual tokens, projection and its
-width) and prompt tuning (virtual tokens). What would change memory in ways the analytic model does not follow
+width), prompt tuning (virtual tokens), AdaLoRA (init_r), VeRA, LoHa and LoKr (rank, alpha, dropout, targets,
+modules_to_save), LN tuning at peft's default targets, P-tuning's MLP encoder, trainable tokens (how many). What
+would change memory in ways the analytic model does not follow
 (per-module ranks, a subset of layers, other peft methods) is refused in one line that says to use ``--trace``,
 which runs the real peft code.
 """
@@ -66,6 +68,17 @@ def peft_dict(config: Any) -> dict[str, Any]:
     raise ConfigError(f"not a peft config: {type(config).__name__}")
 
 
+# peft_type -> (memprof method, the rank's key, peft's default rank, options memprof models only at their default)
+LORA_LIKE: dict[str, tuple[str, str, int, dict[str, Any]]] = {
+    "ADALORA": ("adalora", "init_r", 12, {"rank_pattern": None, "layers_to_transform": None}),
+    "VERA": ("vera", "r", 256, {"layers_to_transform": None}),
+    "LOHA": ("loha", "r", 8, {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
+                               "rank_pattern": None, "layers_to_transform": None}),
+    "LOKR": ("lokr", "r", 8, {"rank_dropout": 0.0, "module_dropout": 0.0, "decompose_both": False,
+                               "decompose_factor": -1, "rank_pattern": None, "layers_to_transform": None}),
+}
+
+
 def _names(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -113,6 +126,30 @@ def run_options(config: Any) -> dict[str, Any]:
                                             "projection_hidden": data.get("encoder_hidden_size")})
     elif kind == "PROMPT_TUNING":
         out.update(method="prompt", prompt={"num_virtual_tokens": int(data.get("num_virtual_tokens", 20))})
+    elif kind in LORA_LIKE:
+        method, rank_key, default_r, unmodelled = LORA_LIKE[kind]
+        for key, default in unmodelled.items():
+            if data.get(key) and data.get(key) != default:  # saved configs carry the defaults ({} rank_pattern)
+                raise refuse(f"{key} = {data[key]!r}")
+        lora = {"r": int(data.get(rank_key) or default_r), "targets": _names(data.get("target_modules"))}
+        if "alpha" in data or "lora_alpha" in data:
+            lora["alpha"] = int(data.get("alpha", data.get("lora_alpha")) or 8)
+        if data.get("lora_dropout") or data.get("vera_dropout"):
+            lora["dropout"] = float(data.get("lora_dropout") or data.get("vera_dropout"))
+        if data.get("modules_to_save") is not None:
+            lora["modules_to_save"] = tuple(data["modules_to_save"])
+        out.update(method=method, lora=lora)
+    elif kind == "LN_TUNING" and data.get("target_modules") is None:
+        out.update(method="ln-tuning")
+    elif kind == "P_TUNING":
+        if str(data.get("encoder_reparameterization_type", "MLP")).upper().split(".")[-1] != "MLP" \
+                or int(data.get("encoder_num_layers", 2)) != 2:
+            raise refuse("prompt encoder other than peft's default 2-layer MLP (LSTM, or another depth)")
+        out.update(method="p-tuning", prompt={"num_virtual_tokens": int(data.get("num_virtual_tokens", 20)),
+                                              "projection_hidden": data.get("encoder_hidden_size")})
+    elif kind == "TRAINABLE_TOKENS" and data.get("target_modules") in (None, ["embed_tokens"], "embed_tokens"):
+        out.update(method="trainable-tokens",
+                   trainable_tokens={"count": max(1, len(data.get("token_indices") or []))})
     else:
         raise refuse(f"method {kind or '?'}")
     return out

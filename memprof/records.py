@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .config import RunSetup
+from .config import OPTION_GROUPS, RunSetup
 from .spec import ModelSpec
 
 
@@ -174,7 +174,7 @@ def loop_options_str(setup: RunSetup) -> str:
 def method_options_str(setup: RunSetup) -> str:
     """A short stable description of the method's options (part of the join key)."""
     parts = []
-    for name in ("lora", "quant", "adapter", "ia3", "prompt"):
+    for name in OPTION_GROUPS:
         value = getattr(setup, name)
         if value is None:
             continue

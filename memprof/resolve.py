@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from .config import (CPU_MEASURE_DEFAULTS, AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3Spec, Loop,
                      LoraSpec, Method, Optimizer, OptimizerImpl, Overheads, PromptLearningSpec, QuantSpec, Regime,
-                     RunSetup, ZeroGrad, with_method_defaults)
+                     RunSetup, TokensSpec, ZeroGrad, method_option_defaults, with_method_defaults)
 from .errors import ConfigError
 
 _ENUM_FIELDS: dict[str, type[Enum]] = {
@@ -23,7 +23,7 @@ _ENUM_FIELDS: dict[str, type[Enum]] = {
 }
 _GROUP_FIELDS: dict[str, type] = {
     "lora": LoraSpec, "quant": QuantSpec, "adapter": AdapterSpec, "ia3": IA3Spec, "prompt": PromptLearningSpec,
-    "overheads": Overheads,
+    "trainable_tokens": TokensSpec, "overheads": Overheads,
 }
 
 
@@ -72,6 +72,7 @@ FLAG_ALIASES: dict[str, tuple[str, str, float]] = {
     "adapter_act": ("adapter", "activation", 1), "adapter_train_norms": ("adapter", "train_norms", 1),
     "ia3_targets": ("ia3", "targets", 1), "ia3_feedforward": ("ia3", "feedforward", 1),
     "virtual_tokens": ("prompt", "num_virtual_tokens", 1), "prefix_projection": ("prompt", "projection", 1),
+    "prompt_encoder_hidden": ("prompt", "projection_hidden", 1), "tokens_trained": ("trainable_tokens", "count", 1),
     "cuda_context_mib": ("overheads", "cuda_context_bytes", 2**20),
     "reserve_frac": ("overheads", "allocator_reserve_frac", 1),
 }
@@ -159,6 +160,13 @@ def resolve_setup(file: Path | None = None, overrides: Mapping[str, Any] | None 
             else:
                 merged[key] = val
     kwargs: dict[str, Any] = {}
+    try:  # a method's own defaults inside its option groups (VeRA's rank 256 unless r is given)
+        method = parse_enum(Method, merged.get("method", Method.full), "method")
+    except ConfigError:
+        method = Method.full  # reported below
+    for group, values in merged.items():
+        if isinstance(values, Mapping) and method_option_defaults(method, group):
+            merged[group] = {**method_option_defaults(method, group), **values}
     known = {f.name for f in dataclasses.fields(RunSetup)}
     for key, val in merged.items():
         if key not in known:

@@ -21,14 +21,14 @@ import contextlib
 import datetime
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import __version__
 from .comparison import key_of
 from .compat import TESTED_VERSIONS, installed_versions, known_refusal, refusal_error, require_torch_stack
-from .config import METHOD_OPTIONS, Method, RunSetup, check_timeout
+from .config import METHOD_OPTIONS, OPTION_GROUPS, Method, RunSetup, check_timeout
 from .resolve import parse_enum, resolve_setup
 from .errors import (ConfigError, DependencyMissingError, DeviceUnavailableError, LibraryRefusalError, MemprofError,
                      UnsupportedModelError)
@@ -85,11 +85,14 @@ def parse_switches(text: str | None, what: str) -> tuple[bool, ...]:
 def plan_setups(methods: Sequence[str], overrides: Mapping[str, Any], *, batch_sizes: Sequence[int] = (),
                 seq_lens: Sequence[int] = (), precisions: Sequence[tuple[str, str | None]] = (),
                 checkpointing: Sequence[bool] = (), file: Path | None = None,
-                defaults: Mapping[str, Any] | None = None) -> list[RunSetup]:
+                defaults: Mapping[str, Any] | None = None,
+                arms: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> list[RunSetup]:
     """Every combination, methods innermost (so each full run precedes the PEFT runs compared with it).
 
     Args:
         methods: method names (full, lora, ...).
+        arms: (name, run options of a peft config) pairs (``parse_arms``), after the methods: each arm's own
+            method and options replace the shared option groups.
         overrides: resolve_setup overrides shared by all runs; method option groups (``lora``, ``adapter``,
             ...) are passed only to the methods that read them.
         batch_sizes, seq_lens, precisions ((dtype, regime or None)), checkpointing: the sweep's axes; an
@@ -101,26 +104,78 @@ def plan_setups(methods: Sequence[str], overrides: Mapping[str, Any], *, batch_s
         ConfigError: an unknown method or an invalid option.
     """
     parsed = [parse_enum(Method, m, "method") for m in methods]
-    if not parsed:
+    if not parsed and not arms:
         raise ConfigError("give at least one method (--methods full,lora,...)")
-    # an option group no swept method reads would be dropped silently: refuse it, as estimate does
-    for group in ("lora", "quant", "adapter", "ia3", "prompt"):
+    # an option group no swept method reads would be dropped silently: refuse it, as estimate does (an arm's
+    # options come from its peft config, not from the flags)
+    for group in OPTION_GROUPS:
         if overrides.get(group) is not None and not any(group in METHOD_OPTIONS[m] for m in parsed):
             users = ", ".join(m.value for m, o in METHOD_OPTIONS.items() if group in o)
             raise ConfigError(f"{group} options do not apply to the methods swept ({', '.join(m.value for m in parsed)});"
                               f" they apply to: {users}")
     setups = []
-    for (dtype, regime), ckpt, b, s, method in itertools.product(
-            precisions or [(None, None)], checkpointing or [None], batch_sizes or [None], seq_lens or [None], parsed):
+    runs: list[tuple[Method | None, Mapping[str, Any]]] = [(m, {}) for m in parsed] + [(None, o) for _, o in arms]
+    for (dtype, regime), ckpt, b, s, (method, arm) in itertools.product(
+            precisions or [(None, None)], checkpointing or [None], batch_sizes or [None], seq_lens or [None], runs):
         run = dict(overrides)
-        for group in ("lora", "quant", "adapter", "ia3", "prompt"):
-            if group not in METHOD_OPTIONS[method]:
+        for group in OPTION_GROUPS:
+            if method is None or group not in METHOD_OPTIONS[method]:
                 run.pop(group, None)
+        run.update(arm)
+        method = method or parse_enum(Method, arm["method"], "method")
         axes = {"method": method, "batch_size": b, "seq_len": s, "grad_checkpointing": ckpt, "dtype": dtype,
                 "regime": regime}
         run.update({k: v for k, v in axes.items() if v is not None})
         setups.append(resolve_setup(file, run, defaults=defaults))
     return list(dict.fromkeys(setups))
+
+
+def parse_arms(items: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """``NAME=PATH`` pairs (``compare --arm``): each peft config read and mapped onto run options.
+
+    Raises:
+        ConfigError: not NAME=PATH, a repeated name, an unreadable config, or one the analytic model does not follow
+            (its run could not be labelled or estimated: trace it with ``memprof trace --peft-config``).
+    """
+    from .peft_input import UnmodelledPeftConfig, load_peft_config, run_options
+
+    out: list[tuple[str, dict[str, Any]]] = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not path.strip():
+            raise ConfigError(f"--arm takes NAME=PATH (a peft config file or the directory save_pretrained wrote), "
+                              f"got {item!r}")
+        if any(not c.isprintable() for c in name) or len(name) > 64:
+            raise ConfigError(f"--arm name {name!r} must be printable and at most 64 characters")
+        if name in (n for n, _ in out):
+            raise ConfigError(f"--arm name '{name}' is given twice; each arm needs its own name")
+        try:
+            options = run_options(load_peft_config(path.strip()))
+        except UnmodelledPeftConfig as exc:
+            reason = str(exc).split("; use --trace")[0]
+            raise ConfigError(f"arm '{name}': {reason}; compare takes the configs memprof models (this one runs "
+                              f"under memprof trace --peft-config {path.strip()})") from None
+        out.append((name, options))
+    return out
+
+
+def arm_names(spec: ModelSpec, arms: Sequence[tuple[str, Mapping[str, Any]]],
+              plan: Callable[[tuple[str, Mapping[str, Any]]], Sequence[RunSetup]]) -> dict[tuple, str]:
+    """The runs each arm plans (``plan``: plan_setups for that arm alone), by their comparison key: its name.
+    Two arms whose configs cost the same (same method and memory-relevant options) share one run and both names."""
+    names: dict[tuple, str] = {}
+    for arm in arms:
+        for setup in plan(arm):
+            key = key_of(setup_row(spec, setup))
+            names[key] = names[key] + ", " + arm[0] if key in names and arm[0] not in names[key] else arm[0]
+    return names
+
+
+def labelled(row: Any, names: Mapping[tuple, str]) -> Any:
+    """A comparison row whose run is an arm's, with the arm's name before its method ('dora-16 (lora)')."""
+    name = names.get(key_of(row.setup))
+    return row if name is None else replace(row, setup={**row.setup, "method": f"{name} ({row.setup['method']})"})
 
 
 # ---- records -------------------------------------------------------------------------------------------------

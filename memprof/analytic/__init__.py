@@ -92,7 +92,7 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     setup = with_method_defaults(setup)
     check_runnable(setup)
     if spec.family is not Family.llama:
-        extra = setup.prompt.num_virtual_tokens if setup.method is Method.prompt and setup.prompt else 0
+        extra = setup.prompt.num_virtual_tokens if setup.method in (Method.prompt, Method.p_tuning) and setup.prompt else 0
         check_sequence_length(spec, setup.seq_len + extra)
     pc, sb, tl = _structure(spec, setup, tracked)
     b, s = setup.batch_size, setup.seq_len

@@ -14,7 +14,7 @@ from ..config import Device, Method, RunSetup
 from ..spec import Family, ModelSpec, Task
 from . import peft_methods
 from .modules import Module
-from .sim import WCOPY, Graph, T
+from .sim import WCOPY, Graph, P, T
 
 
 @dataclass
@@ -28,6 +28,8 @@ class Ctx:
     amp: str | None             # autocast dtype (AMP regime) else None
     lora: dict = field(default_factory=dict)       # full module name -> rank
     ia3: dict = field(default_factory=dict)        # full module name -> is_feedforward
+    ln_tuned: set = field(default_factory=set)     # norm layers LN tuning copies (trainable)
+    adalora_factors: list = field(default_factory=list)  # AdaLoRA's lora_A / lora_B, for the orthogonal loss
     saved_modules: tuple = ()                      # peft modules_to_save (trainable copy)
     params: dict = field(default_factory=dict)     # name -> param handle (tied weights share one)
     wcache: dict = field(default_factory=dict)     # autocast cache of half weight copies
@@ -51,6 +53,8 @@ class Ctx:
             return m.kind == "norm" and bool(self.setup.adapter and self.setup.adapter.train_norms)
         if any(full_name == s or full_name.startswith(s + ".") for s in self.saved_modules):
             return True   # the trainable copy is the one the forward uses
+        if full_name in self.ln_tuned:
+            return True   # LN tuning: the forward runs the trainable copy (ln_tuning_layers), not the original
         if method in (Method.lora, Method.qlora) and kind == "bias" and self.setup.lora is not None:
             if self.setup.lora.bias == "all":
                 return True
@@ -65,6 +69,35 @@ class Ctx:
             width = m.d_out if m.kind in ("linear", "conv1d", "embedding") else m.d_in
             self.params[key] = self.g.param(numel, width, self.wdt, self.trainable(full_name, m, kind), key)
         return self.params[key]
+
+    def embed(self, ids: T, full_name: str, m: Module, label: str) -> T:
+        """The input embedding lookup. peft trainable tokens (trainable_tokens/layer.py) look up a merged copy,
+        ``W.index_copy(0, indices, delta.to(W))``: a vocabulary-sized tensor built every forward and freed after
+        the lookup, whose gradient (embedding_dense_backward) is vocabulary-sized too before index_copy's
+        backward selects the delta's rows."""
+        g, h = self.g, self.spec.hidden_size
+        w = self.param(full_name, m)
+        if self.setup.method is not Method.trainable_tokens:
+            return g.embedding(ids, w, h, self.wdt, label)
+        merged = self.merged_tokens(w, label)
+        out = g.embedding(ids, merged, h, self.wdt, label)
+        g.drop(merged)
+        return out
+
+    def merged_tokens(self, w: T, label: str) -> T:
+        """peft TrainableTokensLayer.get_merged_weights: ``W.index_copy(0, indices, delta.to(W))``, a new
+        matrix of W's size; a tied output layer shares the embedding's delta (tied_adapter)."""
+        g, h = self.g, self.spec.hidden_size
+        assert self.setup.trainable_tokens is not None
+        n = self.setup.trainable_tokens.count
+        if "trainable_tokens_delta" not in self.params:
+            self.params["trainable_tokens_delta"] = g.param(n * h, h, "fp32", True, "trainable_tokens_delta")
+        cast = g.cast(self.params["trainable_tokens_delta"], w.dtype, label + " trainable tokens delta (cast)")
+        index = g.new(P(c=n), 1, "int64", label + " token indices")
+        merged = g.new(w.numel, h, w.dtype, label + " merged matrix")
+        g.custom("index_copy", [w, cast], [merged], [index], [False, True])
+        g.drop(cast, index)
+        return merged
 
     @property
     def kv_cat(self) -> bool:
@@ -140,10 +173,13 @@ class Ctx:
             if wq is not None:
                 g.drop(wq)
         r = self.lora.get(full_name)
+        method = self.setup.method
         if r and self.setup.lora is not None and self.setup.lora.dora:
             y = peft_methods.dora(self, x_in, y, r, m, label, w, bias)
-        elif r:
+        elif r and method in (Method.lora, Method.qlora):
             y = peft_methods.lora(self, x_in, y, r, m, label)
+        elif r:
+            y = peft_methods.LORA_LIKE[method](self, x_in, y, r, m, label)
         if x_in is not x:
             g.drop(x_in)
         g.drop(xh)

@@ -126,6 +126,11 @@ def explain_terms(spec: ModelSpec, setup: RunSetup, pc: ParamCounts, sb: StateBy
                           f"P_q x 0.5 B + absmax + P_other x {wb} B",
                           f"{pc.quantized:,} x 0.5 B + constants + {other:,} x {wb} B", sb.params_frozen,
                           "Dettmers et al. 2023 (QLoRA) Sec. 2: NF4 + double quantization"))
+    elif pc.buffers_fp32:
+        terms.append(Term(Category.params_frozen, "frozen weights + VeRA's shared projections (fp32 buffers)",
+                          f"P_f x {wb} B ({dt}) + r x (max d_in + max d_out) x 4 B",
+                          f"{pc.frozen:,} x {wb} B + {pc.buffers_fp32:,} x 4 B", sb.params_frozen,
+                          "peft 0.21 vera/model.py _init_vera_A_vera_B: one vera_A, vera_B shared by every target"))
     else:
         terms.append(Term(Category.params_frozen, "frozen weights", f"P_f x {wb} B ({dt})",
                           f"{pc.frozen:,} x {wb} B", sb.params_frozen, _STATE_SOURCE))

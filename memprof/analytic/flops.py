@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import IA3Spec, LoraSpec, Method, RunSetup
+from ..config import LORA_FAMILY, PEFT_METHODS, IA3Spec, LoraSpec, Method, RunSetup
 from ..errors import UnsupportedModelError
 from ..spec import Family, ModelSpec
 from . import params as _params
@@ -102,14 +102,16 @@ def _plan(spec: ModelSpec, setup: RunSetup) -> _Plan:
     input_grad = setup.grad_checkpointing  # transformers enables input grads with checkpointing
     if method is Method.full:
         return _Plan(everything, biases, {}, {}, frozenset(), 0, False, True)
-    if method in (Method.lora, Method.qlora, Method.ia3, Method.prefix, Method.prompt):
+    if method in PEFT_METHODS and method is not Method.trainable_tokens:
         lora_spec = setup.lora or LoraSpec()
         saved = _params.modules_to_save(spec, lora_spec.modules_to_save if setup.lora else None)
         weights = frozenset(n for n in everything if _saved(n, saved))
         bias_set = frozenset(n for n in biases if _saved(n, saved))
-    if method in (Method.lora, Method.qlora):
+    if method in LORA_FAMILY:
+        # AdaLoRA and VeRA run two rank-r matmuls per target as LoRA does; LoHa and LoKr are counted by the same
+        # rank-r path (their per-forward delta matmul at full weight size is not counted: a known gap)
         lora_spec = setup.lora or LoraSpec()
-        chosen = _params.resolve_lora_targets(spec, lora_spec)
+        chosen = _params.resolve_lora_targets(spec, lora_spec, method)
         lora = {n: lora_spec.r for n, _ in chosen}
         if lora_spec.bias == "all":
             bias_set |= biases
@@ -119,8 +121,12 @@ def _plan(spec: ModelSpec, setup: RunSetup) -> _Plan:
     elif method is Method.ia3:
         # peft IA3 target resolution lives in params (exact counts are tested there)
         ia3 = {n: ff for n, _, ff in _params.resolve_ia3_targets(spec, setup.ia3 or IA3Spec())}
-    elif method is Method.prompt:
+    elif method in (Method.prompt, Method.p_tuning):
         input_grad = True
+    elif method is Method.ln_tuning:
+        tuned = frozenset(n for n, _ in _params.resolve_ln_targets(spec))
+        weights |= tuned
+        bias_set |= frozenset(n for n in tuned if n in biases)
     elif method is Method.adapter:
         ad = setup.adapter
         assert ad is not None
@@ -231,7 +237,7 @@ def step_flops(spec: ModelSpec, setup: RunSetup) -> StepFlops:
     plan = _plan(spec, setup)
     b, s = setup.batch_size, setup.seq_len
     n_virtual = setup.prompt.num_virtual_tokens if setup.prompt is not None else 0
-    s_q = s + (n_virtual if setup.method is Method.prompt else 0)
+    s_q = s + (n_virtual if setup.method in (Method.prompt, Method.p_tuning) else 0)
     s_k = s_q + (n_virtual if setup.method is Method.prefix else 0)
     tokens = b * s_q
     attn = 2 * 2 * b * s_q * s_k * spec.q_dim  # QKᵀ and P·V, no causal halving

@@ -42,7 +42,7 @@ def forward(ctx: Ctx, layers: int) -> T:
     g.segment("embed")
     ids = g.given(P(bs=1), 1, "int64", "input_ids")
     peft_held: list[T] = []  # locals of PeftModel.forward, kept until the whole forward (head, loss) returns
-    if setup.method is Method.prompt:
+    if setup.method in (Method.prompt, Method.p_tuning):
         x, held, peft_held = peft_methods.prompt_embeddings(ctx, ids, script.prompt_embeddings_tail)
     else:
         x, held = script.embeddings(ctx, ids)  # held: locals the model's forward keeps until it returns
@@ -75,6 +75,8 @@ def forward(ctx: Ctx, layers: int) -> T:
         x = y
     g.segment("head")
     loss = script.head(ctx, x, held)
+    if setup.method is Method.adalora:
+        loss = peft_methods.adalora_orthogonal_loss(ctx, loss)
     for t in ctx.kv_cache:  # the output's past_key_values
         ctx.keep_output(t)
     g.drop(*peft_held, *ctx.kv_cache)

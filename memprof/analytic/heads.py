@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..config import Method
 from ..spec import Family, Task
 from .modules import global_modules, tied_head
 from .shapes import tok
@@ -38,7 +39,13 @@ def decoder_head(ctx: Ctx, x: T, held: list[T]) -> T:
         g.drop(logits, n)
         return loss
     name = "model.embed_tokens" if spec.family is Family.llama else "transformer.wte"
-    if tied_head(spec):
+    if tied_head(spec) and ctx.setup.method is Method.trainable_tokens:
+        # peft wraps the tied output layer too: F.linear(x, merged), the merged matrix kept for x's gradient
+        merged = ctx.merged_tokens(ctx.params[f"{name}.weight"], "lm_head")
+        nh, mh = ctx.to_half(n, "lm_head"), ctx.to_half(merged, "lm_head merged matrix")
+        logits = g.linear(nh, merged, V, "logits", w_used=mh, out_dtype=ctx.amp)
+        g.drop(nh, mh, merged)
+    elif tied_head(spec):
         logits = head_linear(ctx, n, ctx.params[f"{name}.weight"], V)
     else:
         logits = ctx.linear(n, "lm_head", mods["lm_head"], "lm_head")

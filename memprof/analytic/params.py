@@ -11,7 +11,7 @@ import re
 import functools
 from dataclasses import dataclass
 
-from ..config import AdapterVariant, IA3Spec, LoraSpec, Method, PromptLearningSpec, RunSetup
+from ..config import LORA_FAMILY, AdapterVariant, Device, IA3Spec, LoraSpec, Method, PromptLearningSpec, Regime, RunSetup
 from ..errors import ConfigError
 from ..spec import Family, ModelSpec
 from .modules import Module, all_module_names, classifier_module_names, global_modules, layer_modules, tied_head
@@ -35,6 +35,22 @@ IA3_DEFAULT_FEEDFORWARD: dict[str, tuple[str, ...]] = {
     "mistral": ("down_proj",), "qwen2": ("down_proj",), "qwen3": ("down_proj",), "gemma": ("down_proj",),
     "gemma2": ("down_proj",), "gemma3_text": ("down_proj",),
 }
+# Where another LoRA-like method's mapping differs from LoRA's (peft 0.21): AdaLoRA on RoBERTa adapts more, and
+# has no default for Mistral. VeRA, LoHa and LoKr use LoRA's.
+ADALORA_DEFAULT_TARGETS: dict[str, tuple[str, ...] | None] = {
+    "roberta": ("query", "key", "value", "dense"), "mistral": None,
+}
+# peft 0.21 TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING; a model type without an entry makes peft ask
+# for target_modules, and memprof names every normalisation layer of the model then.
+LN_TUNING_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("ln_1", "ln_2", "ln_f"), "llama": ("input_layernorm", "post_attention_layernorm", "norm"),
+    "mistral": ("input_layernorm", "post_attention_layernorm", "norm"), "qwen2": ("post_attention_layernorm",),
+    "qwen3": ("post_attention_layernorm",), "gemma": ("input_layernorm", "post_attention_layernorm", "norm"),
+    "gemma2": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+               "post_feedforward_layernorm", "norm"),
+    "gemma3_text": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                    "post_feedforward_layernorm", "norm"),
+}
 REGEX_PREFIX = "re:"  # a target given as a regular expression (peft: target_modules as one string)
 ALL_LINEAR = "all-linear"
 
@@ -52,6 +68,7 @@ class ParamCounts:
     largest_trainable_tensor: int     # numel of the biggest trainable tensor (per-tensor optimizer temporaries)
     adapted_modules: int              # modules the method wraps (LoRA/IA3 targets, adapter sites)
     components: tuple[tuple[str, int], ...]  # named parts summing to total
+    buffers_fp32: int = 0             # frozen fp32 buffers the method adds (VeRA's shared projections): not params
 
     @property
     def frozen(self) -> int:
@@ -121,8 +138,9 @@ def _linear_names(spec: ModelSpec) -> list[str]:
     return [full for full, m in all_module_names(spec) if m.is_linear]
 
 
-def resolve_lora_targets(spec: ModelSpec, lora: LoraSpec) -> tuple[tuple[str, Module], ...]:
-    """The modules peft wraps with LoRA, with their shapes.
+def resolve_lora_targets(spec: ModelSpec, lora: LoraSpec, method: Method = Method.lora
+                         ) -> tuple[tuple[str, Module], ...]:
+    """The modules peft wraps with LoRA (or the LoRA-like ``method``), with their shapes.
 
     Raises:
         ConfigError: no default targets for the model type, targets matching nothing, or matching a norm.
@@ -130,12 +148,15 @@ def resolve_lora_targets(spec: ModelSpec, lora: LoraSpec) -> tuple[tuple[str, Mo
     saved = modules_to_save(spec, lora.modules_to_save)
     targets = lora.targets
     if targets is None:
-        if spec.model_type not in LORA_DEFAULT_TARGETS:
+        defaults = dict(LORA_DEFAULT_TARGETS)
+        if method is Method.adalora:
+            defaults.update(ADALORA_DEFAULT_TARGETS)
+        targets = defaults.get(spec.model_type)
+        if targets is None:
             raise ConfigError(
-                f"peft has no default LoRA target modules for model_type '{spec.model_type}'; pass --lora-targets "
-                f"(for example {ALL_LINEAR})"
+                f"peft has no default {method.value} target modules for model_type '{spec.model_type}'; pass "
+                f"--lora-targets (for example {ALL_LINEAR})"
             )
-        targets = LORA_DEFAULT_TARGETS[spec.model_type]
     named = all_module_names(spec)
     if targets == (ALL_LINEAR,):
         # peft _maybe_include_all_linear_layers: every Linear/Conv1D except the output embedding (causal LM)
@@ -147,6 +168,13 @@ def resolve_lora_targets(spec: ModelSpec, lora: LoraSpec) -> tuple[tuple[str, Mo
         bad = [n for n, m in chosen if m.kind == "norm"]
         if bad:
             raise ConfigError(f"LoRA target '{bad[0]}' is a normalisation layer; LoRA adapts linear and embedding modules")
+    kinds = ("linear",) if method in (Method.loha, Method.lokr) else ("linear", "conv1d") \
+        if method in (Method.adalora, Method.vera) else None
+    odd = [(n, m) for n, m in chosen if kinds is not None and m.kind not in kinds]
+    if odd:
+        what = "a transformers Conv1D" if odd[0][1].kind == "conv1d" else f"an {odd[0][1].kind}"
+        raise ConfigError(f"{method.value} target '{odd[0][0]}' is {what}; peft's {method.value} adapts "
+                          f"{' and '.join(('nn.Linear', 'Conv1D')[:len(kinds)])} layers only (use --method lora)")
     if not chosen:
         linear = sorted({n.split(".")[-1] for n in _linear_names(spec)})
         raise ConfigError(
@@ -156,9 +184,69 @@ def resolve_lora_targets(spec: ModelSpec, lora: LoraSpec) -> tuple[tuple[str, Mo
     return tuple(chosen)
 
 
-def _lora_params(m: Module, r: int) -> tuple[int, int]:
-    # Hu et al. 2021: W + B A with A: r x d_in, B: d_out x r. Embeddings: A: r x V, B: h x r (peft lora.Embedding).
-    return r * (m.d_in + m.d_out), max(r * m.d_in, r * m.d_out)
+def lora_family_tensors(method: Method, m: Module, lora: LoraSpec) -> list[tuple[int, int]]:
+    """The trainable tensors (rows, cols) a LoRA-like method adds to one target module, all fp32.
+
+    LoRA (Hu et al. 2021): A r x d_in, B d_out x r (embeddings: A r x V, B h x r); DoRA adds a magnitude per output
+    feature. AdaLoRA (peft adalora/layer.py): A, B and the singular values E (r x 1). VeRA (vera/layer.py): scales
+    lambda_b (d_out) and lambda_d (r) over shared frozen projections. LoHa (loha/layer.py): two pairs
+    w_a d_out x r, w_b r x d_in. LoKr (lokr/layer.py): kron(w1, w2) with w1 a x c full and w2 b x d, factored
+    as w2_a b x r, w2_b r x d when r < max(b, d) / 2 (a*b = d_out, c*d = d_in, lokr_factors).
+    """
+    r, d_in, d_out = lora.r, m.d_in, m.d_out
+    if method is Method.adalora:
+        return [(r, d_in), (d_out, r), (r, 1)]
+    if method is Method.vera:
+        return [(1, d_out), (1, r)]  # registered lambda_b first
+    if method is Method.loha:
+        return [(d_out, r), (r, d_in)] * 2
+    if method is Method.lokr:
+        (a, b), (c, d) = lokr_factors(d_out), lokr_factors(d_in)
+        return [(a, c)] + ([(b, d)] if not r < max(b, d) / 2 else [(b, r), (r, d)])
+    return [(r, d_in), (d_out, r)] + ([(1, d_out)] if lora.dora else [])
+
+
+def adalora_ranknum_trains(setup: RunSetup) -> bool:
+    """AdaLoRA's rank counter ``ranknum`` (one per target, created frozen on the CPU in fp32) trains whenever peft
+    moves it to the base layer's device or dtype: ``_move_adapter_to_device_of_base_layer`` stores
+    ``item.to(device, dtype)`` back into a ParameterDict, which wraps a new tensor as a Parameter with
+    requires_grad=True (peft 0.21 tuners_utils.py). So it trains on CUDA or a half base, and stays frozen only on
+    an fp32 CPU model."""
+    return setup.device is not Device.cpu or setup.effective_regime in (Regime.pure, Regime.mixed)
+
+
+def lokr_factors(dimension: int) -> tuple[int, int]:
+    """peft lokr/layer.py ``factorization(dimension, factor=-1)``: the divisor pair (m <= n) nearest sqrt."""
+    m, n = 1, dimension
+    length = m + n  # peft never updates it: the walk goes on while m < n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def vera_projection_params(spec: ModelSpec, lora: LoraSpec) -> int:
+    """VeRA's shared frozen projections (peft vera/model.py ``_init_vera_A_vera_B``): one vera_A r x max d_in and
+    one vera_B max d_out x r over all targets, fp32 buffers on the device (not parameters)."""
+    chosen = resolve_lora_targets(spec, lora, Method.vera)
+    return lora.r * (max(m.d_in for _, m in chosen) + max(m.d_out for _, m in chosen))
+
+
+def resolve_ln_targets(spec: ModelSpec) -> tuple[tuple[str, Module], ...]:
+    """The normalisation layers LN tuning copies: peft's default for the model type, else every one."""
+    names = LN_TUNING_DEFAULT_TARGETS.get(spec.model_type)
+    norms = [(n, m) for n, m in all_module_names(spec) if m.kind == "norm"]
+    return tuple((n, m) for n, m in norms if names is None or _matches(n, names))
+
+
+def ln_tuning_target_names(spec: ModelSpec) -> list[str]:
+    """target_modules memprof hands peft's LNTuningConfig (the leaf names of resolve_ln_targets)."""
+    return sorted({n.split(".")[-1] for n, _ in resolve_ln_targets(spec)})
 
 
 def resolve_ia3_targets(spec: ModelSpec, ia3: IA3Spec) -> tuple[tuple[str, Module, bool], ...]:
@@ -184,9 +272,13 @@ def prefix_token_dim(spec: ModelSpec) -> int:
 
 
 def _prompt_params(spec: ModelSpec, method: Method, p: PromptLearningSpec) -> tuple[int, int]:
-    n = p.num_virtual_tokens
+    n, h = p.num_virtual_tokens, spec.hidden_size
     if method is Method.prompt:  # peft PromptEmbedding: Embedding(n, token_dim)
-        return n * spec.hidden_size, n * spec.hidden_size
+        return n * h, n * h
+    if method is Method.p_tuning:
+        # peft PromptEncoder (MLP): Embedding(n, h) -> Linear(h, e) ReLU Linear(e, e) ReLU Linear(e, h)
+        e = p.projection_hidden or h
+        return n * h + (h * e + e) + (e * e + e) + (e * h + h), max(n * h, h * e, e * e)
     token_dim = prefix_token_dim(spec)
     width = spec.num_layers * 2 * token_dim  # keys and values for every layer
     if not p.projection:  # peft PrefixEncoder: Embedding(n, L * 2 * token_dim)
@@ -217,26 +309,43 @@ def method_params(spec: ModelSpec, setup: RunSetup) -> ParamCounts:
     saved = modules_to_save(spec, setup.lora.modules_to_save if setup.lora else None)
     copy_params, copy_largest = _copied_params(spec, saved)
 
-    if method in (Method.lora, Method.qlora):
+    if method in LORA_FAMILY:
         lora = setup.lora or LoraSpec()
-        chosen = resolve_lora_targets(spec, lora)
+        chosen = resolve_lora_targets(spec, lora, method)
         for _, m in chosen:
-            n, big = _lora_params(m, lora.r)
-            added += n + (m.d_out if lora.dora else 0)  # DoRA: lora_magnitude_vector, one per output feature
-            largest = max(largest, big)
+            shapes = lora_family_tensors(method, m, lora)
+            added += sum(r * c for r, c in shapes)
+            largest = max([largest] + [r * c for r, c in shapes])
+        if method is Method.adalora and adalora_ranknum_trains(setup):
+            added += len(chosen)
         adapter_fp32 = added
         adapted = len(chosen)
-        comps.append(("lora", added))
+        comps.append((method.value if method is not Method.qlora else "lora", added))
+        if method is Method.adalora and not adalora_ranknum_trains(setup):
+            added += len(chosen)  # the frozen ranknum
+            comps.append(("adalora ranknum", len(chosen)))
         if lora.bias == "all":  # every 'bias' tensor except the frozen originals of modules_to_save
             bias = sum(m.bias_params for n, m in named if not _saved_match(n, saved))
         elif lora.bias == "lora_only":
             bias = sum(m.bias_params for _, m in chosen)
         else:
             bias = 0
-        trainable = added + bias
+        trainable = adapter_fp32 + bias
         if method is Method.qlora:
             # transformers' bitsandbytes integration converts every Linear/Conv1D except the output layer
             quantized = sum(m.weight_params for _, m in named if m.is_linear and m.role not in ("head", "classifier"))
+    elif method is Method.ln_tuning:
+        chosen = resolve_ln_targets(spec)
+        added = trainable = sum(m.params for _, m in chosen)  # a trainable copy in the base dtype, original frozen
+        largest = max(m.weight_params for _, m in chosen)
+        adapted = len(chosen)
+        comps.append(("ln tuning copies", added))
+    elif method is Method.trainable_tokens:
+        assert setup.trainable_tokens is not None
+        embed = next(m for m in global_modules(spec) if m.role == "embed")
+        added = adapter_fp32 = trainable = largest = setup.trainable_tokens.count * embed.d_out
+        adapted = 1
+        comps.append(("trainable tokens delta", added))
     elif method is Method.adapter:
         ad = setup.adapter
         assert ad is not None
@@ -271,14 +380,14 @@ def method_params(spec: ModelSpec, setup: RunSetup) -> ParamCounts:
         largest = max(m.d_in if ff else m.d_out for _, m, ff in chosen3)
         comps.append(("ia3", added))
         trainable = added
-    else:  # prefix / prompt
+    else:  # prefix / prompt / p-tuning
         p = setup.prompt or PromptLearningSpec()
         added, largest = _prompt_params(spec, method, p)
         adapter_fp32 = added  # peft builds the prompt encoder in fp32
-        comps.append(("prompt encoder" if method is Method.prompt else "prefix encoder", added))
+        comps.append(("prefix encoder" if method is Method.prefix else "prompt encoder", added))
         trainable = added
 
-    if method is not Method.adapter and method is not Method.bitfit:
+    if method not in (Method.adapter, Method.bitfit, Method.trainable_tokens):
         # peft modules_to_save (SEQ_CLS: the classifier): a trainable copy next to the frozen original
         added += copy_params
         trainable += copy_params
@@ -286,7 +395,8 @@ def method_params(spec: ModelSpec, setup: RunSetup) -> ParamCounts:
         if copy_params:
             comps.append(("modules_to_save copy", copy_params))
     total = base + added
-    return ParamCounts(base, total, trainable, added, adapter_fp32, quantized, largest, adapted, tuple(comps))
+    buffers = vera_projection_params(spec, setup.lora or LoraSpec()) if method is Method.vera else 0
+    return ParamCounts(base, total, trainable, added, adapter_fp32, quantized, largest, adapted, tuple(comps), buffers)
 
 
 def _head_params(spec: ModelSpec) -> tuple[int, int]:
@@ -322,12 +432,12 @@ def trainable_tensors(spec: ModelSpec, setup: RunSetup) -> tuple[tuple[int, int,
     saved = modules_to_save(spec, setup.lora.modules_to_save if setup.lora else None)
     copies = [t for n, m in named if _saved_match(n, saved) and not is_tied_head(m) for t in module_tensors(m)]
     out: list[tuple[int, int, bool]] = []
-    if method in (Method.lora, Method.qlora):
+    if method in LORA_FAMILY:
         lora = setup.lora or LoraSpec()
-        chosen = resolve_lora_targets(spec, lora)
+        chosen = resolve_lora_targets(spec, lora, method)
+        ranknum = [(1, 1, True)] if method is Method.adalora and adalora_ranknum_trains(setup) else []
         for _, m in chosen:
-            d_in, d_out = (m.d_in, m.d_out)
-            out += [(lora.r, d_in, True), (d_out, lora.r, True)] + ([(1, d_out, True)] if lora.dora else [])
+            out += [(r, c, True) for r, c in lora_family_tensors(method, m, lora)] + ranknum
         if lora.bias == "all":
             out += [(1, m.bias_params, False) for n, m in named if m.bias and not _saved_match(n, saved)]
         elif lora.bias == "lora_only":
@@ -350,10 +460,20 @@ def trainable_tensors(spec: ModelSpec, setup: RunSetup) -> tuple[tuple[int, int,
     if method is Method.ia3:
         out += [(1, m.d_in if ff else m.d_out, True) for _, m, ff in resolve_ia3_targets(spec, setup.ia3 or IA3Spec())]
         return tuple(out + copies)
+    if method is Method.ln_tuning:
+        return tuple(t for _, m in resolve_ln_targets(spec) for t in module_tensors(m)) + tuple(copies)
+    if method is Method.trainable_tokens:
+        assert setup.trainable_tokens is not None
+        embed = next(m for m in global_modules(spec) if m.role == "embed")
+        return ((setup.trainable_tokens.count, embed.d_out, True),)
     p = setup.prompt or PromptLearningSpec()
-    n = p.num_virtual_tokens
+    n, h = p.num_virtual_tokens, spec.hidden_size
     if method is Method.prompt:
-        return tuple([(n, spec.hidden_size, True)] + copies)
+        return tuple([(n, h, True)] + copies)
+    if method is Method.p_tuning:
+        e = p.projection_hidden or h
+        return tuple([(n, h, True), (e, h, True), (1, e, True), (e, e, True), (1, e, True), (h, e, True), (1, h, True)]
+                     + copies)
     td = prefix_token_dim(spec)
     width = spec.num_layers * 2 * td
     if not p.projection:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from ..config import AdapterVariant, IA3Spec, Method
+from ..config import LORA_FAMILY, AdapterVariant, IA3Spec, Method
 from ..errors import UnsupportedModelError
 from .hf_layers import input_embeddings
 from .modules import Module, global_modules
-from .params import modules_to_save, prefix_token_dim, resolve_ia3_targets, resolve_lora_targets
+from .params import (adalora_ranknum_trains, lora_family_tensors, modules_to_save, prefix_token_dim,
+                     resolve_ia3_targets, resolve_ln_targets, resolve_lora_targets)
 from .shapes import kv_tok, tok
 from .sim import BYTES, WCOPY, P, T, promote, pscale
 
@@ -26,10 +27,10 @@ def configure(ctx: Ctx) -> None:
     """What the method changes in the scripts: LoRA / IA3 targets, peft's modules_to_save, virtual tokens."""
     spec, setup = ctx.spec, ctx.setup
     method = setup.method
-    if method in (Method.lora, Method.qlora):
+    if method in LORA_FAMILY:
         lora = setup.lora
         assert lora is not None
-        chosen = resolve_lora_targets(spec, lora)
+        chosen = resolve_lora_targets(spec, lora, method)
         if lora.dora and (method is Method.qlora or any(not m.is_linear for _, m in chosen)):
             raise UnsupportedModelError(
                 "DoRA on " + ("QLoRA's 4-bit base (its weight is dequantized for the norms)" if method is Method.qlora
@@ -39,10 +40,13 @@ def configure(ctx: Ctx) -> None:
     elif method is Method.ia3:
         ctx.ia3 = {name: ff for name, _, ff in resolve_ia3_targets(spec, setup.ia3 or IA3Spec())}
         ctx.saved_modules = modules_to_save(spec, None)
-    elif method in (Method.prefix, Method.prompt):
+    elif method is Method.ln_tuning:
+        ctx.saved_modules = modules_to_save(spec, None)
+        ctx.ln_tuned = {name for name, _ in resolve_ln_targets(spec)}
+    elif method in (Method.prefix, Method.prompt, Method.p_tuning):
         ctx.saved_modules = modules_to_save(spec, None)
         n = setup.prompt.num_virtual_tokens if setup.prompt else 20
-        if method is Method.prompt:
+        if method is not Method.prefix:
             ctx.extra_q = n
         else:
             ctx.extra_kv = n
@@ -290,6 +294,27 @@ def prefix_encoder(ctx: Ctx) -> None:
     ctx.prefix_kv = kvs
 
 
+def _prompt_encoder_mlp(ctx: Ctx, e: T) -> T:
+    """peft p_tuning/model.py PromptEncoder (MLP reparameterisation): Linear(h, e) ReLU Linear(e, e) ReLU
+    Linear(e, h) over the batch's virtual-token embeddings (fp32 weights; autocast runs the matmuls in half)."""
+    g, h = ctx.g, ctx.spec.hidden_size
+    p = ctx.setup.prompt
+    hidden = (p.projection_hidden if p else None) or h
+    x = e
+    for i, (d_in, d_out) in enumerate(((h, hidden), (hidden, hidden), (hidden, h))):
+        w = g.param(d_in * d_out, d_out, "fp32", True, f"prompt_encoder.mlp_head.{2 * i}.weight")
+        bias = g.param(d_out, d_out, "fp32", True, f"prompt_encoder.mlp_head.{2 * i}.bias")
+        xh, wq = ctx.to_half(x, "prompt encoder"), ctx.weight_for_matmul(w, "prompt encoder")
+        y = g.linear(xh, w, d_out, f"prompt encoder linear {i}", bias=bias, w_used=wq, out_dtype=ctx.amp)
+        g.drop(xh, wq, x)
+        if i < 2:
+            a = g.unary(y, f"prompt encoder relu {i}", "output")
+            g.drop(y)
+            y = a
+        x = y
+    return x
+
+
 def prompt_embeddings(ctx: Ctx, ids: T, tail: Callable[[Ctx, T], tuple[T, list[T]]]
                       ) -> tuple[T, list[T], list[T]]:
     """peft prompt tuning (PeftModel.forward): frozen word embeddings of the ids, the trainable virtual-token
@@ -300,12 +325,14 @@ def prompt_embeddings(ctx: Ctx, ids: T, tail: Callable[[Ctx, T], tuple[T, list[T
     n, h = ctx.extra_q, spec.hidden_size
     mods = {m.name: m for m in global_modules(spec)}
     name = next(m.name for m in global_modules(spec) if m.role == "embed")
-    words = input_embeddings(ctx, g.embedding(ids, ctx.param(name, mods[name]), h, ctx.wdt, "word embeddings"))
+    words = input_embeddings(ctx, ctx.embed(ids, name, mods[name], "word embeddings"))
     g.resize(words, P(bs=h))
     prompt_w = g.param(n * h, h, "fp32", True, "prompt_encoder.embedding")
     pidx = g.new(P(b=n), 1, "int64", "prompt token ids")
     prompts = g.embedding(pidx, prompt_w, h, "fp32", "prompt embeddings")
     g.resize(prompts, P(b=n * h))
+    if ctx.setup.method is Method.p_tuning:
+        prompts = _prompt_encoder_mlp(ctx, prompts)
     pc = g.cast(prompts, ctx.wdt, "prompt embeddings (cast)")
     g.drop(prompts)
     x = g.cat([pc, words], "prompt + word embeddings")
@@ -314,3 +341,163 @@ def prompt_embeddings(ctx: Ctx, ids: T, tail: Callable[[Ctx, T], tuple[T, list[T
     peft_held = [pc, pidx, g.alias(x)]
     out, held = tail(ctx, x)
     return out, held, peft_held
+
+
+def _in_place_add(ctx: Ctx, y: T, delta: T) -> T:
+    """``result += delta`` (AdaLoRA): no new storage; the delta's gradient is a cast copy when the dtypes differ."""
+    ctx.g.custom("add_", [y, delta], [y], [], [False, delta.dtype != y.dtype])
+    ctx.g.drop(delta)
+    return y
+
+
+def adalora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
+    """peft adalora/layer.py SVDLinear.forward (Zhang et al. 2023):
+    ``result += (dropout(x.to(A.dtype)) @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5)``."""
+    g = ctx.g
+    a_w = g.param(r * m.d_in, r, "fp32", True, label + ".lora_A")
+    b_w = g.param(m.d_out * r, m.d_out, "fp32", True, label + ".lora_B")
+    e_w = g.param(r, r, "fp32", True, label + ".lora_E")
+    rank = g.param(1, 1, "fp32", adalora_ranknum_trains(ctx.setup), label + ".ranknum")
+    ctx.adalora_factors += [a_w, b_w]
+    rank_eps = g.add(rank, None, label + " ranknum + 1e-5")
+    xa = g.cast(x, "fp32", label + " adalora input (fp32)")
+    xd = g.dropout(xa, ctx.setup.lora.dropout if ctx.setup.lora else 0.0, label + " adalora dropout")
+    ae = g.mul(a_w, e_w, label + " A * E")  # (r, d_in): a new tensor, kept by the matmul for x's gradient
+    xh, aeh = ctx.to_half(xd, label + " adalora A"), ctx.to_half(ae, label + " A * E")
+    h1 = g.linear(xh, ae, r, label + " adalora x (A E)^T", w_used=aeh, out_dtype=ctx.amp)
+    g.drop(xh, aeh, ae, xd, xa)
+    h1h, wb = ctx.to_half(h1, label + " adalora B"), ctx.weight_for_matmul(b_w, label + " lora B")
+    h2 = g.linear(h1h, b_w, m.d_out, label + " adalora B out", w_used=wb, out_dtype=ctx.amp)
+    g.drop(h1h, wb, h1)
+    h3 = g.mul(h2, None, label + " adalora * scaling")
+    g.drop(h2)
+    # a (1,)-shaped fp32 divisor is not a 0-dim scalar: a half product is promoted to fp32. DivBackward0 keeps
+    # both operands when the divisor trains (on CUDA or a half base); after self's gradient, the divisor's,
+    # -grad * ((self / other) / other) summed to (1,) by the engine after the call, holds three product-sized
+    # tensors at once (derivatives.yaml; tests/analytic/test_sim_division.py checks it on a real CPU step). Under
+    # autocast self (half) gets its gradient cast down after the call: the fp32 one is made first.
+    h4 = g.new(h3.numel, h3.width, promote(h3, rank_eps), label + " adalora / ranknum")
+    three = pscale(h3.numel, 3 * BYTES[h4.dtype] + BYTES[h4.dtype] - BYTES[h3.dtype]) if rank_eps.rg else P()
+    g.custom("div", [h3, rank_eps], [h4], [h3 if rank_eps.rg else None, rank_eps], [True, True], extra=three)
+    g.drop(h3, rank_eps)
+    return _in_place_add(ctx, y, h4)
+
+
+def adalora_orthogonal_loss(ctx: Ctx, loss: T) -> T:
+    """peft adalora/model.py AdaLoraModel.forward, after the model's loss: for every lora_A (P P^T) and lora_B
+    (P^T P), ``torch.norm(cov - I, p="fro")`` summed, averaged and scaled into ``outputs.loss += ...`` (in place).
+    Each norm keeps its r x r input and its result for backward; the covariances give every lora_A and lora_B
+    its first gradient at the start of the backward.
+
+    The replayed blocks' factors are the ones regularised here; in a model composed from a few replayed blocks the
+    other blocks' factors get their first gradient in their own block's backward instead (their adapter
+    gradients, fp32 and rank-sized, are live for part of the backward rather than all of it)."""
+    g, lora = ctx.g, ctx.setup.lora
+    assert lora is not None
+    r = lora.r
+    total = None
+    for p in ctx.adalora_factors:
+        cov = g.new(P(c=r * r), r, "fp32", p.label + " covariance")
+        g.custom("mm", [p, g.view(p)], [cov], [])
+        eye = g.new(P(c=r * r), r, "fp32", "identity")
+        diff = g.add(cov, eye, "covariance - I")
+        g.drop(cov, eye)
+        nrm = g.new(P(c=1), 1, "fp32", "frobenius norm")
+        g.custom("norm", [diff], [nrm], [diff, nrm])
+        g.drop(diff)
+        if total is None:
+            total = g.add(nrm, None, "regularisation sum")  # 0 + norm: a new tensor, then += in place
+        else:
+            _in_place_add(ctx, total, g.alias(nrm))
+        g.drop(nrm)
+    if total is None:
+        return loss
+    mean = g.mul(total, None, "regularisation / count")
+    weighted = g.mul(mean, None, "orth_reg_weight * regularisation")
+    g.drop(total, mean)
+    return _in_place_add(ctx, loss, weighted)
+
+
+def vera(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
+    """peft vera/layer.py Linear.forward (Kopiczko et al. 2024), with shared frozen vera_A / vera_B sliced to the
+    layer: ``result + lambda_b * F.linear(lambda_d * F.linear(dropout(x.to(fp32)), A), B)``, back to the
+    result's dtype."""
+    g = ctx.g
+    lam_b = g.param(m.d_out, m.d_out, "fp32", True, label + ".vera_lambda_b")
+    lam_d = g.param(r, r, "fp32", True, label + ".vera_lambda_d")
+    va = g.param(r * m.d_in, r, "fp32", False, label + " vera_A slice")   # views of the shared buffers
+    vb = g.param(m.d_out * r, m.d_out, "fp32", False, label + " vera_B slice")
+    xa = g.cast(x, "fp32", label + " vera input (fp32)")
+    xd = g.dropout(xa, ctx.setup.lora.dropout if ctx.setup.lora else 0.0, label + " vera dropout")
+    xh, wa = ctx.to_half(xd, label + " vera A"), ctx.weight_for_matmul(va, label + " vera A")
+    h1 = g.linear(xh, va, r, label + " vera A out", w_used=wa, out_dtype=ctx.amp)
+    g.drop(xh, wa, xd, xa)
+    h2 = g.mul(lam_d, h1, label + " vera lambda_d *", dtype=promote(lam_d, h1))
+    g.drop(h1)
+    hh, wb = ctx.to_half(h2, label + " vera B"), ctx.weight_for_matmul(vb, label + " vera B")
+    h3 = g.linear(hh, vb, m.d_out, label + " vera B out", w_used=wb, out_dtype=ctx.amp)
+    g.drop(hh, wb, h2)
+    h4 = g.mul(lam_b, h3, label + " vera lambda_b *", dtype=promote(lam_b, h3))
+    g.drop(h3)
+    summed = g.add(y, h4, label + " + vera", dtype=promote(y, h4))
+    g.drop(y, h4)
+    # result.to(orig_dtype), then .to(previous_dtype): x's dtype, which under autocast is fp32 where the base
+    # matmul gave half (the next op then keeps an fp32 tensor)
+    back = g.cast(summed, y.dtype, label + " vera out")
+    g.drop(summed)
+    out = g.cast(back, x.dtype, label + " vera out (input dtype)")
+    g.drop(back)
+    return out
+
+
+def lycoris(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
+    """peft loha/layer.py and lokr/layer.py (LyCORIS): the delta weight is built in every forward and applied
+    as a second matmul, ``result + F.linear(x.to(delta.dtype), delta)``, then back to x's dtype.
+
+    LoHa: ``HadaWeight`` (an autograd.Function: no graph inside) computes ((w1a @ w1b) * (w2a @ w2b)) * scale, in
+    the autocast dtype under autocast, keeping only its four factors; its backward makes up to four
+    weight-sized temporaries. LoKr: ``torch.kron(w1, w2) * scale`` in fp32 (kron is a broadcast multiply: each
+    factor's gradient reduces a weight-sized product). The delta is kept for x's gradient wherever x needs one.
+    """
+    g, method, lora = ctx.g, ctx.setup.method, ctx.setup.lora
+    assert lora is not None
+    n = m.d_in * m.d_out
+    shapes = lora_family_tensors(method, m, lora)
+    factors = [g.param(rows * cols, rows, "fp32", True, f"{label} factor {i}") for i, (rows, cols) in enumerate(shapes)]
+    if method is Method.loha:
+        dt = ctx.amp or "fp32"
+        p1 = g.new(P(c=n), m.d_in, dt, label + " loha w1a @ w1b")
+        p2 = g.new(P(c=n), m.d_in, dt, label + " loha w2a @ w2b")
+        prod = g.new(P(c=n), m.d_in, dt, label + " loha product")
+        g.drop(p1, p2)
+        delta = g.new(P(c=n), m.d_in, dt, label + " loha delta weight")
+        g.drop(prod)
+        # backward: grad * scale, then temp = grad * (w2a @ w2b) and temp = grad * (w1a @ w1b) with the old temp
+        # still bound while the new one is made (torch/autograd.Function runs without autocast: fp32 products)
+        g.custom("HadaWeight", factors, [delta], [], extra=P(c=n * (BYTES[dt] + 12)))
+    else:
+        w1, rest = factors[0], factors[1:]
+        if len(rest) == 2:  # w2 = w2_a @ w2_b
+            (b, _), (_, d) = shapes[1], shapes[2]
+            w2 = g.new(P(c=b * d), b, "fp32", label + " lokr w2")
+            g.custom("mm", rest, [w2], rest)
+        else:
+            w2 = g.alias(rest[0])
+        kron = g.new(P(c=n), m.d_in, "fp32", label + " lokr kron")
+        g.custom("kron", [w1, w2], [kron], [w1, w2], extra=P(c=n * 4))
+        g.drop(w2)
+        delta = g.mul(kron, None, label + " lokr delta weight")
+        g.drop(kron)
+    xi = g.cast(x, delta.dtype, label + " input (delta dtype)")
+    xh, dh = ctx.to_half(xi, label + " delta"), ctx.to_half(delta, label + " delta weight")
+    out = g.linear(xh, delta, m.d_out, label + " delta out", w_used=dh, out_dtype=ctx.amp)
+    g.drop(xh, dh, delta, xi)
+    summed = g.add(y, out, label + " + delta", dtype=promote(y, out))
+    g.drop(y, out)
+    back = g.cast(summed, x.dtype, label + " delta out")
+    g.drop(summed)
+    return back
+
+
+# the LoRA-like methods besides LoRA itself, by what the forward runs at each target
+LORA_LIKE = {Method.adalora: adalora, Method.vera: vera, Method.loha: lycoris, Method.lokr: lycoris}

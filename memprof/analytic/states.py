@@ -138,6 +138,7 @@ def state_bytes(spec: ModelSpec, setup: RunSetup) -> StateBytes:
         frozen_bytes = quantized_bytes(pc.quantized, setup) + (frozen - pc.quantized) * wb
     else:
         frozen_bytes = frozen * wb
+    frozen_bytes += 4 * pc.buffers_fp32  # VeRA's shared projections
     grads = trainable_bytes                      # gradients in the parameter's dtype
     masters = 4 * base_trainable if regime is Regime.mixed else 0
     upcast = 4 * base_trainable if regime is Regime.mixed else 0

@@ -14,7 +14,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..config import Dtype, LoraSpec, Method, Optimizer, OptimizerImpl, Regime, RunSetup, check_runnable
+from ..analytic.params import LN_TUNING_DEFAULT_TARGETS, ln_tuning_target_names
+from ..config import PEFT_METHODS, Dtype, LoraSpec, Method, Optimizer, OptimizerImpl, Regime, RunSetup, check_runnable
 from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError
 from ..spec import Family, ModelSpec, Task, check_sequence_length
 from .adapters import add_bottleneck_adapters, is_norm_module
@@ -119,6 +120,20 @@ def peft_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (peft.Pef
             bias=lora.bias, modules_to_save=list(lora.modules_to_save) if lora.modules_to_save is not None else None,
             use_dora=lora.dora,
         )
+    if method in (Method.adalora, Method.vera, Method.loha, Method.lokr):
+        return _lora_family_config(spec, setup, task)
+    if method is Method.ln_tuning:
+        # peft's own default where it has one (LN_TUNING_DEFAULT_TARGETS mirrors it), else every norm layer
+        names = None if spec.model_type in LN_TUNING_DEFAULT_TARGETS else ln_tuning_target_names(spec)
+        return peft.LNTuningConfig(task_type=task, target_modules=names)
+    if method is Method.p_tuning:
+        p = setup.prompt
+        assert p is not None
+        return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens,
+                                        encoder_hidden_size=p.projection_hidden or spec.hidden_size)
+    if method is Method.trainable_tokens:
+        assert setup.trainable_tokens is not None
+        return peft.TrainableTokensConfig(task_type=task, token_indices=list(range(setup.trainable_tokens.count)))
     if method is Method.ia3:
         ia3 = setup.ia3
         return peft.IA3Config(
@@ -136,6 +151,29 @@ def peft_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (peft.Pef
         assert p is not None
         return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens)
     raise ConfigError(f"method '{method.value}' is not built with peft")
+
+
+def _lora_family_config(spec: ModelSpec, setup: RunSetup, task: str):  # noqa: ANN202 (peft.PeftConfig)
+    """AdaLoRA, VeRA, LoHa, LoKr from the [lora] options: rank, alpha, dropout, targets, modules_to_save."""
+    import peft
+
+    lora = setup.lora
+    assert lora is not None
+    targets: Any = list(lora.targets) if lora.targets else None
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    saved = list(lora.modules_to_save) if lora.modules_to_save is not None else None
+    common = {"task_type": task, "target_modules": targets, "modules_to_save": saved}
+    if setup.method is Method.adalora:
+        # the rank schedule (target_r, total_step) masks singular values and never resizes a tensor in a step:
+        # it changes no memory. total_step has no default in peft 0.21; any positive length builds the same model.
+        return peft.AdaLoraConfig(init_r=lora.r, target_r=min(8, lora.r), total_step=1000, lora_alpha=lora.alpha,
+                                  lora_dropout=lora.dropout, **common)
+    if setup.method is Method.vera:
+        return peft.VeraConfig(r=lora.r, vera_dropout=lora.dropout, **common)
+    if setup.method is Method.loha:
+        return peft.LoHaConfig(r=lora.r, alpha=lora.alpha, **common)
+    return peft.LoKrConfig(r=lora.r, alpha=lora.alpha, **common)
 
 
 def load_peft_config(path: str | Path):  # noqa: ANN201
@@ -230,7 +268,7 @@ def apply_method(model: nn.Module, spec: ModelSpec, setup: RunSetup, peft_config
     """
     check_runnable(setup)
     method = setup.method
-    if peft_config is not None or method in (Method.lora, Method.qlora, Method.ia3, Method.prefix, Method.prompt):
+    if peft_config is not None or method in PEFT_METHODS:
         import peft
 
         config = peft_config if peft_config is not None else peft_config_for(spec, setup)
@@ -428,7 +466,7 @@ def synthetic_batch(spec: ModelSpec, setup: RunSetup, device: str | torch.device
 
 def check_positions(spec: ModelSpec, setup: RunSetup) -> None:
     """Learned position tables cap the sequence length (BERT 512, GPT-2 1024); prompt tokens count too."""
-    extra = setup.prompt.num_virtual_tokens if setup.method is Method.prompt and setup.prompt else 0
+    extra = setup.prompt.num_virtual_tokens if setup.method in (Method.prompt, Method.p_tuning) and setup.prompt else 0
     check_sequence_length(spec, setup.seq_len + extra)
 
 

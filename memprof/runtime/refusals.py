@@ -21,7 +21,7 @@ from typing import Iterator
 
 from ..compat import installed_version, refusal, run_description
 from ..config import RunSetup
-from ..errors import ConfigError, DependencyMissingError, LibraryRefusalError, MemprofError
+from ..errors import ConfigError, DependencyMissingError, MemprofError
 from ..spec import ModelSpec
 
 LIBRARY_PACKAGES = ("peft", "transformers", "bitsandbytes", "accelerate", "huggingface_hub")

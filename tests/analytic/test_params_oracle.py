@@ -34,6 +34,10 @@ CASES = [
     ("qlora", {"lora": {"targets": "all-linear"}}), ("adapter", {}),
     ("adapter", {"adapter": {"variant": "pfeiffer", "train_norms": True, "reduction_factor": 16}}),
     ("bitfit", {}), ("ia3", {}), ("prefix", {}), ("prefix", {"prompt": {"projection": True}}), ("prompt", {}),
+    ("adalora", {}), ("adalora", {"dtype": "fp32", "lora": {"targets": "all-linear", "r": 4}}), ("vera", {}),
+    ("vera", {"lora": {"targets": "all-linear", "r": 16}}), ("loha", {}), ("loha", {"lora": {"r": 4}}),
+    ("lokr", {}), ("lokr", {"lora": {"targets": "all-linear", "r": 2}}), ("ln-tuning", {}), ("p-tuning", {}),
+    ("p-tuning", {"prompt": {"projection_hidden": 48}}), ("trainable-tokens", {"trainable_tokens": {"count": 7}}),
 ]
 
 

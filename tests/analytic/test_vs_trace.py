@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from refusals import skip_if_refused  # noqa: E402
+from memprof.errors import ConfigError  # noqa: E402
 from memprof.resolve import resolve_setup  # noqa: E402
 from memprof.analytic import estimate  # noqa: E402
 from memprof.runtime.trace import trace_depth  # noqa: E402
@@ -193,3 +194,48 @@ def test_dora(family: str, regime: dict, dropout: float, request: pytest.Fixture
         request.applymarker(pytest.mark.xfail(strict=True, reason="DoRA under fp16 AMP with biased layers (open gap)"))
     _assert_close(_phase_errors(family, {"method": "lora", **regime,
                                          "lora": {"dora": True, "dropout": dropout, "targets": "all-linear"}}))
+
+
+# peft methods beyond the original eight (issue 14): each at its defaults, every regime, the three families (LoHa and
+# LoKr adapt nn.Linear only: on GPT-2, whose projections are transformers Conv1D, both sides refuse)
+MORE_METHODS = ["adalora", "vera", "loha", "lokr", "ln-tuning", "p-tuning", "trainable-tokens"]
+MORE_REGIMES = [{"dtype": "fp32", "device": "cpu"}, {"dtype": "bf16"}, {"dtype": "fp16", "regime": "amp"},
+                {"dtype": "bf16", "regime": "mixed", "grad_checkpointing": True}]
+
+
+@pytest.mark.parametrize("regime", MORE_REGIMES, ids=["fp32 cpu", "pure", "amp", "mixed ckpt"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("method", MORE_METHODS)
+def test_more_peft_methods(method: str, family: str, regime: dict) -> None:
+    """AdaLoRA (SVD form, its in-place add and the orthogonal regularisation in the loss), VeRA (shared frozen
+    projections, two trained scales), LoHa / LoKr (a weight-sized delta built and kept in every forward), LN
+    tuning (trainable norm copies), P-tuning (the MLP prompt encoder over the batch), trainable tokens (a merged
+    embedding matrix per forward, and per tied head)."""
+    task = Task.seq_cls if family == "bert" else None
+    if method in ("loha", "lokr") and family == "gpt2":
+        spec = from_hf_config(CONFIGS[family], f"tiny-{family}")
+        setup = resolve_setup(None, {"method": method, "batch_size": 4, "seq_len": 64, **regime})
+        with pytest.raises(ConfigError, match="Conv1D"):
+            estimate(spec, setup)
+        with pytest.raises(ConfigError, match="Conv1D"):
+            trace_depth(spec, setup)
+        return
+    _assert_close(_phase_errors(family, {"method": method, **regime}, task))
+
+
+@pytest.mark.parametrize("method,options", [("adalora", {"r": 4, "targets": "all-linear", "dropout": 0.1}),
+                                            ("vera", {"r": 32, "targets": "all-linear"}),
+                                            ("loha", {"r": 16, "targets": "all-linear"}),
+                                            ("lokr", {"r": 2, "targets": "all-linear"})])
+def test_lora_like_options(method: str, options: dict) -> None:
+    """The [lora] options the LoRA-like methods read: rank, targets, dropout (LoKr at r=2 factors w2)."""
+    _assert_close(_phase_errors("llama", {"method": method, "dtype": "bf16", "lora": options}))
+
+
+@pytest.mark.xfail(strict=True, reason="AdaLoRA on wide targets: backward under-estimated (open gap)")
+def test_adalora_wide_targets_gap() -> None:
+    """Open gap (strict: a fix shows up here): AdaLoRA on every linear of BERT in fp32 on CUDA, where ranknum trains
+    and each target's division by it runs its backward over a (b, s, d_out) product: -5.5% in the backward at
+    r=4 (the default q/v targets and LLaMA's all-linear rows above meet the target)."""
+    _assert_close(_phase_errors("bert", {"method": "adalora", "dtype": "fp32", "lora": {"r": 4, "targets": "all-linear"}},
+                                Task.seq_cls))

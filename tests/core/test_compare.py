@@ -299,3 +299,50 @@ def test_report_refuses_a_file_without_records(tmp_path: Path) -> None:
     path.write_text('{"hello": 1}\n')
     r = runner.invoke(app, ["report", str(path)])
     assert r.exit_code == 2 and "holds no memprof records" in r.stderr
+
+
+def _saved_config(tmp_path: Path, name: str, **fields: object) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS", **fields}))
+    return folder
+
+
+def _json_rows(args: list[str]) -> list[dict]:
+    r = runner.invoke(app, ["compare", "roberta-base", "-b", "8", "-s", "128", "--format", "json", *args])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_arms_put_saved_peft_configs_side_by_side(tmp_path: Path) -> None:
+    """--arm NAME=PATH: each saved config is a run named NAME, with the numbers of the flags it stands for."""
+    lora8 = _saved_config(tmp_path, "l8", peft_type="LORA", r=8, target_modules=["query", "value"])
+    dora16 = _saved_config(tmp_path, "d16", peft_type="LORA", r=16, use_dora=True, target_modules=["query", "value"])
+    ia3 = _saved_config(tmp_path, "ia3", peft_type="IA3")
+    rows = _json_rows(["--arm", f"lora-8={lora8}", "--arm", f"dora-16={dora16}", "--arm", f"saved-ia3={ia3}"])
+    assert [r["method"] for r in rows] == ["full", "lora-8 (lora)", "dora-16 (lora)", "saved-ia3 (ia3)"]
+    flags = _json_rows(["--methods", "full,lora", "--lora-r", "16", "--lora-dora", "--lora-targets", "query,value"])
+    assert rows[2]["est_peak_bytes"] == flags[1]["est_peak_bytes"]
+    assert rows[2]["est_saved_vs_full_frac"] == flags[1]["est_saved_vs_full_frac"]
+    # arms come after --methods, and a newly modelled method is one more --methods value
+    mixed = _json_rows(["--methods", "full,vera", "--arm", f"mine={lora8}"])
+    assert [r["method"] for r in mixed] == ["full", "vera", "mine (lora)"]
+
+
+@pytest.mark.parametrize("arm,message", [
+    ("no-equals-sign", "--arm takes NAME=PATH"),
+    ("=somewhere", "--arm takes NAME=PATH"),
+    ("x={boft}", "arm 'x': the peft config's method BOFT is not in memprof's analytic model"),
+    ("x={missing}", "does not exist"),
+])
+def test_a_bad_arm_is_one_line(tmp_path: Path, arm: str, message: str) -> None:
+    boft = _saved_config(tmp_path, "boft", peft_type="BOFT", boft_block_size=4)
+    r = runner.invoke(app, ["compare", "roberta-base", "--arm", arm.format(boft=boft, missing=tmp_path / "nope")])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+    assert len([line for line in r.output.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_an_arm_name_given_twice_is_refused(tmp_path: Path) -> None:
+    lora8 = _saved_config(tmp_path, "l8", peft_type="LORA", r=8)
+    r = runner.invoke(app, ["compare", "roberta-base", "--arm", f"a={lora8}", "--arm", f"a={lora8}"])
+    assert r.exit_code == 2 and "given twice" in r.output

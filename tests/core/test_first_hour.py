@@ -61,7 +61,7 @@ def test_version_names_the_tested_and_installed_libraries() -> None:
 def test_help_groups_options_and_shows_every_default() -> None:
     r = runner.invoke(app, ["estimate", "--help"], env={"COLUMNS": "160"})
     assert r.exit_code == 0
-    for panel in ("Run shape", "Precision and kernels", "The loop", "LoRA / QLoRA", "Overheads and config file"):
+    for panel in ("Run shape", "Precision and kernels", "The loop", "LoRA and LoRA-like", "Overheads and config file"):
         assert panel in r.output
     assert "[default: 1]" in r.output and "[default: 512]" in r.output
     r = runner.invoke(app, ["measure", "--help"], env={"COLUMNS": "160"})

@@ -93,3 +93,33 @@ def test_what_the_analytic_model_does_not_cover_is_refused_and_traced(tmp_path: 
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["estimate", "gpt2", "--peft-config", str(tmp_path)])
     assert r.exit_code == 2 and "is a directory without adapter_config.json" in r.output
+
+
+MORE = {
+    "adalora": peft.AdaLoraConfig(task_type="CAUSAL_LM", init_r=6, total_step=50, target_modules=["q_proj", "k_proj"]),
+    "vera": peft.VeraConfig(task_type="CAUSAL_LM", r=32, target_modules=["q_proj", "v_proj"]),
+    "loha": peft.LoHaConfig(task_type="CAUSAL_LM", r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+    "lokr": peft.LoKrConfig(task_type="CAUSAL_LM", r=2, alpha=8, target_modules=["q_proj", "o_proj"]),
+    "ln-tuning": peft.LNTuningConfig(task_type="CAUSAL_LM"),
+    "p-tuning": peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, encoder_hidden_size=48),
+    "trainable-tokens": peft.TrainableTokensConfig(task_type="CAUSAL_LM", token_indices=[1, 5, 9, 11]),
+}
+
+
+@pytest.mark.parametrize("method", list(MORE))
+def test_more_methods_from_their_peft_configs(method: str, tmp_path: Path) -> None:
+    """A saved config of each newly modelled method is the matching flags, with peft's own trainable count."""
+    config = MORE[method]
+    config.save_pretrained(str(tmp_path))
+    est = memprof.estimate(tiny_spec("llama"), peft_config=str(tmp_path), batch_size=2, seq_len=16)
+    assert est.setup.method.value == method
+    assert est.trainable_params == _peft_count(config)[0]
+
+
+def test_more_methods_options_the_model_does_not_follow_are_refused() -> None:
+    for config in (peft.LoHaConfig(task_type="CAUSAL_LM", rank_dropout=0.1),
+                   peft.LoKrConfig(task_type="CAUSAL_LM", decompose_both=True),
+                   peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                            encoder_reparameterization_type="LSTM")):
+        with pytest.raises(ConfigError, match="use --trace"):
+            memprof.estimate(tiny_spec("llama"), peft_config=config)

@@ -36,7 +36,7 @@ def embeddings(ctx: Ctx, ids: T) -> tuple[T, list[T]]:
     else:
         pos_ids = g.given(P(s=1), 1, "int64", "position ids (buffer)", fate="params_frozen")
         tt_ids = g.given(tok(ctx, 1), 1, "int64", "token type ids (buffer)", fate="params_frozen")
-    word = input_embeddings(ctx, g.embedding(ids, ctx.param(*mods["word_embeddings"]), h, ctx.wdt, "word embeddings"))
+    word = input_embeddings(ctx, ctx.embed(ids, *mods["word_embeddings"], "word embeddings"))
     tt = g.embedding(tt_ids, ctx.param(*mods["token_type_embeddings"]), h, ctx.wdt, "token type embeddings")
     e1 = g.add(word, tt, "word + token type")
     pos = g.embedding(pos_ids, ctx.param(*mods["position_embeddings"]), h, ctx.wdt, "position embeddings")

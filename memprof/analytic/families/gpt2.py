@@ -26,7 +26,7 @@ def embeddings(ctx: Ctx, ids: T) -> tuple[T, list[T]]:
     g, spec = ctx.g, ctx.spec
     mods = {m.name: m for m in global_modules(spec)}
     h = spec.hidden_size
-    wte = input_embeddings(ctx, g.embedding(ids, ctx.param("transformer.wte", mods["transformer.wte"]), h, ctx.wdt, "wte"))
+    wte = input_embeddings(ctx, ctx.embed(ids, "transformer.wte", mods["transformer.wte"], "wte"))
     pos_ids = g.new(P(s=1), 1, "int64", "position ids")
     wpe = g.embedding(pos_ids, ctx.param("transformer.wpe", mods["transformer.wpe"]), h, ctx.wdt, "wpe")
     g.resize(wpe, P(s=h))

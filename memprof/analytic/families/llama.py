@@ -27,8 +27,7 @@ def embeddings(ctx: Ctx, ids: T) -> tuple[T, list[T]]:
     """LlamaModel's embedding lookup; returns the first block's input and the held inputs_embeds."""
     g, spec = ctx.g, ctx.spec
     mods = {m.name: m for m in global_modules(spec)}
-    e = input_embeddings(ctx, g.embedding(ids, ctx.param("model.embed_tokens", mods["model.embed_tokens"]),
-                                           spec.hidden_size, ctx.wdt, "embed_tokens"))
+    e = input_embeddings(ctx, ctx.embed(ids, "model.embed_tokens", mods["model.embed_tokens"], "embed_tokens"))
     if spec.embed_scale:  # Gemma: hidden * normalizer; inputs_embeds (e) stays referenced by the model's forward
         return g.mul(e, None, "embeddings * sqrt(h)"), [e]
     return e, []
