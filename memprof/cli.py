@@ -376,7 +376,8 @@ def compare(
         from .documents import render_comparison
         from .report import progress_bar
         from .runtime.runner import default_name
-        from .sweep import MeasureOptions, arm_names, labelled, parse_arms, parse_list, plan_setups, run_sweep
+        from .arms import arm_names, labelled, parse_arms
+        from .sweep import MeasureOptions, parse_list, plan_setups, run_sweep
 
         if plot is not None:
             from .plot import check_plot_path

@@ -71,6 +71,8 @@ def forward(ctx: Ctx, layers: int) -> T:
         y = script.layer(ctx, x, i, cos, sin, mask)
         if setup.grad_checkpointing:
             g.end_checkpoint()
+        if setup.method is Method.adalora:
+            peft_methods.adalora_block_regularisation(ctx)
         g.drop(x)
         x = y
     g.segment("head")

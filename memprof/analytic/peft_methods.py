@@ -383,19 +383,19 @@ def adalora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
     return _in_place_add(ctx, y, h4)
 
 
-def adalora_orthogonal_loss(ctx: Ctx, loss: T) -> T:
+def adalora_block_regularisation(ctx: Ctx) -> None:
     """peft adalora/model.py AdaLoraModel.forward, after the model's loss: for every lora_A (P P^T) and lora_B
-    (P^T P), ``torch.norm(cov - I, p="fro")`` summed, averaged and scaled into ``outputs.loss += ...`` (in place).
-    Each norm keeps its r x r input and its result for backward; the covariances give every lora_A and lora_B
-    its first gradient at the start of the backward.
+    (P^T P), ``torch.norm(cov - I, p="fro")`` summed into one scalar, averaged and scaled into ``outputs.loss +=``.
+    Each norm keeps its r x r input and its result for backward; the covariances hand each factor a first
+    gradient before the block's own backward reaches it.
 
-    The replayed blocks' factors are the ones regularised here; in a model composed from a few replayed blocks the
-    other blocks' factors get their first gradient in their own block's backward instead (their adapter
-    gradients, fp32 and rank-sized, are live for part of the backward rather than all of it)."""
+    Replayed per block, right after the block's forward (the factors of this block, ``ctx.adalora_factors``), so
+    a model composed from a few replayed blocks counts every block's share. peft builds all of them after the
+    whole forward, so their gradients arrive at the start of the backward: this replay has each block's arrive
+    at the start of that block's backward instead (the difference is at most the adapters' fp32 gradients)."""
     g, lora = ctx.g, ctx.setup.lora
     assert lora is not None
     r = lora.r
-    total = None
     for p in ctx.adalora_factors:
         cov = g.new(P(c=r * r), r, "fp32", p.label + " covariance")
         g.custom("mm", [p, g.view(p)], [cov], [])
@@ -405,16 +405,25 @@ def adalora_orthogonal_loss(ctx: Ctx, loss: T) -> T:
         nrm = g.new(P(c=1), 1, "fp32", "frobenius norm")
         g.custom("norm", [diff], [nrm], [diff, nrm])
         g.drop(diff)
-        if total is None:
-            total = g.add(nrm, None, "regularisation sum")  # 0 + norm: a new tensor, then += in place
+        if ctx.adalora_sum is None:
+            ctx.adalora_sum = g.add(nrm, None, "regularisation sum")  # 0 + norm: a new tensor, then += in place
         else:
-            _in_place_add(ctx, total, g.alias(nrm))
+            _in_place_add(ctx, ctx.adalora_sum, g.alias(nrm))
         g.drop(nrm)
+    ctx.adalora_factors.clear()
+
+
+def adalora_orthogonal_loss(ctx: Ctx, loss: T) -> T:
+    """The regularisation's mean, times orth_reg_weight, added in place to the loss (see the per-block part;
+    targets outside the blocks, BERT's pooler, are regularised here)."""
+    adalora_block_regularisation(ctx)
+    g, total = ctx.g, ctx.adalora_sum
     if total is None:
         return loss
     mean = g.mul(total, None, "regularisation / count")
     weighted = g.mul(mean, None, "orth_reg_weight * regularisation")
     g.drop(total, mean)
+    ctx.adalora_sum = None
     return _in_place_add(ctx, loss, weighted)
 
 
@@ -429,12 +438,14 @@ def vera(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
     vb = g.param(m.d_out * r, m.d_out, "fp32", False, label + " vera_B slice")
     xa = g.cast(x, "fp32", label + " vera input (fp32)")
     xd = g.dropout(xa, ctx.setup.lora.dropout if ctx.setup.lora else 0.0, label + " vera dropout")
-    xh, wa = ctx.to_half(xd, label + " vera A"), ctx.weight_for_matmul(va, label + " vera A")
+    # autocast casts the buffer slices at every use (not leaves that train: never cached); copies of buffers,
+    # not of weights, as a tracker sees them
+    xh, wa = ctx.to_half(xd, label + " vera A"), ctx.to_half(va, label + " vera_A slice")
     h1 = g.linear(xh, va, r, label + " vera A out", w_used=wa, out_dtype=ctx.amp)
     g.drop(xh, wa, xd, xa)
     h2 = g.mul(lam_d, h1, label + " vera lambda_d *", dtype=promote(lam_d, h1))
     g.drop(h1)
-    hh, wb = ctx.to_half(h2, label + " vera B"), ctx.weight_for_matmul(vb, label + " vera B")
+    hh, wb = ctx.to_half(h2, label + " vera B"), ctx.to_half(vb, label + " vera_B slice")
     h3 = g.linear(hh, vb, m.d_out, label + " vera B out", w_used=wb, out_dtype=ctx.amp)
     g.drop(hh, wb, h2)
     h4 = g.mul(lam_b, h3, label + " vera lambda_b *", dtype=promote(lam_b, h3))

@@ -29,7 +29,7 @@ from .build import TORCH_DTYPE, ValuesNeededError, enable_checkpointing, apply_m
 from .emulate import CudaEmulation
 from .quant import emulate_4bit
 from .refusals import library_refusals, what_runs
-from .step import BACKWARD_HEAD, BACKWARD_TAIL, backward_markers, backward_layer_phase, run_step
+from .step import BACKWARD_HEAD, BACKWARD_TAIL, backward_layer_phase, backward_markers, block_modules, run_step
 from .tracker import MemoryTracker
 
 CUDA_BLOCK_BYTES = 512
@@ -47,6 +47,36 @@ class DepthTrace:
     after_step_bytes: int               # live right after optimizer.step(), before zero_grad
 
 
+FORWARD_EMBED = "forward.embed"  # the forward before the first block: its peak does not grow with the depth
+
+
+@contextlib.contextmanager
+def _forward_markers(model: torch.nn.Module, tracker: MemoryTracker) -> Iterator[None]:
+    """Split the forward at the first block, as the backward is split by block: what the embeddings hold at their
+    peak (a merged embedding matrix, a prompt encoder's batch) is one sub-phase that stays, the blocks and head
+    another that grows. Extrapolating one forward peak that sits in the embeddings at 2 blocks and at the end at 3
+    would scale the wrong tensors."""
+    blocks = block_modules(model)
+    if not blocks:
+        yield
+        return
+
+    def embed(_module: torch.nn.Module, _args: tuple) -> None:
+        if tracker.current_phase.startswith(Phase.forward.value):
+            tracker.set_phase(FORWARD_EMBED)
+
+    def first_block(_module: torch.nn.Module, _args: tuple) -> None:
+        if tracker.current_phase == FORWARD_EMBED:  # not a checkpointed block recomputed in the backward
+            tracker.set_phase(Phase.forward)
+
+    handles = [model.register_forward_pre_hook(embed), blocks[0].register_forward_pre_hook(first_block)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _normalise(peaks: dict[str, tuple[int, MemoryBreakdown]], depth: int) -> dict[str, MemoryBreakdown]:
     """Keep the sub-phases that extrapolate: forward, backward head/top/bottom/tail, optimizer."""
     out: dict[str, MemoryBreakdown] = {}
@@ -55,7 +85,7 @@ def _normalise(peaks: dict[str, tuple[int, MemoryBreakdown]], depth: int) -> dic
             out["backward.top"] = bd
         elif name == backward_layer_phase(0):
             out["backward.bottom"] = bd
-        elif name in (Phase.forward.value, Phase.optimizer.value, BACKWARD_HEAD, BACKWARD_TAIL):
+        elif name in (Phase.forward.value, FORWARD_EMBED, Phase.optimizer.value, BACKWARD_HEAD, BACKWARD_TAIL):
             out[name] = bd
     if depth == 1 and "backward.top" in out:
         out["backward.bottom"] = out["backward.top"]
@@ -95,7 +125,8 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
             results = []
             held: list = []  # the loop's kept outputs (keep_outputs), across the two steps
             after: list[int] = []
-            with tracker, backward_markers(model, tracker), _unpacked_sequences():
+            with tracker, backward_markers(model, tracker), _forward_markers(model, tracker), _unpacked_sequences(), \
+                    _sparse_values_gradient():
                 ctx = emulation if emulation is not None else _null()
                 with ctx:
                     for _ in range(2):
@@ -219,6 +250,48 @@ def _unpacked_sequences() -> Iterator[None]:
         yield
     finally:
         masking_utils.find_packed_sequence_indices = original
+
+
+class _SparseValues(torch.autograd.Function):
+    """``torch.sparse_coo_tensor(indices, values, size)`` with the gradient of ``values`` gathered at ``indices``.
+
+    autograd's own node for it (SparseCooTensorWithDimsAndTensorsBackward0) reads the sparse gradient's values,
+    whose count fake tensors do not know (they answer 0): SHiRA's backward then fails. The values' gradient is the
+    incoming gradient at the indices either way, a tensor of the values' size, which this computes on the dense
+    gradient the next op hands back (``weight += delta``: AddBackward passes the dense gradient through)."""
+
+    @staticmethod
+    def forward(ctx, build, indices, values, size, kwargs):  # noqa: ANN001, ANN205
+        # the sparse result holds the values and int64 indices (a copy of SHiRA's int32 ones), and the op that
+        # consumes it keeps it for backward (``dense += sparse`` saves it for sparse_mask): both stay alive until
+        # the backward, as in a real step
+        indices = indices.long()
+        ctx.save_for_backward(indices, values)
+        return build(indices, values, size, **kwargs)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        indices, _ = ctx.saved_tensors
+        dense = grad.to_dense() if grad.is_sparse else grad
+        return None, None, dense[tuple(indices)], None, None
+
+
+@contextlib.contextmanager
+def _sparse_values_gradient() -> Iterator[None]:
+    """Trace sparse COO tensors built from trainable values (peft SHiRA's delta) with _SparseValues."""
+    original = torch.sparse_coo_tensor
+
+    def sparse_coo_tensor(indices, values, *args, **kwargs):  # noqa: ANN001, ANN202
+        size = args[0] if len(args) == 1 else None if args else kwargs.get("size")
+        if size is None or not (isinstance(values, torch.Tensor) and values.requires_grad):
+            return original(indices, values, *args, **kwargs)
+        return _SparseValues.apply(original, indices, values, size, {k: v for k, v in kwargs.items() if k != "size"})
+
+    torch.sparse_coo_tensor = sparse_coo_tensor
+    try:
+        yield
+    finally:
+        torch.sparse_coo_tensor = original
 
 
 class _null:
