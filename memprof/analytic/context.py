@@ -29,8 +29,8 @@ class Ctx:
     lora: dict = field(default_factory=dict)       # full module name -> rank
     ia3: dict = field(default_factory=dict)        # full module name -> is_feedforward
     ln_tuned: set = field(default_factory=set)     # norm layers LN tuning copies (trainable)
-    adalora_factors: list = field(default_factory=list)  # this block's AdaLoRA lora_A / lora_B (orthogonal loss)
-    adalora_sum: T | None = None                    # the orthogonal loss's running sum
+    adalora_factors: dict = field(default_factory=dict)  # block (None: outside) -> AdaLoRA's lora_A / lora_B
+    block: int | None = None    # the block the script is in (None: embeddings, head)
     saved_modules: tuple = ()                      # peft modules_to_save (trainable copy)
     params: dict = field(default_factory=dict)     # name -> param handle (tied weights share one)
     wcache: dict = field(default_factory=dict)     # autocast cache of half weight copies

@@ -68,11 +68,11 @@ def forward(ctx: Ctx, layers: int) -> T:
         if setup.grad_checkpointing:  # GradientCheckpointingLayer: checkpoint(block, hidden_states, ...)
             prefix = ctx.prefix_kv[i] if ctx.prefix_kv else (None, None)
             g.begin_checkpoint([x, cos, sin, mask, *prefix])
+        ctx.block = i
         y = script.layer(ctx, x, i, cos, sin, mask)
+        ctx.block = None
         if setup.grad_checkpointing:
             g.end_checkpoint()
-        if setup.method is Method.adalora:
-            peft_methods.adalora_block_regularisation(ctx)
         g.drop(x)
         x = y
     g.segment("head")

@@ -358,7 +358,7 @@ def adalora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
     b_w = g.param(m.d_out * r, m.d_out, "fp32", True, label + ".lora_B")
     e_w = g.param(r, r, "fp32", True, label + ".lora_E")
     rank = g.param(1, 1, "fp32", adalora_ranknum_trains(ctx.setup), label + ".ranknum")
-    ctx.adalora_factors += [a_w, b_w]
+    ctx.adalora_factors.setdefault(ctx.block, []).extend([a_w, b_w])
     rank_eps = g.add(rank, None, label + " ranknum + 1e-5")
     xa = g.cast(x, "fp32", label + " adalora input (fp32)")
     xd = g.dropout(xa, ctx.setup.lora.dropout if ctx.setup.lora else 0.0, label + " adalora dropout")
@@ -374,7 +374,7 @@ def adalora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
     # a (1,)-shaped fp32 divisor is not a 0-dim scalar: a half product is promoted to fp32. DivBackward0 keeps
     # both operands when the divisor trains (on CUDA or a half base); after self's gradient, the divisor's,
     # -grad * ((self / other) / other) summed to (1,) by the engine after the call, holds three product-sized
-    # tensors at once (derivatives.yaml; tests/analytic/test_sim_division.py checks it on a real CPU step). Under
+    # tensors at once (derivatives.yaml; tests/analytic/test_sim_ops.py checks it on a real CPU step). Under
     # autocast self (half) gets its gradient cast down after the call: the fp32 one is made first.
     h4 = g.new(h3.numel, h3.width, promote(h3, rank_eps), label + " adalora / ranknum")
     three = pscale(h3.numel, 3 * BYTES[h4.dtype] + BYTES[h4.dtype] - BYTES[h3.dtype]) if rank_eps.rg else P()
@@ -383,20 +383,26 @@ def adalora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
     return _in_place_add(ctx, y, h4)
 
 
-def adalora_block_regularisation(ctx: Ctx) -> None:
+def adalora_orthogonal_loss(ctx: Ctx, loss: T) -> T:
     """peft adalora/model.py AdaLoraModel.forward, after the model's loss: for every lora_A (P P^T) and lora_B
-    (P^T P), ``torch.norm(cov - I, p="fro")`` summed into one scalar, averaged and scaled into ``outputs.loss +=``.
-    Each norm keeps its r x r input and its result for backward; the covariances hand each factor a first
-    gradient before the block's own backward reaches it.
+    (P^T P), ``torch.norm(cov - I, p="fro")`` summed into one scalar, averaged, scaled and added in place to the
+    loss. Each norm keeps its r x r input and its result for backward, and the covariances hand every factor its
+    first gradient at the start of the backward; each block's own backward then adds to it.
 
-    Replayed per block, right after the block's forward (the factors of this block, ``ctx.adalora_factors``), so
-    a model composed from a few replayed blocks counts every block's share. peft builds all of them after the
-    whole forward, so their gradients arrive at the start of the backward: this replay has each block's arrive
-    at the start of that block's backward instead (the difference is at most the adapters' fp32 gradients)."""
+    The blocks a shallower replay does not run get stand-in factors (Graph.stand_in, the shapes of a replayed
+    block's), so the loss covers the whole model and the composed copies of the middle block find their pending
+    gradients."""
     g, lora = ctx.g, ctx.setup.lora
     assert lora is not None
     r = lora.r
-    for p in ctx.adalora_factors:
+    factors = [p for block in ctx.adalora_factors.values() for p in block]
+    blocks = [i for i in ctx.adalora_factors if i is not None]
+    missing = ctx.spec.num_layers - (ctx.layers or ctx.spec.num_layers)
+    if blocks and missing > 0:
+        model = ctx.adalora_factors[blocks[len(blocks) // 2]]
+        factors += [g.stand_in(p.numel[4], p.width, p.dtype, "stand-in " + p.label) for _ in range(missing) for p in model]
+    total = None
+    for p in factors:
         cov = g.new(P(c=r * r), r, "fp32", p.label + " covariance")
         g.custom("mm", [p, g.view(p)], [cov], [])
         eye = g.new(P(c=r * r), r, "fp32", "identity")
@@ -405,25 +411,16 @@ def adalora_block_regularisation(ctx: Ctx) -> None:
         nrm = g.new(P(c=1), 1, "fp32", "frobenius norm")
         g.custom("norm", [diff], [nrm], [diff, nrm])
         g.drop(diff)
-        if ctx.adalora_sum is None:
-            ctx.adalora_sum = g.add(nrm, None, "regularisation sum")  # 0 + norm: a new tensor, then += in place
+        if total is None:
+            total = g.add(nrm, None, "regularisation sum")  # 0 + norm: a new tensor, then += in place
         else:
-            _in_place_add(ctx, ctx.adalora_sum, g.alias(nrm))
+            _in_place_add(ctx, total, g.alias(nrm))
         g.drop(nrm)
-    ctx.adalora_factors.clear()
-
-
-def adalora_orthogonal_loss(ctx: Ctx, loss: T) -> T:
-    """The regularisation's mean, times orth_reg_weight, added in place to the loss (see the per-block part;
-    targets outside the blocks, BERT's pooler, are regularised here)."""
-    adalora_block_regularisation(ctx)
-    g, total = ctx.g, ctx.adalora_sum
     if total is None:
         return loss
     mean = g.mul(total, None, "regularisation / count")
     weighted = g.mul(mean, None, "orth_reg_weight * regularisation")
     g.drop(total, mean)
-    ctx.adalora_sum = None
     return _in_place_add(ctx, loss, weighted)
 
 
@@ -467,8 +464,8 @@ def lycoris(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
 
     LoHa: ``HadaWeight`` (an autograd.Function: no graph inside) computes ((w1a @ w1b) * (w2a @ w2b)) * scale, in
     the autocast dtype under autocast, keeping only its four factors; its backward makes up to four
-    weight-sized temporaries. LoKr: ``torch.kron(w1, w2) * scale`` in fp32 (kron is a broadcast multiply: each
-    factor's gradient reduces a weight-sized product). The delta is kept for x's gradient wherever x needs one.
+    weight-sized temporaries. LoKr: ``torch.kron(w1, w2) * scale`` in fp32 (kron is a broadcast multiply: both
+    factors' gradients are weight-sized until reduced). The delta is kept for x's gradient wherever x needs one.
     """
     g, method, lora = ctx.g, ctx.setup.method, ctx.setup.lora
     assert lora is not None
@@ -495,7 +492,10 @@ def lycoris(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
         else:
             w2 = g.alias(rest[0])
         kron = g.new(P(c=n), m.d_in, "fp32", label + " lokr kron")
-        g.custom("kron", [w1, w2], [kron], [w1, w2], extra=P(c=n * 4))
+        # torch.kron is a broadcast multiply: MulBackward0 returns both factors' gradients at the product's size,
+        # summed down one after the other after the call: the peak holds both and w1's reduced one, not w2's
+        # (tests/analytic/test_sim_ops.py checks it on a real CPU step)
+        g.custom("kron", [w1, w2], [kron], [w1, w2], extra=P(c=2 * n * 4 - 4 * w2.numel[4]))
         g.drop(w2)
         delta = g.mul(kron, None, label + " lokr delta weight")
         g.drop(kron)

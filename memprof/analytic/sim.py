@@ -168,6 +168,9 @@ class Graph:
     # (accumulate_grad.h, case 2.3, under a dispatch mode too) and the new buffer dies at once
     grads_kept: bool = False
     step_holds: list[T] = field(default_factory=list)   # held by the loop past the backward (kept outputs)
+    # parameters standing in for those of blocks the replay does not run (``stand_in``): the gradient the replay
+    # hands them is consumed by the composed copies of the middle block, so it is counted as pending (see there)
+    stand_ins: set = field(default_factory=set)
 
     # ---- lifetime -----------------------------------------------------------------------------------
     def _alloc(self, nbytes: Poly, label: str, fate: str | None) -> Storage:
@@ -220,6 +223,16 @@ class Graph:
         st = Storage(ZERO, self.seg, label, PARAM_T if trainable else PARAM_F)
         st.refs = 1 << 40
         return T(P(c=numel), width, dtype, trainable, st, None, label)
+
+    def stand_in(self, numel: int, width: int, dtype: str, label: str) -> T:
+        """A trainable parameter of a block this replay does not run, used by something outside the blocks (AdaLoRA's
+        orthogonality loss over every factor). Its gradient arrives here and waits for the block's own backward,
+        which only the composed copies of the middle block run: in a tracked replay, where those copies turn one
+        pending gradient into the parameter's .grad each, it is pending (a temporary) until then; in a plain one it
+        is the .grad they add to in place."""
+        t = self.param(numel, width, dtype, True, label)
+        self.stand_ins.add(id(t.st))
+        return t
 
     def given(self, numel: Poly, width: int, dtype: str, label: str, fate: str = INPUT) -> T:
         """A tensor alive before the step starts (the batch); counted in the base, not allocated here."""
@@ -392,6 +405,9 @@ class Graph:
         param_grads: dict[int, Storage] = {}
         arrivals = self._param_arrivals(loss) if self.grads_kept else {}
         grad_fate = TEMP if self.grads_kept else GRAD
+
+        def fate_of(root: T) -> str:
+            return TEMP if id(root.st) in self.stand_ins and not self.inplace_accumulation else grad_fate
         seed = self._alloc(pscale(loss.numel, BYTES[loss.dtype]), "grad of loss", None)
         seed.refs = 1
         pending[id(loss)] = seed
@@ -418,7 +434,7 @@ class Graph:
                 root = t.root
                 is_param = root.st.fate in (PARAM_T, PARAM_F)
                 if is_param:
-                    g = self._alloc(pscale(root.numel, BYTES[root.dtype]), "grad " + root.label, grad_fate)
+                    g = self._alloc(pscale(root.numel, BYTES[root.dtype]), "grad " + root.label, fate_of(root))
                 elif alloc:
                     g = self._alloc(pscale(root.numel, BYTES[t.dtype]), "grad " + t.label, None)
                 else:
@@ -448,7 +464,7 @@ class Graph:
                 else:
                     if is_param:
                         g.fate = TEMP
-                    total = self._alloc(old.nbytes, "grad sum " + label, grad_fate if is_param else None)
+                    total = self._alloc(old.nbytes, "grad sum " + label, fate_of(root) if is_param else None)
                     self.cand()
                     if is_param:
                         old.fate = TEMP
@@ -457,7 +473,7 @@ class Graph:
                     self._release(g)
                     total.refs = 1
                     slots[id(root)] = total
-                if is_param and self.grads_kept:
+                if is_param and self.grads_kept and id(root.st) not in self.stand_ins:
                     arrivals[id(root)] -= 1
                     if arrivals[id(root)] == 0:  # AccumulateGrad runs: .grad += new, in place; new dies
                         done = param_grads.pop(id(root))

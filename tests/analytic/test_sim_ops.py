@@ -1,9 +1,11 @@
-"""AdaLoRA's division by a trained rank counter, in the symbolic replay against a real CPU step.
+"""Ops whose backward the symbolic replay gives extra temporaries, against a real CPU step under memprof's tracker.
 
-peft's SVDLinear adds ``(x @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5)`` in place to the base output; on CUDA or a
+AdaLoRA's division by a trained rank counter: peft's SVDLinear adds ``(x @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5)`` in place to the base output; on CUDA or a
 half base ``ranknum`` trains, and DivBackward0 then builds the divisor's gradient over a product-sized tensor.
 ``peft_methods.adalora`` replays that node with three product-sized temporaries after self's gradient; here the same
 ops run for real under memprof's tracker and the replay (the same Graph calls) must give the same backward peak.
+LoKr's ``torch.kron(w1, w2) * scale``: kron is a broadcast multiply, whose backward returns both factors' gradients
+at the product's size before the engine sums them down (``peft_methods.lycoris``: two product-sized temporaries).
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ def _replayed_backward_peak(dtype: str) -> int:
     loss = g.new(P(c=1), 1, "fp32", "loss")
     g.custom("sum", [out32], [loss], [], [False])  # sum's gradient is an expanded scalar: no storage
     g.drop(out32)
+    return _backward_peak(g, loss)
+
+
+def _backward_peak(g: Graph, loss) -> int:  # noqa: ANN001
     start = len(g.events)
     live = peak = base = peval(g.live, 1, 1)
     g.backward(loss, {})
@@ -89,3 +95,47 @@ def test_division_by_a_trained_rank_counter_matches_a_real_step(dtype: str) -> N
     # the peak is inside DivBackward0: the output's gradient, self's gradient and the three temporaries, less the gelu
     # input freed before (fp32: 4 x 131,072 B above the start; bf16 adds the half gradient of the base output)
     assert _replayed_backward_peak(dtype) == _real_backward_peak(dtype)
+
+
+KRON_A, KRON_B = (8, 8), (64, 32)  # w1 (a, c), w2 (b, d): a (512, 256) delta
+
+
+def _real_kron_peak() -> int:
+    w1, w2 = torch.randn(*KRON_A).requires_grad_(), torch.randn(*KRON_B).requires_grad_()
+    c = torch.randn(KRON_A[0] * KRON_B[0], KRON_A[1] * KRON_B[1])
+
+    def forward() -> torch.Tensor:
+        return (torch.kron(w1, w2) * c).sum()
+
+    tracker = MemoryTracker()
+    with tracker:
+        loss = forward()
+        tracker.reset_peak()
+        start = tracker.live_breakdown().total_bytes
+        loss.backward()
+    return tracker.breakdown().total_bytes - start
+
+
+def _replayed_kron_peak() -> int:
+    g = Graph(device="cpu", inplace_accumulation=False)
+    n = KRON_A[0] * KRON_A[1] * KRON_B[0] * KRON_B[1]
+    w1 = g.param(KRON_A[0] * KRON_A[1], KRON_A[0], "fp32", True, "w1")
+    w2 = g.param(KRON_B[0] * KRON_B[1], KRON_B[0], "fp32", True, "w2")
+    kron = g.new(P(c=n), KRON_A[1] * KRON_B[1], "fp32", "kron")
+    # the rule peft_methods.lycoris applies: both product-sized gradients, less w2's reduced one
+    g.custom("kron", [w1, w2], [kron], [w1, w2], extra=P(c=2 * n * 4 - 4 * KRON_B[0] * KRON_B[1]))
+    c = g.given(P(c=n), KRON_A[1] * KRON_B[1], "fp32", "c")
+    prod = g.mul(kron, c, "kron * c")
+    g.drop(kron)
+    loss = g.new(P(c=1), 1, "fp32", "loss")
+    g.custom("sum", [prod], [loss], [], [False])
+    g.drop(prod)
+    return _backward_peak(g, loss)
+
+
+def test_kron_backward_matches_a_real_step() -> None:
+    # the peak is in kron's backward: the incoming gradient, both factors' product-sized ones and w1's reduced one
+    # (3 x 524,288 + 256 B); the real step also still holds the loss's 4-byte seed there (sum's gradient is an
+    # expanded view of it, referenced by the engine's input buffer), which the replay releases after the sum
+    assert _replayed_kron_peak() == 3 * 524_288 + 256
+    assert _real_kron_peak() == 3 * 524_288 + 256 + 4
