@@ -24,8 +24,9 @@ on this CPU (no AVX-512 BF16) run 5-60x slower than fp32 and a real-width step t
 Rows are appended to the CSV as they finish and a re-run skips rows already there, so an interrupted run
 resumes; delete the CSV to redo everything. The markdown is rewritten from the whole CSV at the end, with the
 investigated reason for each row that misses a target (EXPLANATIONS below; kept out of the runs, so a new finding
-needs only --render-only). The whole matrix took 33 minutes here (part A 6, part B 27; run the two
-parts in parallel, as done here, to overlap them).
+needs only --render-only). The matrix of issue 4's eight methods took 33 minutes here (part A 6, part B 27; run
+the two parts in parallel, as done here, to overlap them); the 630 rows of the seven methods issue 14 added about
+45 more (parts A and B in parallel).
 """
 
 from __future__ import annotations
@@ -362,7 +363,8 @@ EXPLANATIONS: list[tuple[str, Any, str]] = [
 
 # The largest differences left within the targets, as far as they were investigated. (key, rows, finding.)
 KNOWN: list[tuple[str, str]] = [
-    ("K1", "Phi-3-mini LoRA / QLoRA (all-linear), fp32, part A: analytic 1.6-3.8% below the trace. Phi-3's rotary "
+    ("K1", "Phi-3-mini LoRA / QLoRA / DoRA / AdaLoRA / LoHa / LoKr (all-linear, so o_proj is adapted), fp32, part A: "
+     "analytic 1.0-3.8% below the trace. Phi-3's rotary "
      "embedding ends in a torch.cat, so q reaches SDPA contiguous in (b, heads, s, d); the fake CPU flash kernel "
      "allocates its output like q (empty_like), transformers' attn_output.transpose(1, 2).contiguous() then "
      "copies it, and LoRA on o_proj keeps that copy for backward. On a GPU, fp32 SDPA runs the memory-efficient "
