@@ -302,6 +302,13 @@ class RunSetup:
         return self.grad_accum > 1 or (self.zero_grad is ZeroGrad.zeros and self.effective_regime is not Regime.mixed)
 
     @property
+    def prepended_tokens(self) -> int:
+        """Virtual tokens prompt tuning and P-tuning put in front of every sequence (they take positions too)."""
+        if self.method in (Method.prompt, Method.p_tuning) and self.prompt is not None:
+            return self.prompt.num_virtual_tokens
+        return 0
+
+    @property
     def builds_cache(self) -> bool:
         """transformers builds a DynamicCache in training only with use_cache on and no gradient checkpointing
         (checkpointed layers turn use_cache off, modeling_layers.py)."""

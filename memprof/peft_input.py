@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from .config import LORA_FAMILY, Method
 from .errors import ConfigError
 
 CONFIG_FILE = "adapter_config.json"  # what PeftConfig.save_pretrained writes into its directory
@@ -68,14 +69,15 @@ def peft_dict(config: Any) -> dict[str, Any]:
     raise ConfigError(f"not a peft config: {type(config).__name__}")
 
 
-# peft_type -> (memprof method, the rank's key, peft's default rank, options memprof models only at their default)
-LORA_LIKE: dict[str, tuple[str, str, int, dict[str, Any]]] = {
-    "ADALORA": ("adalora", "init_r", 12, {"rank_pattern": None, "layers_to_transform": None}),
-    "VERA": ("vera", "r", 256, {"layers_to_transform": None}),
-    "LOHA": ("loha", "r", 8, {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
-                               "rank_pattern": None, "layers_to_transform": None}),
-    "LOKR": ("lokr", "r", 8, {"rank_dropout": 0.0, "module_dropout": 0.0, "decompose_both": False,
-                               "decompose_factor": -1, "rank_pattern": None, "layers_to_transform": None}),
+# peft_type -> (memprof method, the rank's key, options memprof models only at their default); peft's default
+# rank of each is config.LORA_FAMILY's
+LORA_LIKE: dict[str, tuple[Method, str, dict[str, Any]]] = {
+    "ADALORA": (Method.adalora, "init_r", {"rank_pattern": None, "layers_to_transform": None}),
+    "VERA": (Method.vera, "r", {"layers_to_transform": None}),
+    "LOHA": (Method.loha, "r", {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
+                                "rank_pattern": None, "layers_to_transform": None}),
+    "LOKR": (Method.lokr, "r", {"rank_dropout": 0.0, "module_dropout": 0.0, "decompose_both": False,
+                                "decompose_factor": -1, "rank_pattern": None, "layers_to_transform": None}),
 }
 
 
@@ -127,18 +129,18 @@ def run_options(config: Any) -> dict[str, Any]:
     elif kind == "PROMPT_TUNING":
         out.update(method="prompt", prompt={"num_virtual_tokens": int(data.get("num_virtual_tokens", 20))})
     elif kind in LORA_LIKE:
-        method, rank_key, default_r, unmodelled = LORA_LIKE[kind]
+        method, rank_key, unmodelled = LORA_LIKE[kind]
         for key, default in unmodelled.items():
             if data.get(key) and data.get(key) != default:  # saved configs carry the defaults ({} rank_pattern)
                 raise refuse(f"{key} = {data[key]!r}")
-        lora = {"r": int(data.get(rank_key) or default_r), "targets": _names(data.get("target_modules"))}
+        lora = {"r": int(data.get(rank_key) or LORA_FAMILY[method]), "targets": _names(data.get("target_modules"))}
         if "alpha" in data or "lora_alpha" in data:
             lora["alpha"] = int(data.get("alpha", data.get("lora_alpha")) or 8)
         if data.get("lora_dropout") or data.get("vera_dropout"):
             lora["dropout"] = float(data.get("lora_dropout") or data.get("vera_dropout"))
         if data.get("modules_to_save") is not None:
             lora["modules_to_save"] = tuple(data["modules_to_save"])
-        out.update(method=method, lora=lora)
+        out.update(method=method.value, lora=lora)
     elif kind == "LN_TUNING" and data.get("target_modules") is None:
         out.update(method="ln-tuning")
     elif kind == "P_TUNING":

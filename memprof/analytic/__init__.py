@@ -19,7 +19,7 @@ from ..config import RunSetup, check_runnable, with_method_defaults
 from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
 from ..spec import Family, Task as SpecTask, check_sequence_length
-from ..config import Loop, Method, Regime, ZeroGrad
+from ..config import Loop, Regime, ZeroGrad
 from .compose import FATES, Timeline, structural, timeline
 from .explain import explain_terms
 from .overheads import device_totals
@@ -92,8 +92,7 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     setup = with_method_defaults(setup)
     check_runnable(setup)
     if spec.family is not Family.llama:
-        extra = setup.prompt.num_virtual_tokens if setup.method in (Method.prompt, Method.p_tuning) and setup.prompt else 0
-        check_sequence_length(spec, setup.seq_len + extra)
+        check_sequence_length(spec, setup.seq_len + setup.prepended_tokens)
     pc, sb, tl = _structure(spec, setup, tracked)
     b, s = setup.batch_size, setup.seq_len
     bs, bss = b * s, b * s * s

@@ -174,13 +174,10 @@ class Ctx:
             if wq is not None:
                 g.drop(wq)
         r = self.lora.get(full_name)
-        method = self.setup.method
         if r and self.setup.lora is not None and self.setup.lora.dora:
             y = peft_methods.dora(self, x_in, y, r, m, label, w, bias)
-        elif r and method in (Method.lora, Method.qlora):
-            y = peft_methods.lora(self, x_in, y, r, m, label)
         elif r:
-            y = peft_methods.LORA_LIKE[method](self, x_in, y, r, m, label)
+            y = peft_methods.LORA_LIKE[self.setup.method](self, x_in, y, r, m, label)
         if x_in is not x:
             g.drop(x_in)
         g.drop(xh)

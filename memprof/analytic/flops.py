@@ -237,7 +237,7 @@ def step_flops(spec: ModelSpec, setup: RunSetup) -> StepFlops:
     plan = _plan(spec, setup)
     b, s = setup.batch_size, setup.seq_len
     n_virtual = setup.prompt.num_virtual_tokens if setup.prompt is not None else 0
-    s_q = s + (n_virtual if setup.method in (Method.prompt, Method.p_tuning) else 0)
+    s_q = s + setup.prepended_tokens
     s_k = s_q + (n_virtual if setup.method is Method.prefix else 0)
     tokens = b * s_q
     attn = 2 * 2 * b * s_q * s_k * spec.q_dim  # QKᵀ and P·V, no causal halving

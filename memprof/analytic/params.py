@@ -51,6 +51,12 @@ LN_TUNING_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "gemma3_text": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                     "post_feedforward_layernorm", "norm"),
 }
+# The layer kinds peft's LoRA-like layers wrap (their layer classes, peft 0.21), where narrower than LoRA's (linear,
+# Conv1D, embedding): LyCORIS (LoHa, LoKr) has nn.Linear / Conv layers only, AdaLoRA and VeRA Linear and Conv1D.
+ADAPTED_KINDS: dict[Method, tuple[str, ...]] = {
+    Method.loha: ("linear",), Method.lokr: ("linear",), Method.adalora: ("linear", "conv1d"),
+    Method.vera: ("linear", "conv1d"),
+}
 REGEX_PREFIX = "re:"  # a target given as a regular expression (peft: target_modules as one string)
 ALL_LINEAR = "all-linear"
 
@@ -168,9 +174,8 @@ def resolve_lora_targets(spec: ModelSpec, lora: LoraSpec, method: Method = Metho
         bad = [n for n, m in chosen if m.kind == "norm"]
         if bad:
             raise ConfigError(f"LoRA target '{bad[0]}' is a normalisation layer; LoRA adapts linear and embedding modules")
-    kinds = ("linear",) if method in (Method.loha, Method.lokr) else ("linear", "conv1d") \
-        if method in (Method.adalora, Method.vera) else None
-    odd = [(n, m) for n, m in chosen if kinds is not None and m.kind not in kinds]
+    kinds = ADAPTED_KINDS.get(method, ())
+    odd = [(n, m) for n, m in chosen if kinds and m.kind not in kinds]
     if odd:
         what = "a transformers Conv1D" if odd[0][1].kind == "conv1d" else f"an {odd[0][1].kind}"
         raise ConfigError(f"{method.value} target '{odd[0][0]}' is {what}; peft's {method.value} adapts "

@@ -510,5 +510,6 @@ def lycoris(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
     return back
 
 
-# the LoRA-like methods besides LoRA itself, by what the forward runs at each target
-LORA_LIKE = {Method.adalora: adalora, Method.vera: vera, Method.loha: lycoris, Method.lokr: lycoris}
+# what the forward runs at each target of a LoRA-like method (DoRA: ``dora``, with the base weight and bias)
+LORA_LIKE = {Method.lora: lora, Method.qlora: lora, Method.adalora: adalora, Method.vera: vera, Method.loha: lycoris,
+             Method.lokr: lycoris}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..analytic.params import LN_TUNING_DEFAULT_TARGETS, ln_tuning_target_names
-from ..config import PEFT_METHODS, Dtype, LoraSpec, Method, Optimizer, OptimizerImpl, Regime, RunSetup, check_runnable
+from ..config import LORA_FAMILY, PEFT_METHODS, Dtype, LoraSpec, Method, Optimizer, OptimizerImpl, Regime, RunSetup, check_runnable
 from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError
 from ..spec import Family, ModelSpec, Task, check_sequence_length
 from .adapters import add_bottleneck_adapters, is_norm_module
@@ -110,18 +110,8 @@ def peft_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (peft.Pef
 
     task = _peft_task(spec)
     method = setup.method
-    if method in (Method.lora, Method.qlora):
-        lora = setup.lora or LoraSpec()
-        targets: Any = list(lora.targets) if lora.targets else None
-        if targets == ["all-linear"]:
-            targets = "all-linear"
-        return peft.LoraConfig(
-            task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-            bias=lora.bias, modules_to_save=list(lora.modules_to_save) if lora.modules_to_save is not None else None,
-            use_dora=lora.dora,
-        )
-    if method in (Method.adalora, Method.vera, Method.loha, Method.lokr):
-        return _lora_family_config(spec, setup, task)
+    if method in LORA_FAMILY:
+        return _lora_family_config(setup, task)
     if method is Method.ln_tuning:
         # peft's own default where it has one (LN_TUNING_DEFAULT_TARGETS mirrors it), else every norm layer
         names = None if spec.model_type in LN_TUNING_DEFAULT_TARGETS else ln_tuning_target_names(spec)
@@ -153,17 +143,20 @@ def peft_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (peft.Pef
     raise ConfigError(f"method '{method.value}' is not built with peft")
 
 
-def _lora_family_config(spec: ModelSpec, setup: RunSetup, task: str):  # noqa: ANN202 (peft.PeftConfig)
-    """AdaLoRA, VeRA, LoHa, LoKr from the [lora] options: rank, alpha, dropout, targets, modules_to_save."""
+def _lora_family_config(setup: RunSetup, task: str):  # noqa: ANN202 (peft.PeftConfig)
+    """LoRA, QLoRA, AdaLoRA, VeRA, LoHa, LoKr from the [lora] options: rank, alpha, dropout, targets,
+    modules_to_save (and LoRA's bias and DoRA)."""
     import peft
 
-    lora = setup.lora
-    assert lora is not None
+    lora = setup.lora or LoraSpec()
     targets: Any = list(lora.targets) if lora.targets else None
     if targets == ["all-linear"]:
         targets = "all-linear"
     saved = list(lora.modules_to_save) if lora.modules_to_save is not None else None
     common = {"task_type": task, "target_modules": targets, "modules_to_save": saved}
+    if setup.method in (Method.lora, Method.qlora):
+        return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                               use_dora=lora.dora, **common)
     if setup.method is Method.adalora:
         # the rank schedule (target_r, total_step) masks singular values and never resizes a tensor in a step:
         # it changes no memory. total_step has no default in peft 0.21; any positive length builds the same model.
@@ -466,8 +459,7 @@ def synthetic_batch(spec: ModelSpec, setup: RunSetup, device: str | torch.device
 
 def check_positions(spec: ModelSpec, setup: RunSetup) -> None:
     """Learned position tables cap the sequence length (BERT 512, GPT-2 1024); prompt tokens count too."""
-    extra = setup.prompt.num_virtual_tokens if setup.method in (Method.prompt, Method.p_tuning) and setup.prompt else 0
-    check_sequence_length(spec, setup.seq_len + extra)
+    check_sequence_length(spec, setup.seq_len + setup.prepended_tokens)
 
 
 def nan_to_none(x: float | None) -> float | None:

@@ -34,6 +34,11 @@ def _real_backward_peak(dtype: str) -> int:
         y += (x.to(torch.float32) @ (a * e).T @ b.T) * 2.0 / (rank + 1e-5)
         return torch.nn.functional.gelu(y).float().sum()
 
+    return _tracked_backward_peak(forward)
+
+
+def _tracked_backward_peak(forward) -> int:  # noqa: ANN001
+    """Bytes above the live total at the backward's start, at its peak, under memprof's tracker."""
     tracker = MemoryTracker()
     with tracker:
         loss = forward()
@@ -104,16 +109,7 @@ def _real_kron_peak() -> int:
     w1, w2 = torch.randn(*KRON_A).requires_grad_(), torch.randn(*KRON_B).requires_grad_()
     c = torch.randn(KRON_A[0] * KRON_B[0], KRON_A[1] * KRON_B[1])
 
-    def forward() -> torch.Tensor:
-        return (torch.kron(w1, w2) * c).sum()
-
-    tracker = MemoryTracker()
-    with tracker:
-        loss = forward()
-        tracker.reset_peak()
-        start = tracker.live_breakdown().total_bytes
-        loss.backward()
-    return tracker.breakdown().total_bytes - start
+    return _tracked_backward_peak(lambda: (torch.kron(w1, w2) * c).sum())
 
 
 def _replayed_kron_peak() -> int:
