@@ -45,7 +45,8 @@ RUN_OPTIONS: list[tuple[str, Any]] = [
         "--regime", help="fp32 | pure | amp | mixed  \\[default: fp32 for fp32, pure for bf16, amp for fp16]")]),
     ("optimizer", Annotated[Optional[str], typer.Option(
         "--optimizer", help="adamw | adamw-8bit | sgd | sgd-momentum | adafactor | lion  \\[default: adamw]")]),
-    ("attn", Annotated[Optional[str], typer.Option("--attn", help="sdpa | eager  \\[default: sdpa]")]),
+    ("attn", Annotated[Optional[str], typer.Option("--attn", help="auto | sdpa | eager  \\[default: auto: what transformers picks for the model, "
+                                                  "sdpa where it has it]")]),
     ("device", Annotated[Optional[str], typer.Option(
         "--device", help="cuda | cpu (estimate: the device modelled; measure: also auto)  \\[default: cuda; measure: auto]")]),
     ("grad_checkpointing", Annotated[Optional[bool], typer.Option(

@@ -11,11 +11,12 @@ reason, instead of a traceback, and sweeps record it as ``n/a``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
 
-from .config import Method, RunSetup
+from .config import AttnImpl, Method, RunSetup
 from .errors import DependencyMissingError, LibraryRefusalError
 from .spec import ModelSpec, Task
 
@@ -157,6 +158,71 @@ def refusal_note(spec: ModelSpec, setup: RunSetup) -> str | None:
         return (f"{rule.raised_by} refuses this run under {rule.condition()} ({rule.reason.rstrip('.')}: "
                 f"{rule.cause})")
     return None
+
+
+# Model types whose transformers 5.23 model class sets ``_supports_sdpa = False`` (modeling_*.py; a test checks the
+# set against the installed classes, and traced and measured runs read the class itself: runtime.build).
+# PreTrainedModel.get_correct_attn_implementation (modeling_utils.py) then falls back from the default SDPA to eager,
+# and raises when SDPA is asked for explicitly.
+NO_SDPA_TYPES = frozenset((
+    'align', 'autoformer', 'bark', 'big_bird', 'bigbird_pegasus', 'bit', 'blip', 'bloom', 'bridgetower', 'bros',
+    'canine', 'clap', 'clvp', 'codegen', 'convbert', 'convnext', 'convnextv2', 'cpmant', 'cvt', 'dab-detr', 'dac',
+    'deberta', 'deberta-v2', 'deepseek_v4', 'dinat', 'dinov3_convnext', 'donut-swin', 'efficientnet', 'encodec',
+    'falcon_mamba', 'fastspeech2_conformer', 'fastspeech2_conformer_with_hifigan', 'flaubert', 'flava', 'flint',
+    'fnet', 'focalnet', 'fsmt', 'funnel', 'gemma2', 'gemma4_audio', 'git', 'glpn', 'got_ocr2', 'gpt_neo',
+    'gpt_neox_japanese', 'gpt_oss', 'gptj', 'granite_swa', 'granitemoe_swa', 'grounding-dino', 'groupvit',
+    'hgnet_v2', 'hiera', 'higgs_audio_v2_tokenizer', 'hy_v4', 'ibert', 'imagegpt', 'informer', 'inkling2',
+    'inkling2_text', 'layoutlmv2', 'layoutlmv3', 'led', 'levit', 'lilt', 'longformer', 'longt5', 'luke', 'lxmert',
+    'mamba', 'mamba2', 'markuplm', 'mask2former', 'maskformer', 'maskformer-swin', 'megatron-bert', 'mgp-str',
+    'mimo_v2_flash', 'mm-grounding-dino', 'mobilenet_v1', 'mobilenet_v2', 'mobilevit', 'mobilevitv2', 'mpnet',
+    'mpt', 'mra', 'mvp', 'nllb-moe', 'nystromformer', 'omdet-turbo', 'oneformer', 'openai-gpt',
+    'openai_privacy_filter', 'patchtsmixer', 'pegasus_x', 'perceiver', 'poolformer', 'pp_ocrv6_medium_det',
+    'pp_ocrv6_small_det', 'prophetnet', 'pvt', 'pvt_v2', 'reformer', 'regnet', 'rembert', 'resnet', 'roformer',
+    'rwkv', 'seggpt', 'sew-d', 'speech_to_text', 'speecht5', 'splinter', 'squeezebert', 'swiftformer', 'swin2sr',
+    'swinv2', 'switch_transformers', 't5gemma', 'table-transformer', 'tapas', 'textnet', 'time_series_transformer',
+    'timesformer', 'tvp', 'univnet', 'uvdoc', 'vaultgemma', 'vibevoice_acoustic_tokenizer',
+    'vibevoice_acoustic_tokenizer_decoder', 'vibevoice_acoustic_tokenizer_encoder', 'videoprism',
+    'videoprism_vision_model', 'vilt', 'visual_bert', 'vitdet', 'vits', 'wavlm', 'xcodec', 'xglm', 'xlm', 'xlnet',
+    'xlstm', 'yoso'
+))
+NO_SDPA_WHY = {"gemma2": "Gemma2PreTrainedModel sets _supports_sdpa = False: SDPA has no attention soft-capping"}
+
+
+def attention_kernel(spec: ModelSpec, setup: RunSetup) -> AttnImpl:
+    """The kernel a run asks for, ``auto`` resolved as transformers resolves it (NO_SDPA_TYPES); never raises
+    (``resolve_attention`` refuses what transformers refuses). Records key runs by it."""
+    if setup.attn_impl is not AttnImpl.auto:
+        return setup.attn_impl
+    return AttnImpl.eager if spec.model_type in NO_SDPA_TYPES else AttnImpl.sdpa
+
+
+def resolve_attention(spec: ModelSpec, setup: RunSetup, supports_sdpa: bool | None = None,
+                      why: str = "") -> tuple[RunSetup, str | None]:
+    """The attention kernel the run will use, as transformers resolves ``attn_implementation``: ``auto`` (memprof's
+    default, transformers' None) is SDPA where the model supports it and eager otherwise; an explicit ``sdpa`` on a
+    model without SDPA is refused, as transformers refuses it. ``supports_sdpa``: the model class's own flag
+    (traced and measured runs); None reads NO_SDPA_TYPES (the analytic estimate and the records, which import no
+    transformers).
+
+    Returns:
+        (setup with attn_impl sdpa or eager, a note when the default fell back to eager).
+
+    Raises:
+        LibraryRefusalError: ``--attn sdpa`` on a model whose transformers class has no SDPA.
+    """
+    if setup.attn_impl is AttnImpl.eager:
+        return setup, None
+    if supports_sdpa is None:
+        supports_sdpa = spec.model_type not in NO_SDPA_TYPES
+        why = NO_SDPA_WHY.get(spec.model_type, f"the {spec.model_type} model class sets _supports_sdpa = False")
+    if supports_sdpa:
+        return (setup if setup.attn_impl is AttnImpl.sdpa else dataclasses.replace(setup, attn_impl=AttnImpl.sdpa)), None
+    version = installed_version("transformers") or TESTED_VERSIONS["transformers"]
+    if setup.attn_impl is AttnImpl.sdpa:
+        raise refusal("transformers", version, f"{why or 'the model class has no SDPA'}; use --attn eager, or leave "
+                      "--attn out for the kernel transformers picks", what=f"SDPA attention on {spec.name}")
+    note = f"attention: eager, the kernel transformers {version} picks for {spec.model_type} ({why or 'no SDPA'})"
+    return dataclasses.replace(setup, attn_impl=AttnImpl.eager), note
 
 
 def tested_line(libraries: tuple[tuple[str, str], ...] | None = None) -> str:

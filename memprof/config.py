@@ -69,6 +69,7 @@ class Optimizer(str, Enum):
 
 
 class AttnImpl(str, Enum):
+    auto = "auto"    # what transformers picks for the model: sdpa where it supports it, else eager (compat.py)
     eager = "eager"  # explicit b*a*s*s scores, softmax and dropout mask kept for backward
     sdpa = "sdpa"    # torch scaled_dot_product_attention; on CUDA a flash / mem-efficient kernel (no s^2 tensors)
 
@@ -229,7 +230,7 @@ class RunSetup:
     dtype: Dtype = Dtype.bf16           # compute dtype; storage follows the regime
     regime: Regime | None = None        # None = DEFAULT_REGIME[dtype]
     optimizer: Optimizer = Optimizer.adamw
-    attn_impl: AttnImpl = AttnImpl.sdpa  # eager keeps b*a*s*s scores; sdpa on CUDA keeps none
+    attn_impl: AttnImpl = AttnImpl.auto  # eager keeps b*a*s*s scores; sdpa on CUDA keeps none
     device: Device = Device.cuda        # decides dropout-mask bytes and the optimizer's foreach temporaries
     grad_checkpointing: bool = False    # True keeps one input per layer, recomputes the layer in backward
     dropout: bool = True                # False = train with every dropout probability set to 0

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from .compat import attention_kernel
 from .config import OPTION_GROUPS, RunSetup
 from .spec import ModelSpec
 
@@ -146,7 +147,7 @@ def setup_row(spec: ModelSpec, setup: RunSetup) -> dict[str, Any]:
         "model": spec.name, "task": spec.task.value, "method": setup.method.value,
         "batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype.value,
         "regime": setup.effective_regime.value, "optimizer": setup.optimizer.value,
-        "attn_impl": setup.attn_impl.value, "device": setup.device.value,
+        "attn_impl": attention_kernel(spec, setup).value, "device": setup.device.value,
         "grad_checkpointing": setup.grad_checkpointing, "dropout": setup.dropout,
         "method_options": method_options_str(setup), "loop_options": loop_options_str(setup),
     }

@@ -46,6 +46,11 @@ FAMILY_OF_MODEL_TYPE: dict[str, Family] = {
 }
 SUPPORTED_MODEL_TYPES = ", ".join(sorted(FAMILY_OF_MODEL_TYPE))
 
+# attention types of transformers' config.layer_types
+FULL, SLIDING = "full_attention", "sliding_attention"
+# model types whose config has a layer_types list (the others apply one window to every block, or none)
+LAYER_TYPED = ("qwen2", "qwen3", "gemma2", "gemma3_text")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -79,6 +84,9 @@ class ModelSpec:
     embed_scale: bool = False       # embeddings multiplied by sqrt(h) (gemma)
     attn_softcap: float | None = None   # tanh soft-capping of attention scores (gemma2)
     final_softcap: float | None = None  # tanh soft-capping of logits (gemma2)
+    sliding_window: int | None = None  # keys a sliding-window layer attends to (mistral, qwen2/3, gemma2/3, phi3)
+    layer_types: tuple[str, ...] = ()  # per block: "full_attention" | "sliding_attention" (empty: all full)
+    rope_per_layer_type: bool = False  # one rotary table per layer type (gemma3: local and global bases)
     hidden_dropout: float = 0.0     # residual-branch dropout probability
     attention_dropout: float = 0.0  # dropout on attention probabilities
     embedding_dropout: float = 0.0
@@ -107,13 +115,26 @@ class ModelSpec:
     def q_dim(self) -> int:
         return self.num_heads * self.head_dim
 
-    def with_layers(self, num_layers: int) -> "ModelSpec":
-        """The same architecture at another depth (used to trace a few layers and extrapolate)."""
+    def layer_type(self, i: int) -> str:
+        """Block ``i``'s attention type, as transformers' ``config.layer_types`` names it."""
+        return self.layer_types[i] if self.layer_types else FULL
+
+    def with_layers(self, num_layers: int, layer_types: tuple[str, ...] | None = None) -> "ModelSpec":
+        """The same architecture at another depth (used to trace a few layers and extrapolate). ``layer_types``:
+        the blocks' attention types at that depth (default: the first ``num_layers`` of the model's)."""
         cfg = dict(self.hf_config or {})
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in cfg:
                 cfg[key] = num_layers
-        return replace(self, num_layers=num_layers, hf_config=cfg or None)
+        types = self.layer_types
+        if types:
+            types = tuple(layer_types) if layer_types is not None else types[:num_layers]
+            if len(types) != num_layers:
+                raise ValueError(f"{len(types)} layer types for {num_layers} layers")
+        if self.model_type in LAYER_TYPED and (types or "layer_types" in cfg):
+            # the config names each block's type and transformers checks its length against the depth
+            cfg["layer_types"] = list(types or (FULL,) * num_layers)
+        return replace(self, num_layers=num_layers, layer_types=types, hf_config=cfg or None)
 
     def with_task(self, task: Task, num_labels: int | None = None) -> "ModelSpec":
         return replace(self, task=task, num_labels=num_labels or self.num_labels)
@@ -331,10 +352,12 @@ def _llama(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_label
     # transformers' config defaults: untied for llama/mistral/qwen/phi3, tied for gemma
     tie = _flag(cfg, name, "tie_word_embeddings", variant.get("tie", False))
     resid_dropout = _prob(cfg, name, "resid_pdrop", 0.0)
+    layers = _require(cfg, name, "num_hidden_layers")
+    window, types = _attention_types(cfg, name, model_type, layers)
     return ModelSpec(
         name=name, model_type=model_type, family=Family.llama,
         vocab_size=_require(cfg, name, "vocab_size"), hidden_size=h,
-        num_layers=_require(cfg, name, "num_hidden_layers"), num_heads=a, num_kv_heads=kv, head_dim=int(head_dim),
+        num_layers=layers, num_heads=a, num_kv_heads=kv, head_dim=int(head_dim),
         intermediate_size=_require(cfg, name, "intermediate_size"),
         max_positions=_int(cfg, name, "max_position_embeddings", 2048), task=task, num_labels=num_labels,
         hidden_act=act, gated_mlp=True, norm="rmsnorm", tie_embeddings=tie,
@@ -343,12 +366,69 @@ def _llama(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_label
         qk_norm=variant.get("qk_norm", False), sandwich_norm=variant.get("sandwich_norm", False),
         fused_qkv=variant.get("fused_qkv", False), rotary_cat=variant.get("rotary_cat", False),
         embed_scale=variant.get("embed_scale", False),
-        attn_softcap=_get(cfg, "attn_logit_softcapping") if model_type == "gemma2" else None,
-        final_softcap=_get(cfg, "final_logit_softcapping") if model_type == "gemma2" else None,
+        sliding_window=window, layer_types=types, rope_per_layer_type=model_type == "gemma3_text" and len(set(types)) > 1,
+        attn_softcap=_softcap(cfg, name, "attn_logit_softcapping", model_type),
+        final_softcap=_softcap(cfg, name, "final_logit_softcapping", model_type),
         hidden_dropout=resid_dropout, attention_dropout=_prob(cfg, name, "attention_dropout", 0.0),
         embedding_dropout=_prob(cfg, name, "embd_pdrop", 0.0),
         source=source, hf_config=cfg,
     )
+
+
+# Gemma2Config's defaults (attn 50.0, final 30.0); Gemma3TextConfig's are None; the other models have none
+_SOFTCAP_DEFAULT = {"gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}}
+
+
+def _softcap(cfg: Mapping[str, Any], name: str, key: str, model_type: str) -> float | None:
+    """A tanh soft-capping constant (Gemma-2/3), absent keys taking the config class's default."""
+    if model_type not in ("gemma2", "gemma3_text"):
+        return None
+    value = cfg.get(key, _SOFTCAP_DEFAULT.get(model_type, {}).get(key))
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ConfigError(f"config of {name}: {key} must be a positive number or null, got {value!r}"[:200])
+    return value
+
+
+# transformers 5.23's config defaults: sliding_window (MistralConfig, Qwen2/3Config, Gemma2/3TextConfig: 4096;
+# Phi3Config: None), Qwen2/3Config.max_window_layers 28, Gemma3TextConfig's sliding_window_pattern 6
+_WINDOW_DEFAULT = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "gemma2": 4096, "gemma3_text": 4096}
+
+
+def _attention_types(cfg: Mapping[str, Any], name: str, model_type: str, layers: int
+                     ) -> tuple[int | None, tuple[str, ...]]:
+    """(sliding_window, layer_types) as transformers' config classes derive them (configuration_*.py
+    __post_init__): Mistral and Phi-3 window every block when sliding_window is set; Qwen2/3 window the blocks
+    from max_window_layers on when use_sliding_window; Gemma-2 alternates sliding and full from the first block;
+    Gemma-3 makes every sliding_window_pattern-th block full. An explicit ``layer_types`` list wins."""
+    if model_type not in _WINDOW_DEFAULT and model_type != "phi3":
+        return None, ()
+    window = cfg.get("sliding_window", _WINDOW_DEFAULT.get(model_type))
+    if model_type in ("qwen2", "qwen3") and not _flag(cfg, name, "use_sliding_window", False):
+        window = None
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= MAX_SIZE):
+        raise ConfigError(f"config of {name}: sliding_window must be a positive integer or null, got {window!r}"[:200])
+    given = cfg.get("layer_types")
+    if model_type in LAYER_TYPED and given is not None:
+        if (not isinstance(given, list) or len(given) != layers
+                or not all(t in (FULL, SLIDING) for t in given)):
+            raise ConfigError(f"config of {name}: layer_types must list {layers} of {FULL!r} / {SLIDING!r}, got "
+                              f"{given!r}"[:200])
+        types = tuple(given)
+    elif model_type in ("mistral", "phi3"):
+        types = (SLIDING,) * layers if window is not None else ()
+    elif model_type in ("qwen2", "qwen3"):
+        first = _int(cfg, name, "max_window_layers", 28, minimum=0)
+        types = tuple(SLIDING if window is not None and i >= first else FULL for i in range(layers))
+    elif model_type == "gemma2":
+        types = tuple(SLIDING if (i + 1) % 2 else FULL for i in range(layers))
+    else:
+        pattern = _int(cfg, name, "sliding_window_pattern", 6)
+        types = tuple(SLIDING if (i + 1) % pattern else FULL for i in range(layers))
+    if SLIDING in types and window is None:
+        raise ConfigError(f"config of {name}: sliding_attention layers need a sliding_window")
+    if model_type in ("qwen2", "qwen3") and SLIDING not in types:
+        types = ()
+    return window, types
 
 
 def parse_config_json(text: str, where: str) -> dict[str, Any]:

@@ -18,3 +18,26 @@ CONFIGS = {"bert": BERT, "gpt2": GPT2, "llama": LLAMA}
 
 def tiny_spec(family: str, **overrides: object) -> ModelSpec:
     return from_hf_config({**CONFIGS[family], **overrides}, f"tiny-{family}", source="file")
+
+# traced-only architectures (tests/runtime/test_trace_failures.py): built from these configs, never downloaded
+T5 = {"model_type": "t5", "vocab_size": 100, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
+      "num_decoder_layers": 2, "num_heads": 4, "eos_token_id": 1, "pad_token_id": 0, "decoder_start_token_id": 0}
+DEBERTA_V2 = {"model_type": "deberta-v2", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64,
+              "relative_attention": True, "position_buckets": 16, "pos_att_type": ["p2c", "c2p"],
+              "position_biased_input": False}
+# MoE: 4 experts, 2 per token; widths multiples of 4 so the CPU grouped_mm's 16-byte stride rule holds in fp32
+MIXTRAL = {"model_type": "mixtral", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
+           "num_experts_per_tok": 2, "max_position_embeddings": 64}
+QWEN2_MOE = {"model_type": "qwen2_moe", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+             "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+             "max_position_embeddings": 64}
+OLMOE = {"model_type": "olmoe", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts": 4,
+         "num_experts_per_tok": 2, "max_position_embeddings": 64}
+MODERNBERT = {"model_type": "modernbert", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 64,
+              "global_attn_every_n_layers": 1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+              "cls_token_id": 1, "sep_token_id": 2}

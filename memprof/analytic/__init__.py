@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..compat import refusal_note
+from ..compat import refusal_note, resolve_attention
 from ..config import RunSetup, check_runnable, with_method_defaults
 from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
-from ..spec import Family, Task as SpecTask, check_sequence_length
+from ..errors import UnsupportedModelError
+from ..spec import ANALYTIC_TASKS, Family, Task as SpecTask, check_sequence_length
 from ..config import Loop, Regime, ZeroGrad
 from .compose import FATES, Timeline, structural, timeline
 from .explain import explain_terms
+from .forward import window_reached
 from .overheads import device_totals
 from .params import ParamCounts, method_params
 from .states import StateBytes, state_bytes
@@ -41,11 +43,12 @@ def _structure(spec: ModelSpec, setup: RunSetup, tracked: bool) -> tuple[ParamCo
     key = (spec, setup.method, setup.dtype, setup.regime, setup.optimizer, setup.attn_impl, setup.device,
            setup.grad_checkpointing, setup.dropout, setup.lora, setup.quant, setup.adapter, setup.ia3, setup.prompt,
            tracked, setup.batch_size == 1, setup.effective_optimizer_impl, setup.grads_kept, setup.zero_grad,
-           setup.padded, setup.keep_outputs, setup.builds_cache)
+           setup.padded, setup.keep_outputs, setup.builds_cache, window_reached(spec, setup))
     hit = _STRUCTURES.get(key)
     if hit is None:
         struct = structural(setup)
-        hit = method_params(spec, struct), state_bytes(spec, struct), timeline(spec, struct, tracked)
+        hit = (method_params(spec, struct), state_bytes(spec, struct),
+               timeline(spec, struct, tracked, window_reached(spec, setup)))
         if len(_STRUCTURES) > 4096:
             _STRUCTURES.clear()
         _STRUCTURES[key] = hit
@@ -63,10 +66,10 @@ def input_bytes(spec: ModelSpec, setup: RunSetup) -> int:
 
 
 def _best(cands: tuple, totals: tuple, b: int, s: int):  # noqa: ANN202
-    bs, bss = b * s, b * s * s
+    bs, bss, ss = b * s, b * s * s, s * s
     best_i, best_v = 0, None
     for i, p in enumerate(totals):
-        v = p[0] * bs + p[1] * bss + p[2] * b + p[3] * s + p[4]
+        v = p[0] * bs + p[1] * bss + p[2] * b + p[3] * s + p[4] + p[5] * ss
         if best_v is None or v > best_v:
             best_i, best_v = i, v
     return cands[best_i]
@@ -89,8 +92,12 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     Raises:
         ConfigError: the method does not apply (no targets, BitFit on a bias-free model, ...).
     """
+    if spec.family is Family.other or spec.task not in ANALYTIC_TASKS:
+        raise UnsupportedModelError(f"{spec.name}: the analytic model does not describe {spec.model_type} with a "
+                                    f"{spec.task.value} head; use memprof trace (or estimate --trace)")
     setup = with_method_defaults(setup)
     check_runnable(setup)
+    setup, attention_note = resolve_attention(spec, setup)
     if spec.family is not Family.llama:
         check_sequence_length(spec, setup.seq_len + setup.prepended_tokens)
     pc, sb, tl = _structure(spec, setup, tracked)
@@ -104,7 +111,7 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
             inputs)
 
     def value(p: tuple) -> int:
-        return round(p[0] * bs + p[1] * bss + p[2] * b + p[3] * s + p[4])
+        return round(p[0] * bs + p[1] * bss + p[2] * b + p[3] * s + p[4] + p[5] * s * s)
 
     def breakdown(sparse: tuple, temporaries: int = 0, gradients: int = 0, activations: int = 0) -> MemoryBreakdown:
         v = list(base)
@@ -131,7 +138,7 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     if setup.zero_grad is ZeroGrad.zeros and setup.effective_regime is not Regime.mixed:
         steady += sb.gradients  # zeroed in place, not freed
     terms = explain_terms(spec, setup, pc, sb, inputs, peak.total_bytes, peak_phase, kept) if explain else ()
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = (attention_note,) if attention_note else ()
     refused = refusal_note(spec, setup)
     if refused:
         notes += (refused,)

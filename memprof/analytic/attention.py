@@ -110,7 +110,14 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
         g.drop(scaled, mask if own_mask else None)
         scaled = masked
     llama_like = ctx.spec.family is Family.llama
-    sin = ctx.to_fp32(scaled, label + " softmax") if not llama_like else g.alias(scaled)
+    if not llama_like:
+        sin = ctx.to_fp32(scaled, label + " softmax")
+    elif scaled.dtype in HALF and not cuda:
+        # softmax(x, dtype=float32): CUDA's _softmax upcasts inside the kernel (half_to_float); the CPU one cannot,
+        # so aten::softmax runs input.to(float32) first, and its backward casts the fp32 gradient back down
+        sin = g.cast(scaled, "fp32", label + " scores (fp32 for softmax)")
+    else:
+        sin = g.alias(scaled)
     probs = g.unary(sin, label + " softmax", "output", dtype="fp32" if llama_like else sin.dtype)
     g.drop(sin, scaled)
     if probs.dtype != vh.dtype and ctx.spec.family is not Family.bert:

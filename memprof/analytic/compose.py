@@ -84,17 +84,32 @@ def _prune(cands: list[Vec]) -> tuple[Vec, ...]:
     return tuple(cands[i] for i in keep)
 
 
+def replayed_blocks(spec: ModelSpec) -> tuple[str, ...]:
+    """The attention type of each block the replay runs: the first, one middle and the last block when every
+    middle block is of one type (all models but mixed stacks), else every block (Gemma-2/3's alternating
+    sliding and full layers: their masks and rotary tables differ, and the replay is cheap at full depth)."""
+    L = spec.num_layers
+    types = tuple(spec.layer_type(i) for i in range(L))
+    if L <= 3 or len(set(types[1:-1])) == 1:
+        return types if L <= 3 else (types[0], types[1], types[-1])
+    return types
+
+
 @functools.lru_cache(maxsize=512)
-def replay(spec: ModelSpec, setup: RunSetup, tracked: bool = False) -> Replay:
-    """Script and replay one step of ``spec`` with min(L, 3) blocks (cached per structure).
+def replay(spec: ModelSpec, setup: RunSetup, tracked: bool = False, window_reached: bool = False) -> Replay:
+    """Script and replay one step of ``spec`` with the blocks ``replayed_blocks`` names (cached per structure).
 
     ``tracked`` replays a run observed by a TorchDispatchMode (memprof's trace, a CPU breakdown), in which
-    autograd accumulates gradients out of place (see ``Graph.inplace_accumulation``).
+    autograd accumulates gradients out of place (see ``Graph.inplace_accumulation``). ``window_reached``: the
+    sequence reaches the sliding window (forward.window_reached; the structural setup has lost its length).
     """
-    layers = min(spec.num_layers, 3)
+    blocks = replayed_blocks(spec)
+    layers = len(blocks)
     g = Graph(device=setup.device.value, inplace_accumulation=not tracked, grads_kept=setup.grads_kept)
     ctx = build_context(g, spec, setup)
     ctx.layers = layers
+    ctx.block_types = blocks
+    ctx.window_reached = window_reached
     loss = forward(ctx, layers)
     # fates of forward storages: alive now -> activation, already freed -> temporary
     saved_terms = []
@@ -230,8 +245,10 @@ def assemble(rep: Replay, num_layers: int) -> Timeline:
     fwd_cands: list[Vec] = []
     bwd_cands: list[Vec] = []
     # forward: embed, first, middle x (L-2), last, head; backward: head, last, middle x (L-2), first, embed
-    end_fwd = _walk(rep.forward, 2 if rep.layers == 3 else None, middle, vzero(), fwd_cands)
-    live = _walk(rep.backward, 2 if rep.layers == 3 else None, middle, end_fwd, bwd_cands)
+    # (a full-depth replay repeats nothing)
+    repeated = 2 if rep.layers == 3 else None
+    end_fwd = _walk(rep.forward, repeated, middle, vzero(), fwd_cands)
+    live = _walk(rep.backward, repeated, middle, end_fwd, bwd_cands)
     fwd, bwd = _prune(fwd_cands), _prune(bwd_cands)
     return Timeline(fwd, bwd, end_fwd, live, tuple(vtotal(c) for c in fwd), tuple(vtotal(c) for c in bwd),
                     tuple(Timeline.sparse(c) for c in fwd), tuple(Timeline.sparse(c) for c in bwd),
@@ -251,5 +268,5 @@ _DEFAULT_OVERHEADS = Overheads()
 
 
 @functools.lru_cache(maxsize=512)
-def timeline(spec: ModelSpec, setup: RunSetup, tracked: bool = False) -> Timeline:
-    return assemble(replay(spec, setup, tracked), spec.num_layers)
+def timeline(spec: ModelSpec, setup: RunSetup, tracked: bool = False, window_reached: bool = False) -> Timeline:
+    return assemble(replay(spec, setup, tracked, window_reached), spec.num_layers)

@@ -38,6 +38,8 @@ class Ctx:
     extra_q: int = 0            # virtual tokens prepended to the sequence (prompt tuning)
     extra_kv: int = 0           # prefix length added to keys/values (prefix tuning)
     layers: int | None = None   # blocks in this replay (None: the spec's depth)
+    block_types: tuple = ()     # each replayed block's attention type (spec.layer_types; empty: all full)
+    window_reached: bool = False  # the keys reach the sliding window: SDPA gets a sliding mask (forward.py)
     prefix_kv: list = field(default_factory=list)  # per-layer (key, value) prefix views (prefix tuning)
 
     # ---- trainability ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from ..records import Category, Phase, Term
 from ..spec import ModelSpec
 from ..units import fmt_bytes_auto
 from .compose import replay, structural
+from .forward import window_reached
 from .overheads import allocator_reserve_bytes, cublas_workspace_bytes, cuda_context_bytes
 from .params import ParamCounts
 from .sim import BYTES, peval
@@ -36,7 +37,7 @@ def _poly_formula(poly: tuple, dtype: str, b: int, s: int) -> tuple[str, str]:
     """('b*s x 2048 x 2 B', '4*512 x 2048 x 2 B') for a byte polynomial of one tensor."""
     nb = BYTES.get(dtype, 1) or 1
     names = (("b*s", b * s, f"{b}*{s}"), ("b*s^2", b * s * s, f"{b}*{s}^2"), ("b", b, f"{b}"), ("s", s, f"{s}"),
-             ("1", 1, "1"))
+             ("1", 1, "1"), ("s^2", s * s, f"{s}^2"))
     parts, subs = [], []
     for (name, _value, sub), coef in zip(names, poly):
         if not coef:
@@ -49,8 +50,14 @@ def _poly_formula(poly: tuple, dtype: str, b: int, s: int) -> tuple[str, str]:
     return " + ".join(parts) + unit, " + ".join(subs) + unit
 
 
+def _block_list(blocks: list[int]) -> str:
+    """[0, 2, 4] -> '0, 2, 4'; long lists shortened ('0, 2, ..., 24')."""
+    names = [str(i) for i in blocks]
+    return ", ".join(names if len(names) <= 4 else [*names[:2], "...", names[-1]])
+
+
 def _activation_terms(spec: ModelSpec, setup: RunSetup) -> list[Term]:
-    rep = replay(spec, structural(setup))
+    rep = replay(spec, structural(setup), window_reached=window_reached(spec, setup))
     b, s, L = setup.batch_size, setup.seq_len, spec.num_layers
     groups: "OrderedDict[str, list[tuple[str, str, tuple]]]" = OrderedDict()
     for seg, label, dtype, poly in rep.saved_terms:
@@ -65,6 +72,14 @@ def _activation_terms(spec: ModelSpec, setup: RunSetup) -> list[Term]:
         scopes.append(("the block", "layer0", 1, ""))
     elif rep.layers == 2:
         scopes += [("first block", "layer0", 1, ""), ("last block", "layer1", 1, "")]
+    elif rep.layers > 3:  # a full-depth replay (mixed layer types): blocks grouped by what they keep
+        kinds: "OrderedDict[tuple, list[int]]" = OrderedDict()
+        for i in range(rep.layers):
+            kinds.setdefault(tuple(groups.get(f"layer{i}", [])), []).append(i)
+        for same in kinds.values():
+            scopes.append((f"blocks {_block_list(same)} (x{len(same)})" if len(same) > 1 else f"block {same[0]}",
+                           f"layer{same[0]}", len(same),
+                           str(len(same)) if len(same) > 1 else ""))
     elif labels("layer0") == labels("layer1") == labels("layer2"):
         scopes.append((f"each block (x{L})", "layer1", L, "L"))
     else:

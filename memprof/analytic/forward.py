@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from ..compat import resolve_attention
 from ..config import AttnImpl, Method, Regime, RunSetup
-from ..spec import Family, ModelSpec
+from ..spec import FULL, SLIDING, Family, ModelSpec
 from . import peft_methods
 from .context import Ctx
 from .families import bert, gpt2, llama
-from .shapes import scores
+from .shapes import batch_mask, scores
 from .sim import Graph, P, T
 
 # each family script: embeddings(ctx, ids), prompt_embeddings_tail(ctx, x), layer(ctx, x, i, cos, sin, mask),
@@ -27,12 +28,53 @@ FAMILY_SCRIPTS: dict[Family, ModuleType] = {Family.bert: bert, Family.gpt2: gpt2
 
 
 def build_context(g: Graph, spec: ModelSpec, setup: RunSetup) -> Ctx:
+    setup = resolve_attention(spec, setup)[0]  # auto -> the kernel transformers picks (estimate resolves it first)
     regime = setup.effective_regime
     wdt = setup.dtype.value if regime in (Regime.pure, Regime.mixed) or setup.method is Method.qlora else "fp32"
     amp = setup.dtype.value if regime is Regime.amp else None
     ctx = Ctx(g, spec, setup, wdt, amp)
     peft_methods.configure(ctx)
     return ctx
+
+
+def mask_kinds(spec: ModelSpec) -> tuple[str, ...]:
+    """The attention masks the model's forward builds, by layer type: Gemma-2/3 always build both
+    (causal_mask_mapping), Qwen2/3 the full one and a sliding one when a block slides, Mistral and Phi-3 one
+    (create_sliding_window_causal_mask when config.sliding_window is set), the others a full one."""
+    if spec.model_type in ("gemma2", "gemma3_text"):
+        return (FULL, SLIDING)
+    kinds = set(spec.layer_types) or {FULL}
+    if spec.model_type in ("qwen2", "qwen3"):
+        kinds.add(FULL)
+    return tuple(sorted(kinds))
+
+
+def attention_masks(ctx: Ctx) -> dict[str, T | None]:
+    """Per layer type, the (b, 1, s, s_kv) mask every block of that type gets, made once per forward and held by
+    the model's forward: bool for SDPA (attention_core converts it per call), the model dtype for eager (the
+    dtype's minimum added). masking_utils builds none for SDPA when nothing needs masking beyond causality
+    (_ignore_causal_mask_sdpa: no padding, no prefix, and for a sliding mask fewer keys than the window, kv_length
+    < local_attention_size: is_causal instead); eager always gets one, encoders only with padding
+    (create_bidirectional_mask)."""
+    g, spec, setup = ctx.g, ctx.spec, ctx.setup
+    sdpa = setup.attn_impl is AttnImpl.sdpa
+    always = setup.padded or (spec.family is not Family.bert and (not sdpa or setup.method is Method.prefix))
+    masks: dict[str, T | None] = {}
+    for kind in mask_kinds(spec):
+        label = "sliding-window mask" if kind == SLIDING else "causal mask"
+        if always:
+            masks[kind] = g.new(scores(ctx, 1), 1, "bool" if sdpa else ctx.amp and "fp32" or ctx.wdt, label)
+        elif kind == SLIDING and ctx.window_reached:  # SDPA, nothing but the window to mask: one row, expanded
+            masks[kind] = g.new(batch_mask(ctx), 1, "bool", label + " (expanded over the batch)")
+        else:
+            masks[kind] = None
+    return masks
+
+
+def window_reached(spec: ModelSpec, setup: RunSetup) -> bool:
+    """Whether the keys (the sequence with any prepended virtual tokens) reach the sliding window, where
+    masking_utils stops relying on is_causal (kv_length >= local_attention_size)."""
+    return spec.sliding_window is not None and setup.seq_len + setup.prepended_tokens >= spec.sliding_window
 
 
 def forward(ctx: Ctx, layers: int) -> T:
@@ -47,24 +89,21 @@ def forward(ctx: Ctx, layers: int) -> T:
     else:
         x, held = script.embeddings(ctx, ids)  # held: locals the model's forward keeps until it returns
     held.append(g.alias(x))  # embedding_output / inputs_embeds stay referenced by the model's forward
-    mask = None
-    cos = sin = None
-    if setup.padded or (spec.family is not Family.bert and (setup.attn_impl is AttnImpl.eager
-                                                            or setup.method is Method.prefix)):
-        # create_causal_mask (decoders) / create_bidirectional_mask (encoders, padding only): a (b, 1, s, s_kv)
-        # mask shared by all layers, bool for SDPA (attention_core converts it per call), the model dtype for
-        # eager (the dtype's minimum added); SDPA gets none when nothing needs masking beyond causality (no
-        # padding, no prefix: is_causal instead)
-        held.append(g.new(scores(ctx, 1), 1, "bool" if setup.attn_impl is AttnImpl.sdpa
-                          else ctx.amp and "fp32" or ctx.wdt, "causal mask"))
-        mask = held[-1]
+    masks = attention_masks(ctx)
+    held += [m for m in masks.values() if m is not None]
+    ropes: dict[str, tuple[T, T]] = {}
     if spec.family is Family.llama:
-        cos, sin = llama.rope(ctx)
-        held += [cos, sin]
+        # one rotary table, or one per layer type (Gemma-3: position_embeddings[layer_type] for each type)
+        for kind in (sorted(set(spec.layer_types)) if spec.rope_per_layer_type else [FULL]):
+            ropes[kind] = llama.rope(ctx)
+            held += ropes[kind]
     if setup.method is Method.prefix:
         peft_methods.prefix_encoder(ctx)
     for i in range(layers):
         g.segment(f"layer{i}")
+        kind = ctx.block_types[i] if ctx.block_types else FULL
+        mask = masks.get(kind)
+        cos, sin = ropes.get(kind if spec.rope_per_layer_type else FULL, (None, None))
         if setup.grad_checkpointing:  # GradientCheckpointingLayer: checkpoint(block, hidden_states, ...)
             prefix = ctx.prefix_kv[i] if ctx.prefix_kv else (None, None)
             g.begin_checkpoint([x, cos, sin, mask, *prefix])

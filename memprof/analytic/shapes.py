@@ -28,6 +28,13 @@ def scores(ctx: Ctx, heads: int) -> tuple:
     return P(bss=heads, bs=heads * (pq + pk), b=heads * pq * pk)
 
 
+def batch_mask(ctx: Ctx) -> tuple:
+    """sq*sk elements: a mask that is the same for every row, which masking_utils' sdpa_mask builds once and
+    expands over the batch (stride 0; no padding mask to fold in)."""
+    pq, pk = ctx.extra_q, ctx.extra_q + ctx.extra_kv
+    return P(ss=1, s=pq + pk, c=pq * pk)
+
+
 def kv_tok(ctx: Ctx, k: float) -> tuple:
     """k elements per key position: k*b*(s+p_q+p_kv)."""
     return P(bs=k, b=k * (ctx.extra_q + ctx.extra_kv))

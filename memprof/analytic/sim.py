@@ -4,47 +4,51 @@ Model scripts (forward.py, families/) describe a forward pass op by op, as the t
 for backward what PyTorch's autograd keeps (tools/autograd/derivatives.yaml), and only when the other operand
 needs a gradient (``mm`` keeps ``self`` only if ``mat2`` requires grad), so frozen weights don't make their
 inputs stay alive. Sizes are polynomials in batch b and sequence length s over the basis
-(b*s, b*s*s, b, s, 1): one replay serves every (b, s).
+(b*s, b*s*s, b, s, 1, s*s): one replay serves every (b, s).
 
 ``Graph.backward`` then replays autograd's engine in reverse creation order: a gradient buffer for every input
-that needs one (accumulated in place when the input already has one; views and clones pass the buffer
-through), output gradients and saved tensors released after each node. Every allocation is a candidate peak.
+that needs one (accumulated in place when the input already has one and autograd may reuse it; views and clones
+pass the buffer through), output gradients and saved tensors released after each node. Every allocation is a candidate peak.
 The script marks segments (embedding, first block, a repeated block, head) so compose.py can assemble a model
 of any depth from one replay.
+
+Longer than 500 lines because the ops and the engine replay share one bookkeeping (Storage refs, Node flags, views):
+split, each half would reach into the other's internals.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-Poly = tuple  # coefficients of (b*s, b*s*s, b, s, 1)
-ZERO: Poly = (0, 0, 0, 0, 0)
+Poly = tuple  # coefficients of (b*s, b*s*s, b, s, 1, s*s); s*s: a mask broadcast over the batch (stride 0)
+ZERO: Poly = (0, 0, 0, 0, 0, 0)
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bool": 1, "int64": 8, "int8": 1, "nf4": 0.5}
 
 
-def P(bs: float = 0, bss: float = 0, b: float = 0, s: float = 0, c: float = 0) -> Poly:
-    return (bs, bss, b, s, c)
+def P(bs: float = 0, bss: float = 0, b: float = 0, s: float = 0, c: float = 0, ss: float = 0) -> Poly:
+    return (bs, bss, b, s, c, ss)
 
 
 def padd(p: Poly, q: Poly) -> Poly:
-    return (p[0] + q[0], p[1] + q[1], p[2] + q[2], p[3] + q[3], p[4] + q[4])
+    return (p[0] + q[0], p[1] + q[1], p[2] + q[2], p[3] + q[3], p[4] + q[4], p[5] + q[5])
 
 
 def psub(p: Poly, q: Poly) -> Poly:
-    return (p[0] - q[0], p[1] - q[1], p[2] - q[2], p[3] - q[3], p[4] - q[4])
+    return (p[0] - q[0], p[1] - q[1], p[2] - q[2], p[3] - q[3], p[4] - q[4], p[5] - q[5])
 
 
 def pscale(p: Poly, k: float) -> Poly:
-    return (p[0] * k, p[1] * k, p[2] * k, p[3] * k, p[4] * k)
+    return (p[0] * k, p[1] * k, p[2] * k, p[3] * k, p[4] * k, p[5] * k)
 
 
 def peval(p: Poly, b: int, s: int) -> float:
-    return p[0] * b * s + p[1] * b * s * s + p[2] * b + p[3] * s + p[4]
+    return p[0] * b * s + p[1] * b * s * s + p[2] * b + p[3] * s + p[4] + p[5] * s * s
 
 
 def dominated(p: Poly, q: Poly) -> bool:
     """p <= q for all b, s >= 1: every monomial is positive, so compare coefficient-wise."""
-    return p[0] <= q[0] and p[1] <= q[1] and p[2] <= q[2] and p[3] <= q[3] and p[4] <= q[4]
+    return (p[0] <= q[0] and p[1] <= q[1] and p[2] <= q[2] and p[3] <= q[3] and p[4] <= q[4]
+            and p[5] <= q[5])
 
 
 def promote(a: T, b: T | None) -> str:
@@ -110,17 +114,36 @@ class T:
 
 
 class Node:
-    __slots__ = ("inputs", "outputs", "saved", "alloc", "extra", "seg", "name")
+    __slots__ = ("inputs", "outputs", "saved", "alloc", "views", "extra", "seg", "name", "unpacks")
 
     def __init__(self, inputs: list[T], outputs: list[T], saved: list[Storage], alloc: list[bool],
-                 extra: Poly, seg: str, name: str) -> None:
+                 extra: Poly, seg: str, name: str, views: list[bool | None] | None = None) -> None:
         self.inputs = inputs      # inputs that receive a gradient
         self.outputs = outputs
         self.saved = saved
         self.alloc = alloc        # per input: a new gradient buffer (False: the output gradient is passed on)
+        # per input: the gradient reaches the input's root as a view (True), a tensor of its own (False), or, for
+        # a passed-on output gradient, as whatever that gradient is (None): see ``grad_arrives_as_view``
+        self.views = views or [None if not a else False for a in alloc]
         self.extra = extra        # kernel-internal temporaries while this node runs backward (bytes)
         self.seg = seg
         self.name = name
+        self.unpacks = bool(saved)  # saves any tensor, parameters included (a checkpoint recomputes at the first)
+
+
+def grad_arrives_as_view(t: T, op_view: bool | None) -> bool | None:
+    """Whether the gradient an op hands to ``t`` reaches ``t.root``'s buffer as a view (see Graph.backward).
+
+    Autograd's backward of a reshape-like view (view, reshape, _unsafe_view, transpose, permute: derivatives.yaml
+    ``grad.reshape_symint(self.sym_sizes())``, ``grad.transpose(...)``) returns a view of the gradient it gets; the
+    backward of a slice, select, narrow or expand returns a new tensor (slice_backward's zeros, sum_to).
+    The view nearest the root decides, since its backward runs last. Not a view of the root: the op decides.
+    """
+    if t.base is None:
+        return op_view
+    while t.base.base is not None:
+        t = t.base
+    return t.numel == t.base.numel
 
 
 @dataclass
@@ -269,9 +292,13 @@ class Graph:
 
     # ---- autograd nodes -----------------------------------------------------------------------------
     def _node(self, name: str, inputs: list[T], outputs: list[T], saved: list[T | None],
-              alloc: list[bool] | None = None, extra: Poly = ZERO) -> bool:
+              alloc: list[bool] | None = None, extra: Poly = ZERO, views: list[bool] | None = None) -> bool:
+        """``views``: per input, whether the op's backward returns that input's gradient as a view of a tensor it
+        made (matmul folds, t()) or of its output gradient (cat); default: none does, passed-on gradients keep
+        what they were."""
         flags = alloc or [True] * len(inputs)
-        grad_in = [(t, a) for t, a in zip(inputs, flags) if t.rg]
+        op_views = views or [None if not a else False for a in flags]
+        grad_in = [(t, a, grad_arrives_as_view(t, v)) for t, a, v in zip(inputs, flags, op_views) if t.rg]
         if not grad_in:
             return False
         for o in outputs:
@@ -284,7 +311,10 @@ class Graph:
                 else:
                     t.st.saved += 1
                 kept.append(t.st)
-        self.nodes.append(Node([t for t, _ in grad_in], outputs, kept, [a for _, a in grad_in], extra, self.seg, name))
+        node = Node([t for t, _, _ in grad_in], outputs, kept, [a for _, a, _ in grad_in], extra, self.seg, name,
+                    [v for _, _, v in grad_in])
+        node.unpacks = any(t is not None for t in saved)
+        self.nodes.append(node)
         return True
 
     # ---- ops ----------------------------------------------------------------------------------------
@@ -296,12 +326,19 @@ class Graph:
         wt = w_used if w_used is not None else w
         out = self.new(pscale(x.rows, d_out), d_out, out_dtype or x.dtype, label)
         ins = [x, wt] + ([bias] if bias is not None else [])
-        self._node("linear", ins, [out], [x if wt.rg else None, wt if x.rg else None])
+        # gradients that arrive as views (aten/src/ATen/native/Linear.cpp): a (b, s, k) input is folded to
+        # (b*s, k) for addmm/mm (_flatten_nd_linear's view, matmul's reshape + _unsafe_view), so its gradient is
+        # the (b*s, k) mm result reshaped back; the weight's is mm_mat2_backward's result through TBackward (.t())
+        folded = x.rows[0] != 0 or x.rows[1] != 0 or x.rows[3] != 0   # rows depend on s: x is (b, s, k)
+        views = [folded, True] + ([False] if bias is not None else [])
+        self._node("linear", ins, [out], [x if wt.rg else None, wt if x.rg else None], views=views)
         return out
 
     def bmm(self, a: T, b_: T, numel: Poly, width: int, label: str) -> T:
         out = self.new(numel, width, a.dtype, label)
-        self._node("bmm", [a, b_], [out], [a if b_.rg else None, b_ if a.rg else None])
+        # torch.matmul on (b, a, s, d): expand + reshape to 3-D, bmm, _unsafe_view back: both gradients are the
+        # bmm results reshaped to 4-D (views)
+        self._node("bmm", [a, b_], [out], [a if b_.rg else None, b_ if a.rg else None], views=[True, True])
         return out
 
     def copy(self, x: T, label: str, dtype: str | None = None, width: int | None = None) -> T:
@@ -383,7 +420,8 @@ class Graph:
         for t in parts:
             numel = padd(numel, t.numel)
         out = self.new(numel, parts[0].width, parts[0].dtype, label)
-        self._node("cat", list(parts), [out], [], [False] * len(parts))
+        # CatBackward0 (cat_tensors_backward): each part's gradient is a narrow() view of the output gradient
+        self._node("cat", list(parts), [out], [], [False] * len(parts), views=[True] * len(parts))
         return out
 
     def custom(self, name: str, inputs: list[T], outputs: list[T], saved: list[T | None],
@@ -400,9 +438,19 @@ class Graph:
         gradients, then the saved tensors; only then are the new gradients accumulated into the buffers of the
         nodes that consume them (in place, or out of place under a dispatch mode).
         A buffer's ``refs`` counts the pending entries (and .grad slots) holding it.
+
+        In place means ``old.add_(new)`` in InputBuffer's accumulate (torch/csrc/autograd/input_buffer.cpp, torch
+        2.13), taken only when ``can_accumulate_inplace(old)``: not subclass-like (no dispatch mode), non-overlapping
+        and dense, ``adjusted_use_count(old) == 1`` (no other pending entry holds it: ``refs == 1``) and
+        ``old.storage().use_count() == 1``. A view's storage is also held by its base, which the view keeps alive
+        (``_base``), so a gradient that arrived as a view (``grad_arrives_as_view``) is added out of place
+        (``old + new``, a new tensor that later arrivals may reuse). Parameters' buffers follow the same rule (the
+        AccumulateGrad node's InputBuffer), e.g. a tied embedding's second gradient added to the LM head's t() view.
         """
         pending: dict[int, Storage] = {}
         param_grads: dict[int, Storage] = {}
+        # entries whose gradient tensor is a view of another tensor (keyed like pending / param_grads)
+        as_view: dict[tuple[bool, int], bool] = {}
         arrivals = self._param_arrivals(loss) if self.grads_kept else {}
         grad_fate = TEMP if self.grads_kept else GRAD
 
@@ -411,10 +459,12 @@ class Graph:
         seed = self._alloc(pscale(loss.numel, BYTES[loss.dtype]), "grad of loss", None)
         seed.refs = 1
         pending[id(loss)] = seed
+        as_view[(False, id(loss))] = False
         current = None
         for index in range(len(self.nodes) - 1, -1, -1):
             node = self.nodes[index]
             region = self.node_region.get(index)
+            outs_view = [as_view.pop((False, id(o)), False) for o in node.outputs if id(o) in pending]
             outs = [pending.pop(id(o)) for o in node.outputs if id(o) in pending]
             if not outs:
                 if region is not None and index == region.first:
@@ -426,11 +476,14 @@ class Graph:
             if seg != current:
                 current = seg
                 self.segment(seg)
-            if region is not None and not region.done:
+            if region is not None and not region.done and node.unpacks:
+                # non-reentrant checkpoint recomputes when a node first unpacks a saved tensor (a parameter too):
+                # nodes that keep nothing (a cast's or a residual add's backward, at the end of Gemma-2/3's sandwich
+                # norms) run first
                 self._recompute(region)
             # 1. the node's call: new gradient buffers (a view of the output gradient when passed through)
             produced = []
-            for t, alloc in zip(node.inputs, node.alloc):
+            for t, alloc, view in zip(node.inputs, node.alloc, node.views):
                 root = t.root
                 is_param = root.st.fate in (PARAM_T, PARAM_F)
                 if is_param:
@@ -439,8 +492,9 @@ class Graph:
                     g = self._alloc(pscale(root.numel, BYTES[t.dtype]), "grad " + t.label, None)
                 else:
                     g = outs[0]
+                    view = outs_view[0] if view is None else view
                 g.refs += 1
-                produced.append((root, g, is_param, t.label))
+                produced.append((root, g, is_param, t.label, bool(view)))
             self.cand(node.extra)
             # 2. the call returns: output gradients and saved tensors go
             for g in outs:
@@ -449,15 +503,16 @@ class Graph:
                 st.saved -= 1
                 self._release(st)
             # 3. accumulation into the consumers' buffers (and AccumulateGrad for parameters)
-            for root, g, is_param, label in produced:
+            for root, g, is_param, label, view in produced:
                 g.refs -= 1
                 slots = param_grads if is_param else pending
                 old = slots.get(id(root))
                 if old is None:
                     g.refs += 1
                     slots[id(root)] = g
-                elif self.inplace_accumulation and old.refs == 1:
-                    # in place only when nothing else holds the old buffer (can_accumulate_inplace)
+                    as_view[(is_param, id(root))] = view
+                elif self.inplace_accumulation and old.refs == 1 and not as_view[(is_param, id(root))]:
+                    # in place only when nothing else holds the old buffer or its storage (can_accumulate_inplace)
                     if is_param:
                         g.fate = TEMP  # a second gradient for the same parameter (tied embeddings) never is .grad
                     self._release(g)            # old.add_(new)
@@ -473,10 +528,12 @@ class Graph:
                     self._release(g)
                     total.refs = 1
                     slots[id(root)] = total
+                    as_view[(is_param, id(root))] = False
                 if is_param and self.grads_kept and id(root.st) not in self.stand_ins:
                     arrivals[id(root)] -= 1
                     if arrivals[id(root)] == 0:  # AccumulateGrad runs: .grad += new, in place; new dies
                         done = param_grads.pop(id(root))
+                        as_view.pop((True, id(root)))
                         done.refs -= 1
                         self._release(done)
             if region is not None and index == region.first:

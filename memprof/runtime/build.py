@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..analytic.params import LN_TUNING_DEFAULT_TARGETS, ln_tuning_target_names
-from ..config import LORA_FAMILY, PEFT_METHODS, Dtype, LoraSpec, Method, Optimizer, OptimizerImpl, Regime, RunSetup, check_runnable
+from ..compat import NO_SDPA_WHY, resolve_attention
+from ..config import LORA_FAMILY, PEFT_METHODS, AttnImpl, Dtype, LoraSpec, Method, Optimizer, OptimizerImpl, Regime, RunSetup, check_runnable
 from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError
 from ..spec import Family, ModelSpec, Task, check_sequence_length
 from .adapters import add_bottleneck_adapters, is_norm_module
@@ -59,8 +60,35 @@ def hf_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (transforme
         config = AutoConfig.for_model(model_type, **cfg)
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"transformers cannot build model_type '{model_type}': {exc}") from None
-    config._attn_implementation = setup.attn_impl.value
+    config._attn_implementation = _attn_argument(setup)
     return config
+
+
+def _attn_argument(setup: RunSetup) -> str | None:
+    """transformers' attn_implementation: None lets it pick (memprof's auto), as a plain from_pretrained does."""
+    return None if setup.attn_impl is AttnImpl.auto else setup.attn_impl.value
+
+
+def resolve_attention_of_class(spec: ModelSpec, setup: RunSetup) -> tuple[RunSetup, str | None]:
+    """compat.resolve_attention with the model class's own ``_supports_sdpa`` (any architecture transformers
+    builds; the analytic estimate reads compat.NO_SDPA_TYPES, which a test keeps equal to these flags).
+
+    Raises:
+        LibraryRefusalError: ``--attn sdpa`` on a model class without SDPA.
+        ConfigError: transformers cannot build the config.
+    """
+    if setup.attn_impl is AttnImpl.eager:
+        return setup, None
+    import transformers
+
+    config = hf_config_for(spec, setup)
+    auto = getattr(transformers, AUTO_CLASS[spec.task])
+    try:
+        cls = auto._model_mapping[type(config)]
+    except KeyError:
+        raise ConfigError(f"transformers has no {AUTO_CLASS[spec.task]} for model_type '{spec.model_type}'") from None
+    why = NO_SDPA_WHY.get(spec.model_type, f"{cls.__name__} sets _supports_sdpa = False")
+    return resolve_attention(spec, setup, supports_sdpa=bool(cls._supports_sdpa), why=why)
 
 
 def build_base_model(spec: ModelSpec, setup: RunSetup, device: str | torch.device = "meta",
@@ -80,13 +108,13 @@ def build_base_model(spec: ModelSpec, setup: RunSetup, device: str | torch.devic
     if pretrained is not None:
         try:
             model = auto.from_pretrained(pretrained, config=config, dtype=dtype,
-                                         attn_implementation=setup.attn_impl.value)
+                                         attn_implementation=_attn_argument(setup))
         except OSError as exc:
             raise ConfigError(f"cannot load pretrained weights from '{pretrained}': {exc}") from None
         return model.to(device)
     with torch.device(device):
         try:
-            model = auto.from_config(config, dtype=dtype, attn_implementation=setup.attn_impl.value)
+            model = auto.from_config(config, dtype=dtype, attn_implementation=_attn_argument(setup))
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"transformers cannot build {spec.name}: {exc}") from None
     return model
@@ -430,7 +458,8 @@ def synthetic_batch(spec: ModelSpec, setup: RunSetup, device: str | torch.device
     reads. Works under FakeTensorMode (device="cuda" on a CPU build).
     """
     b, s = setup.batch_size, setup.seq_len
-    ids = torch.randint(0, spec.vocab_size, (b, s), device=device)
+    eos = _pooled_eos(spec, setup)
+    ids = torch.randint(0, spec.vocab_size - (eos is not None), (b, s), device=device)
     batch = {"input_ids": ids}
     if spec.task is Task.qa:  # a start and an end position per sequence
         batch["start_positions"] = torch.randint(0, s, (b,), device=device)
@@ -439,10 +468,14 @@ def synthetic_batch(spec: ModelSpec, setup: RunSetup, device: str | torch.device
         batch["labels"] = torch.randint(0, spec.num_labels, (b, s), device=device)
     elif spec.task is Task.seq2seq:  # targets as long as the inputs; the model shifts them into decoder inputs
         batch["labels"] = torch.randint(0, spec.vocab_size, (b, s), device=device)
-    if setup.padded:
-        lengths = [max(1, s - (i * s) // (2 * b)) for i in range(b)]  # row 0 full, the others shorter
-        mask = torch.zeros(b, s, dtype=torch.long, device=device)
+    lengths = [max(1, s - (i * s) // (2 * b)) for i in range(b)] if setup.padded else [s] * b
+    if eos is not None:  # each example's last token is its <eos>, as the tokenizer appends it; no other one
+        ids += (ids >= eos).long()
         for i, n in enumerate(lengths):
+            ids[i, n - 1] = eos
+    if setup.padded:
+        mask = torch.zeros(b, s, dtype=torch.long, device=device)
+        for i, n in enumerate(lengths):  # row 0 full, the others shorter
             mask[i, :n] = 1
         batch["attention_mask"] = mask
     if spec.task in (Task.qa, Task.token_cls, Task.seq2seq):
@@ -455,6 +488,17 @@ def synthetic_batch(spec: ModelSpec, setup: RunSetup, device: str | torch.device
     else:
         batch["labels"] = ids
     return batch
+
+
+def _pooled_eos(spec: ModelSpec, setup: RunSetup) -> int | None:
+    """The <eos> id an encoder-decoder classifier pools at (transformers 5.23 T5ForSequenceClassification,
+    BartForSequenceClassification: ``sequence_output[input_ids.eq(eos_token_id)]``, refusing examples without one
+    or with unequal counts), or None for every other model and task."""
+    if spec.task is not Task.seq_cls or not spec.hf_config:
+        return None
+    config = hf_config_for(spec, setup)
+    eos = getattr(config, "eos_token_id", None)
+    return eos if getattr(config, "is_encoder_decoder", False) and isinstance(eos, int) else None
 
 
 def check_positions(spec: ModelSpec, setup: RunSetup) -> None:

@@ -32,7 +32,7 @@ from ..records import Category, EnvInfo, Measurement, MemoryBreakdown, Phase, se
 from ..spec import Family, ModelSpec
 from . import probes
 from .build import (TORCH_DTYPE, apply_method, host_buffers, build_base_model, check_positions, count_trainable, enable_checkpointing, make_optimizer,
-                    synthetic_batch)
+                    resolve_attention_of_class, synthetic_batch)
 from .refusals import library_refusals, what_runs
 from .step import block_modules, run_step
 from .tracker import MemoryTracker
@@ -330,6 +330,7 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 1, 
         raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")
     setup = with_method_defaults(setup)
     device = _check_device(setup)
+    setup, attention_note = resolve_attention_of_class(spec, setup)
     if peft_config is None:
         check_supported(spec, setup)
     env = probes.env_info(device)
@@ -367,7 +368,10 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 1, 
         if device == "cuda":
             torch.cuda.empty_cache()
         return Measurement(status="oom", message=message, rss_peak_bytes=probes.rss_peak_bytes(), **base)
-    return _assemble(spec, setup, device, run, times, reads, tracked, peft_config, base)
+    measured = _assemble(spec, setup, device, run, times, reads, tracked, peft_config, base)
+    if attention_note:
+        measured.extra["notes"].insert(0, attention_note)
+    return measured
 
 
 def _read(device: str, energy_start: int | None, steps: int) -> dict[str, Any]:

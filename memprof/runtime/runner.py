@@ -127,6 +127,8 @@ def spec_from_json(data: Mapping[str, Any]) -> ModelSpec:
         kwargs["family"] = Family(kwargs["family"])
         if "task" in kwargs:
             kwargs["task"] = Task(kwargs["task"])
+        if "layer_types" in kwargs:  # a JSON list: the spec keeps a tuple (it is hashed)
+            kwargs["layer_types"] = tuple(str(t) for t in kwargs["layer_types"])
         return ModelSpec(**kwargs)
     except (KeyError, ValueError, TypeError) as exc:
         if isinstance(exc, ConfigError):
@@ -414,7 +416,9 @@ def check_measurable(setup: RunSetup, spec: ModelSpec | None = None, peft_config
     """
     check_runnable(setup)
     if spec is not None:
-        from .build import check_peft_config, check_positions  # noqa: PLC0415 (the torch stack is there)
+        from .build import check_peft_config, check_positions, resolve_attention_of_class  # noqa: PLC0415
+
+        resolve_attention_of_class(spec, setup)  # an explicit --attn sdpa the model class lacks: refused now
 
         if peft_config is None:
             check_supported(spec, setup)

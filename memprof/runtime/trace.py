@@ -25,8 +25,9 @@ from ..config import Device, Method, QuantSpec, RunSetup
 from ..errors import ConfigError, LibraryRefusalError, UnsupportedModelError
 from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec, Task
-from .build import TORCH_DTYPE, ValuesNeededError, enable_checkpointing, apply_method, build_base_model, host_buffers, check_positions, count_trainable, make_optimizer, synthetic_batch
+from .build import TORCH_DTYPE, ValuesNeededError, enable_checkpointing, apply_method, build_base_model, host_buffers, check_positions, count_trainable, make_optimizer, resolve_attention_of_class, synthetic_batch
 from .emulate import CudaEmulation
+from .fake_ops import BatchValues, MatmulDtypes, grouped_mm_in_any_dtype
 from .quant import emulate_4bit
 from .refusals import library_refusals, what_runs
 from .step import BACKWARD_HEAD, BACKWARD_TAIL, backward_layer_phase, backward_markers, block_modules, run_step
@@ -45,6 +46,7 @@ class DepthTrace:
     steady: dict[str, MemoryBreakdown]  # same, steady-state step
     steady_bytes: int                   # live between steps
     after_step_bytes: int               # live right after optimizer.step(), before zero_grad
+    layer_types: tuple[str, ...] | None = None  # the cut model's block types when chosen (_typed_depths)
 
 
 FORWARD_EMBED = "forward.embed"  # the forward before the first block: its peak does not grow with the depth
@@ -92,10 +94,12 @@ def _normalise(peaks: dict[str, tuple[int, MemoryBreakdown]], depth: int) -> dic
     return out
 
 
-def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft_config=None) -> DepthTrace:  # noqa: ANN001
-    """Trace two steps of ``spec`` cut to ``depth`` blocks on fake tensors."""
-    if depth is not None and depth != spec.num_layers:
-        spec = spec.with_layers(depth)
+def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft_config=None,  # noqa: ANN001
+                layer_types: tuple[str, ...] | None = None) -> DepthTrace:
+    """Trace two steps of ``spec`` cut to ``depth`` blocks (of ``layer_types``, default the first ones) on fake
+    tensors."""
+    if layer_types is not None or (depth is not None and depth != spec.num_layers):
+        spec = spec.with_layers(depth or spec.num_layers, layer_types)
     check_positions(spec, setup)
     if peft_config is None:
         check_supported(spec, setup)
@@ -137,7 +141,7 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
                         results.append(_normalise(tracker.phase_peaks(), spec.num_layers))
                 steady = tracker.current_bytes
             held.clear()
-    return DepthTrace(spec.num_layers, total, trainable, results[0], results[1], steady, after[-1])
+    return DepthTrace(spec.num_layers, total, trainable, results[0], results[1], steady, after[-1], layer_types)
 
 
 def materialize(model: torch.nn.Module, device: str, host: set[int] = frozenset()) -> None:  # type: ignore[assignment]
@@ -162,12 +166,16 @@ def materialize(model: torch.nn.Module, device: str, host: set[int] = frozenset(
 
 @contextlib.contextmanager
 def _data_dependent_shapes(what: str) -> Iterator[None]:
-    """A step whose tensor shapes depend on tensor values (a boolean-mask index, ``nonzero``: WaveFT's sparse
-    spectrum, CPT's label masks) has no size on fake tensors: one line saying so and what measures it instead."""
+    """Run the trace as the run runs where fake tensors alone would not: the batch's values known where an op's
+    shape depends on them (``fake_ops.BatchValues``), matmuls that refuse mixed dtypes refusing them (``MatmulDtypes``),
+    grouped matmuls in the dtype the run uses (``grouped_mm_in_any_dtype``). A step whose shapes still depend on
+    values (a boolean-mask index, ``nonzero`` on weights: WaveFT's sparse spectrum, CPT's label masks) has no size
+    on fake tensors: one line saying so and what measures it instead."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
     try:
-        yield
+        with grouped_mm_in_any_dtype(), BatchValues(), MatmulDtypes(what):
+            yield
     except (DataDependentOutputException, DynamicOutputShapeException) as exc:
         op = str(exc).strip() or type(exc).__name__
         raise UnsupportedModelError(f"{what} cannot be traced on fake tensors: its step has shapes that depend on "
@@ -302,13 +310,41 @@ class _null:
         return None
 
 
-def _lerp(a: MemoryBreakdown, b: MemoryBreakdown, da: int, db: int, depth: int) -> MemoryBreakdown:
-    av, bv = a.as_dict(), b.as_dict()
-    out = {}
-    for key in av:
-        slope = (bv[key] - av[key]) / (db - da)
-        out[key] = max(0, round(av[key] + slope * (depth - da)))
-    return MemoryBreakdown.from_dict(out)
+def _combine(parts: list[tuple[float, MemoryBreakdown]]) -> MemoryBreakdown:
+    """sum(weight * breakdown), per category (a linear extrapolation in the depth; see ``_weights``)."""
+    out: dict[str, float] = {}
+    for weight, bd in parts:
+        for key, value in bd.as_dict().items():
+            out[key] = out.get(key, 0.0) + weight * value
+    return MemoryBreakdown.from_dict({k: max(0, round(v)) for k, v in out.items()})
+
+
+def _weights(runs: list[DepthTrace], spec: ModelSpec) -> list[float]:
+    """Each traced depth's weight in the extrapolation to the model's depth. Two runs of one layer type (depths
+    d and d + 1): the line through them, at L. Per layer type (``_typed_depths``: a base with one middle block of
+    each type, then one run per type with one more block of it): base + sum over types of (n_type - 1) x (run -
+    base), n_type the model's middle blocks of that type."""
+    if len(runs) == 2 and runs[0].layer_types is None:
+        a, b = runs
+        scale = (spec.num_layers - a.depth) / (b.depth - a.depth)
+        return [1 - scale, scale]
+    middle = [spec.layer_type(i) for i in range(1, spec.num_layers - 1)]
+    kinds = sorted(set(middle))
+    extra = [middle.count(kind) - 1 for kind in kinds]
+    return [1 - sum(extra), *extra]
+
+
+def _typed_depths(spec: ModelSpec) -> list[tuple[str, ...]] | None:
+    """For a stack whose blocks differ in attention type (Gemma-2/3, Qwen2 with max_window_layers): the layer
+    types of the cut models to trace: the first block, one middle block of each type and the last block (so every
+    cut model builds the masks and rotary tables of every type, as the model does), then that with one more
+    block of each type in turn. None when every block is alike (the two-depth extrapolation is exact)."""
+    types = [spec.layer_type(i) for i in range(spec.num_layers)]
+    middle = sorted(set(types[1:-1]))
+    if len(set(types)) < 2 or spec.num_layers <= len(middle) + 3:
+        return None
+    first, last = types[0], types[-1]
+    return [(first, *middle, last), *((first, *middle, kind, last) for kind in middle)]
 
 
 def _phase_of(sub: str) -> Phase:
@@ -331,6 +367,7 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
     """
     start = time.perf_counter()
     depth = spec.num_layers
+    setup, attention_note = resolve_attention_of_class(spec, setup)
     if isinstance(layers, bool) or not (layers in ("auto", "full") or isinstance(layers, int)):
         raise ConfigError(f"trace layers must be auto, full or a block count, got {layers!r}")
     if isinstance(layers, int) and not 1 <= layers <= max(1, depth - 2):
@@ -339,8 +376,11 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
     if spec.task is Task.seq2seq:
         layers = "full"  # an encoder and a decoder stack: cutting one depth would not scale the other
     cut_note = None
+    typed = _typed_depths(spec) if layers == "auto" else None
     if layers == "full" or depth <= max(TRACE_DEPTHS):
         runs = [trace_depth(spec, setup, depth, peft_config)]
+    elif typed is not None:  # per layer type: blocks of each type counted as often as the model has them
+        runs = [trace_depth(spec, setup, len(types), peft_config, types) for types in typed]
     else:
         d1 = int(layers) if isinstance(layers, int) else TRACE_DEPTHS[0]
         if not 1 <= d1 < depth - 1:
@@ -359,15 +399,17 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
         first, steady, total, trainable, steady_bytes = r.first, r.steady, r.total_params, r.trainable_params, r.steady_bytes
         after_step_bytes = r.after_step_bytes
     else:
-        a, b = runs
-        keys = set(a.steady) & set(b.steady)
-        steady = {k: _lerp(a.steady[k], b.steady[k], a.depth, b.depth, depth) for k in keys}
-        first = {k: _lerp(a.first[k], b.first[k], a.depth, b.depth, depth) for k in set(a.first) & set(b.first)}
-        scale = (depth - a.depth) / (b.depth - a.depth)
-        total = round(a.total_params + scale * (b.total_params - a.total_params))
-        trainable = round(a.trainable_params + scale * (b.trainable_params - a.trainable_params))
-        steady_bytes = round(a.steady_bytes + scale * (b.steady_bytes - a.steady_bytes))
-        after_step_bytes = round(a.after_step_bytes + scale * (b.after_step_bytes - a.after_step_bytes))
+        weights = _weights(runs, spec)
+
+        def mix(values: list[float]) -> int:
+            return round(sum(w * v for w, v in zip(weights, values)))
+
+        steady = {k: _combine([(w, r.steady[k]) for w, r in zip(weights, runs)])
+                  for k in set.intersection(*(set(r.steady) for r in runs))}
+        first = {k: _combine([(w, r.first[k]) for w, r in zip(weights, runs)])
+                 for k in set.intersection(*(set(r.first) for r in runs))}
+        total, trainable = mix([r.total_params for r in runs]), mix([r.trainable_params for r in runs])
+        steady_bytes, after_step_bytes = mix([r.steady_bytes for r in runs]), mix([r.after_step_bytes for r in runs])
     peak_key = max(steady, key=lambda k: steady[k].total_bytes)
     phase_peaks: dict[Phase, MemoryBreakdown] = {}
     for key, bd in steady.items():
@@ -377,10 +419,18 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
     peak = steady[peak_key]
     from ..analytic.overheads import device_totals  # pure helper shared with the analytic estimator
 
-    notes = [f"traced {'full depth' if len(runs) == 1 else f'depths {runs[0].depth} and {runs[1].depth}, extrapolated to {depth}'}"
+    if len(runs) == 1:
+        how = "full depth"
+    elif typed is not None:
+        how = f"per layer type ({', '.join(sorted(set(typed[0])))}: {len(runs)} cut models), extrapolated to {depth}"
+    else:
+        how = f"depths {runs[0].depth} and {runs[1].depth}, extrapolated to {depth}"
+    notes = [f"traced {how}"
              f" on fake tensors ({'CUDA kernels emulated, 512-byte blocks' if setup.device is Device.cuda else 'CPU kernels'})"]
     if cut_note:
         notes.append(cut_note)
+    if attention_note:
+        notes.append(attention_note)
     return Estimate(
         kind="traced", spec=spec, setup=setup, total_params=total, trainable_params=trainable, peak=peak,
         peak_phase=_phase_of(peak_key), phase_peaks=tuple(sorted(phase_peaks.items(), key=lambda kv: list(Phase).index(kv[0]))),

@@ -93,11 +93,14 @@ def layer(ctx: Ctx, x: T, i: int, cos: T | None = None, sin: T | None = None, ma
         g.drop(qkv)
     else:
         q, k, v = lin(n1, "self_attn.q_proj"), lin(n1, "self_attn.k_proj"), lin(n1, "self_attn.v_proj")
-    if spec.qk_norm:
-        qn = ctx.rms_norm(q, ctx.param(pre + "self_attn.q_norm", mods["self_attn.q_norm"]), "q_norm")
-        kn = ctx.rms_norm(k, ctx.param(pre + "self_attn.k_norm", mods["self_attn.k_norm"]), "k_norm")
+    if spec.qk_norm:  # q.view(b, s, a, d) normalised per head: one rsqrt per (token, head)
+        qd, kd = g.view(q, d), g.view(k, d)
         g.drop(q, k)
-        q, k = qn, kn
+        qn = ctx.rms_norm(qd, ctx.param(pre + "self_attn.q_norm", mods["self_attn.q_norm"]), "q_norm")
+        kn = ctx.rms_norm(kd, ctx.param(pre + "self_attn.k_norm", mods["self_attn.k_norm"]), "k_norm")
+        g.drop(qd, kd)
+        q, k = g.view(qn, a * d), g.view(kn, kv * d)
+        g.drop(qn, kn)
     qr = _rotate(ctx, q, cos, sin, "q")
     kr = _rotate(ctx, k, cos, sin, "k")
     g.drop(q, k)
