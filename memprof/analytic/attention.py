@@ -112,9 +112,10 @@ def attention_core(ctx: Ctx, q: T, k: T, v: T, heads: int, kv_heads: int, d: int
     llama_like = ctx.spec.family is Family.llama
     if not llama_like:
         sin = ctx.to_fp32(scaled, label + " softmax")
-    elif scaled.dtype in HALF and not cuda:
-        # softmax(x, dtype=float32): CUDA's _softmax upcasts inside the kernel (half_to_float); the CPU one cannot,
-        # so aten::softmax runs input.to(float32) first, and its backward casts the fp32 gradient back down
+    elif scaled.dtype in HALF and not (cuda and scaled.dtype == "fp16"):
+        # softmax(x, dtype=float32) (aten/src/ATen/native/SoftMax.cpp, softmax): only a CUDA fp16 input goes to
+        # _softmax(x, half_to_float=True); bf16, and every CPU input, runs input.toType(float32) first, and its
+        # backward casts the fp32 gradient back down
         sin = g.cast(scaled, "fp32", label + " scores (fp32 for softmax)")
     else:
         sin = g.alias(scaled)
