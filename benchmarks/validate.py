@@ -687,7 +687,8 @@ def _long_context_summary() -> list[str]:
     path = Path(__file__).resolve().parents[1] / "estimates" / "long_context.csv"
     if not path.exists():
         return []
-    rows = read_rows(path)
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
     lrows = [r for r in rows if r["part"] == "L"]
     nrows = [r for r in rows if r["part"] == "N"]
     errs = [abs(float(r["analytic_vs_trace"])) for r in rows]
