@@ -72,17 +72,23 @@ def test_layer_types_and_windows_as_transformers_configs_derive_them(model_type:
 
 
 def test_no_sdpa_table_is_transformers_own_flags() -> None:
-    """The pure table (estimate, records) equals the installed classes' flags for every model type."""
+    """The pure table (estimate, records) equals the installed classes' flags: for every model type under the
+    tested transformers (the table is its), for the analytic families under any (traces and measurements read the
+    class itself; a newer release that moves other architectures shows here and in benchmarks/drift.py)."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    from memprof.compat import TESTED_VERSIONS
 
     flags = {}
     for model_type, name in MODEL_MAPPING_NAMES.items():
         cls = getattr(transformers, name[0] if isinstance(name, (tuple, list)) else name, None)
         if cls is not None:
             flags[model_type] = bool(getattr(cls, "_supports_sdpa", False))
-    assert {t for t, ok in flags.items() if not ok} == NO_SDPA_TYPES & set(flags)
     assert set(FAMILY_OF_MODEL_TYPE) <= set(flags)
+    assert all(flags[t] == (t not in NO_SDPA_TYPES) for t in FAMILY_OF_MODEL_TYPE)
+    if transformers.__version__ == TESTED_VERSIONS["transformers"]:
+        assert {t for t, ok in flags.items() if not ok} == NO_SDPA_TYPES & set(flags)
 
 
 def test_default_attention_is_what_transformers_picks_and_explicit_sdpa_is_refused() -> None:
