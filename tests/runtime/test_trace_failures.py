@@ -114,3 +114,14 @@ def test_modernbert_cls_pooling_prompt_tuning_still_traces(tmp_path: Path) -> No
                                  "seq_len": 16, "dtype": "bf16", "device": "cpu", "padded": True})
     est, real = _traced_and_run(spec, setup)
     assert est.peak_bytes == real.peak_bytes
+
+
+def test_the_analytic_estimate_refuses_an_architecture_it_does_not_describe(tmp_path: Path) -> None:
+    """measure renders the estimate beside a measurement where one exists; outside the analytic families the
+    estimate is one typed refusal (it was a KeyError traceback after the measurement)."""
+    from memprof.analytic import estimate
+    from memprof.errors import UnsupportedModelError
+
+    spec = _spec(MODERNBERT, tmp_path, Task.seq_cls)
+    with pytest.raises(UnsupportedModelError, match="memprof trace"):
+        estimate(spec, resolve_setup(None, {"batch_size": 2, "seq_len": 16}))
