@@ -1,4 +1,4 @@
-"""Fake-tensor ops made to behave as the run's ops do, for the traced estimator (trace._data_dependent_shapes
+"""Fake-tensor ops made to behave as the run's ops do, for the traced estimator (trace.trace_depth
 enters all three): values for the batch's small integer tensors where an op's output shape depends on them
 (``BatchValues``), matmuls of two dtypes refused as the real kernels refuse them (``MatmulDtypes``), and
 ``aten::_grouped_mm`` sized in every dtype the CPU kernel runs (``grouped_mm_in_any_dtype``).

@@ -106,8 +106,10 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
     cuda = setup.device is Device.cuda
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with warnings.catch_warnings(), library_refusals(what_runs(spec, setup, peft_config)), \
-            _data_dependent_shapes(what_runs(spec, setup, peft_config)):
+    what = what_runs(spec, setup, peft_config)
+    # fake tensors made to behave as the run's ops do (fake_ops), inside the translation of what still cannot
+    with warnings.catch_warnings(), library_refusals(what), _data_dependent_shapes(what), \
+            grouped_mm_in_any_dtype(), BatchValues(), MatmulDtypes(what):
         warnings.simplefilter("ignore")
         model = apply_as_run(spec, setup, peft_config)
         host = _host_tensors(model) if cuda else set()
@@ -166,16 +168,13 @@ def materialize(model: torch.nn.Module, device: str, host: set[int] = frozenset(
 
 @contextlib.contextmanager
 def _data_dependent_shapes(what: str) -> Iterator[None]:
-    """Run the trace as the run runs where fake tensors alone would not: the batch's values known where an op's
-    shape depends on them (``fake_ops.BatchValues``), matmuls that refuse mixed dtypes refusing them (``MatmulDtypes``),
-    grouped matmuls in the dtype the run uses (``grouped_mm_in_any_dtype``). A step whose shapes still depend on
-    values (a boolean-mask index, ``nonzero`` on weights: WaveFT's sparse spectrum, CPT's label masks) has no size
-    on fake tensors: one line saying so and what measures it instead."""
+    """A step whose tensor shapes depend on values the trace does not know (a boolean-mask index or ``nonzero`` on
+    weights: WaveFT's sparse spectrum, CPT's label masks; the batch's own values are known, fake_ops.BatchValues)
+    has no size on fake tensors: one line saying so and what measures it instead."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
     try:
-        with grouped_mm_in_any_dtype(), BatchValues(), MatmulDtypes(what):
-            yield
+        yield
     except (DataDependentOutputException, DynamicOutputShapeException) as exc:
         op = str(exc).strip() or type(exc).__name__
         raise UnsupportedModelError(f"{what} cannot be traced on fake tensors: its step has shapes that depend on "
