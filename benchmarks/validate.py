@@ -50,18 +50,29 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 # ---- targets (issue 4) --------------------------------------------------------------------------------------------
 ANALYTIC_VS_TRACED = 0.05   # analytic peak within 5% of the traced peak, every row
 TRACED_VS_MEASURED = 0.03   # traced (same device type) within 3% of the CPU-measured live-tensor peak
+# issue 15: the plain estimate against the allocator-level peak of an unobserved CPU step, held to what the tracked
+# estimate meets against the tracker on these rows (worst -0.374% when issue 15 began): 1%
+PLAIN_VS_UNOBSERVED = 0.01
 PER_CATEGORY = 0.10         # each category at the peak within 10% ...
 CATEGORY_FLOOR = 0.01       # ... when it holds at least 1% of the peak; smaller ones are reported as a share of it
 
 # ---- the matrix --------------------------------------------------------------------------------------------------
-MODELS = ("bert-base-uncased", "gpt2", "Llama-3.2-1B", "Qwen2.5-0.5B", "gemma-2b", "Phi-3-mini-4k-instruct")
+MODELS = ("bert-base-uncased", "gpt2", "Llama-3.2-1B", "Qwen2.5-0.5B", "gemma-2b", "Phi-3-mini-4k-instruct",
+          "Mixtral-8x7B-v0.1", "OLMoE-1B-7B-0924")
 FAMILY = {"bert-base-uncased": "encoder (BERT)", "gpt2": "GPT-2", "Llama-3.2-1B": "LLaMA, GQA 32/8",
           "Qwen2.5-0.5B": "Qwen2, GQA 14/2, qkv bias", "gemma-2b": "Gemma, MQA, 256k vocab",
-          "Phi-3-mini-4k-instruct": "Phi-3, fused qkv / gate_up"}
+          "Phi-3-mini-4k-instruct": "Phi-3, fused qkv / gate_up",
+          "Mixtral-8x7B-v0.1": "MoE: 8 experts, top-2, GQA 32/8", "OLMoE-1B-7B-0924": "MoE: 64 experts, top-8, q/k norm"}
+# models whose 2-block copies at real width do not fit this machine's memory in fp32 (Mixtral's experts: 5.6 GB a
+# block): their fp32 CPU rows (part B) use the narrow copies too
+NARROW_FP32 = ("Mixtral-8x7B-v0.1", "OLMoE-1B-7B-0924")
 METHODS = ("full", "lora", "qlora", "adapter", "bitfit", "ia3", "prefix", "prompt", "dora", "adalora", "vera", "loha",
-           "lokr", "ln-tuning", "p-tuning", "trainable-tokens")
-# a method row that is another method with options: (method, options merged under the model's own for it)
-ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"dora": ("lora", {"lora": {"dora": True}})}
+           "lokr", "ln-tuning", "p-tuning", "trainable-tokens", "lora-all-linear")
+# a method row that is another method with options: (method, options merged under the model's own for it);
+# lora-all-linear (issue 15): LoRA on every linear layer, where the CPU's promoted copies and the fp32 input copy
+# peft keeps sit at the peak
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"dora": ("lora", {"lora": {"dora": True}}),
+                                                  "lora-all-linear": ("lora", {"lora": {"targets": "all-linear"}})}
 REGIMES: dict[str, dict[str, str]] = {
     "fp32": {"dtype": "fp32"},
     "bf16": {"dtype": "bf16"},                       # pure bf16: weights, grads, states in bf16
@@ -92,6 +103,11 @@ NARROW: dict[str, dict[str, int]] = {
                  "intermediate_size": 2048, "vocab_size": 8192},
     "Phi-3-mini-4k-instruct": {"hidden_size": 384, "num_attention_heads": 4, "num_key_value_heads": 4,
                                "intermediate_size": 1024, "vocab_size": 8192, "pad_token_id": 0},
+    # MoE: the real expert count and top-k, the routing unchanged; narrow experts
+    "Mixtral-8x7B-v0.1": {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 64,
+                          "intermediate_size": 512, "vocab_size": 8192},
+    "OLMoE-1B-7B-0924": {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
+                         "intermediate_size": 128, "vocab_size": 8192, "eos_token_id": 2, "pad_token_id": 1},
 }
 # Parts C and D (issue 13): the loop around the model. Each variant against a plain torch loop's row of A / B.
 LOOP_VARIANTS: dict[str, dict[str, Any]] = {
@@ -126,7 +142,10 @@ COLUMNS = (
     "analytic_allocated_bytes", "analytic_reserved_bytes", "analytic_device_total_bytes",
     "traced_allocated_bytes", "traced_reserved_bytes", "traced_device_total_bytes",
     "trace_s", "measure_s", "step_s",
+    # issue 15: the allocator-level peak of an unobserved CPU step (profiler memory events) and the plain estimate
+    "unobserved_peak_bytes", "unobserved_phase", "plain_vs_unobserved_frac", "observer_frac",
 )
+UNOBSERVED_COLUMNS = COLUMNS[-4:]
 
 
 @dataclass(frozen=True)
@@ -167,7 +186,8 @@ def jobs(parts: str, models: tuple[str, ...], methods: tuple[str, ...], precisio
             if "B" in parts:
                 for precision in precisions:
                     if precision == "fp32":
-                        yield Job("B", model, method, precision, *CPU_SIZE, "2", options)
+                        name = f"{model} narrow" if model in NARROW_FP32 else model
+                        yield Job("B", name, method, precision, *CPU_SIZE, "2", options)
                     else:
                         for b, s in NARROW_SIZES:
                             yield Job("B", f"{model} narrow", method, precision, b, s, "2", options)
@@ -233,9 +253,61 @@ def _record_category(row: dict[str, Any], cmp: str, check: dict[str, Any], misse
         misses.append(f"{check['']} ({what}) {_pct(check['_frac'], check['_share_of_peak'], check['_material'])}")
 
 
+def job_setup(job: Job):  # noqa: ANN201
+    from memprof.resolve import resolve_setup
+
+    device = "cuda" if job.part in ("A", "C") else "cpu"
+    return resolve_setup(None, {"method": ALIASES.get(job.method, (job.method,))[0], "batch_size": job.batch_size,
+                                "seq_len": job.seq_len, "device": device, **REGIMES[job.precision], **job.options})
+
+
+def unobserved_fields(plain_bytes: int | None, tracker_bytes: int | None, m: Any) -> dict[str, Any]:
+    """The unobserved step's columns: its allocator-level peak, the plain estimate's error against it (the model's
+    error on a plain run) and the tracker's peak against it (the observer's effect)."""
+    unobserved = getattr(m, "unobserved_peak_bytes", None)
+    if unobserved is None:
+        return {}
+    return {"unobserved_peak_bytes": unobserved, "unobserved_phase": m.unobserved_phase,
+            "plain_vs_unobserved_frac": frac(plain_bytes, unobserved), "observer_frac": frac(tracker_bytes, unobserved)}
+
+
+def backfill_unobserved(job: Job, row: dict[str, Any]) -> dict[str, Any]:
+    """For a row measured before issue 15: one more measurement of the same run with the unobserved step (the
+    product's path: run_measurement on CPU, no tracked step), the plain estimate recomputed from the current model."""
+    from memprof.analytic import estimate
+    from memprof.runtime.harness import run_measurement
+
+    spec, setup = model_spec(job), job_setup(job)
+    plain = estimate(spec, setup)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = run_measurement(spec, setup, warmup_steps=1, timed_steps=1, breakdown=False)
+    gc.collect()
+    if m.status != "ok":
+        return {"note": (row.get("note") or "") + f" | unobserved step: {m.status}: {m.message}"}
+    tracked = int(row["measured_peak_bytes"])
+    return {"analytic_peak_bytes": plain.peak_bytes, **unobserved_fields(plain.peak_bytes, tracked, m)}
+
+
+def refresh_plain(job: Job, row: dict[str, Any]) -> dict[str, Any]:
+    """The plain estimate of a row recomputed from the current model (the CPU kernels' promoted copies entered the
+    plain estimate with issue 15; the tracked estimate, the trace and the measurement are unchanged)."""
+    from memprof.analytic import estimate
+
+    spec, setup = model_spec(job), job_setup(job)
+    est, tracked = estimate(spec, setup), estimate(spec, setup, tracked=True)
+    plain = est.peak_bytes
+    out: dict[str, Any] = {"analytic_peak_bytes": plain, "plain_vs_tracked_frac": frac(plain, tracked.peak_bytes),
+                           "plain_vs_tracked_worst_phase_frac": max(
+                               (frac(p.total_bytes, t.total_bytes)
+                                for (_, p), (_, t) in zip(est.phase_peaks, tracked.phase_peaks)), key=abs)}
+    if row.get("unobserved_peak_bytes"):
+        out["plain_vs_unobserved_frac"] = frac(plain, int(row["unobserved_peak_bytes"]))
+    return out
+
+
 def run_job(job: Job) -> dict[str, Any]:
     from memprof.analytic import estimate
-    from memprof.resolve import resolve_setup
     from memprof.errors import MemprofError
     from memprof.runtime.trace import trace
 
@@ -243,9 +315,7 @@ def run_job(job: Job) -> dict[str, Any]:
     device = "cuda" if job.part in ("A", "C") else "cpu"
     row: dict[str, Any] = dict(zip(KEY, job.key))
     row.update(family=FAMILY[job.model.removesuffix(" narrow")], device=device + ("" if device == "cpu" else " (modelled)"))
-    setup = resolve_setup(None, {"method": ALIASES.get(job.method, (job.method,))[0], "batch_size": job.batch_size,
-                                 "seq_len": job.seq_len,
-                                 "device": device, **REGIMES[job.precision], **job.options})
+    setup = job_setup(job)
     errors: dict[str, str] = {}
     plain = tracked = traced = measured = None
     try:
@@ -318,6 +388,7 @@ def run_job(job: Job) -> dict[str, Any]:
                                                                        measured.peak_bytes), misses, "traced vs measured")
         if tracked is not None:
             row["analytic_vs_measured_frac"] = frac(tracked.peak_bytes, measured.peak_bytes)
+        row.update(unobserved_fields(plain.peak_bytes if plain is not None else None, measured.peak_bytes, measured))
     if row["status"] == "error":
         misses.append("one estimator failed")
     row["verdict"] = "meets targets" if not misses else "misses: " + "; ".join(misses)
@@ -429,7 +500,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         fields = tuple(reader.fieldnames or ())
-        if fields and fields != COLUMNS and fields != tuple(c for c in COLUMNS if c != "loop"):
+        older = (tuple(c for c in COLUMNS if c not in UNOBSERVED_COLUMNS),
+                 tuple(c for c in COLUMNS if c != "loop" and c not in UNOBSERVED_COLUMNS))
+        if fields and fields != COLUMNS and fields not in older:
             raise SystemExit(f"{path} has other columns than this script writes; move it away to start afresh")
         return [{**r, "loop": r.get("loop") or ""} for r in reader]  # before parts C/D: every row a torch loop
 
@@ -533,6 +606,13 @@ def render_markdown(rows: list[dict[str, str]], header: dict[str, str]) -> str:
         "- **measured**: a real CPU training step in this process (`memprof.runtime.runner.measure(..., "
         "isolate=False, out_dir=None, warmup_steps=1, timed_steps=1)`); its `peak_bytes` is the tracker's live-tensor "
         "peak of a steady-state step (a CPU has no allocator peak counter).",
+        "- **unobserved** (issue 15, parts B and D): one more steady-state step of the same measured run with no "
+        "dispatch mode, under torch.profiler's memory events (`runtime/allocator.py`: every c10 CPU allocation and "
+        "free, the ones kernels make inside themselves included), plus the storages alive before it; what "
+        "`max_memory_allocated` reads on a GPU. `memprof measure` on CPU reports it beside the tracker's peak. "
+        "*plain vs unobserved* is the model's error on a plain run; *observer* is the tracker's peak against it: what "
+        "observing the step changes (gradients accumulated out of place; allocations below the dispatcher, such as "
+        "a CPU binary op's promoted copy of a narrower input, which the tracker does not see).",
         "",
         f"Targets (issue 4): analytic (tracked) peak within {100 * ANALYTIC_VS_TRACED:.0f}% of the traced peak on every "
         f"row; traced (same device type: CPU kernels) within {100 * TRACED_VS_MEASURED:.0f}% of the CPU-measured peak; "
@@ -559,6 +639,7 @@ def render_markdown(rows: list[dict[str, str]], header: dict[str, str]) -> str:
                             ("analytic_vs_measured_frac", "analytic (tracked) vs measured (CPU)", measured)):
         v, r = _worst(pool, key)
         out.append(f"- worst {what}: {100 * v:+.3f}% ({_label(r)})")
+    out += _unobserved_summary(measured)
     exact = sum(1 for r in measured if r["traced_peak_bytes"] == r["measured_peak_bytes"])
     out.append(f"- traced peak equal to the measured peak to the byte: {exact} of {len(measured)} measured rows")
     for cmp, what in (("analytic_vs_traced", "analytic vs traced"), ("traced_vs_measured", "traced vs measured")):
@@ -641,8 +722,8 @@ def render_markdown(rows: list[dict[str, str]], header: dict[str, str]) -> str:
     for name, over in NARROW.items():
         out.append(f"- {name} narrow: " + ", ".join(f"{k}={v}" for k, v in over.items()))
     out += ["", "| model | method | precision | b | s | analytic plain | analytic tracked | traced | measured | "
-            "analytic vs traced | traced vs measured | analytic vs measured | worst category, traced vs measured | "
-            "step s | verdict | note |", "|" + "---|" * 16]
+            "unobserved | analytic vs traced | traced vs measured | analytic vs measured | plain vs unobserved | "
+            "observer | worst category, traced vs measured | step s | verdict | note |", "|" + "---|" * 19]
     out += [_row_b(r) for r in rows if r["part"] == "B"]
     loops = "; ".join(f"*{k}*: " + ", ".join(f"{o}={v}" for o, v in over.items()) for k, over in LOOP_VARIANTS.items())
     out += ["", "## Part C: the loop around the model, full depth, CUDA modelled (GiB)", "",
@@ -655,8 +736,8 @@ def render_markdown(rows: list[dict[str, str]], header: dict[str, str]) -> str:
             f"fp32 at b={CPU_SIZE[0]}, s={CPU_SIZE[1]}; bert-base-uncased and gpt2 at their real widths, the "
             "LLaMA-style models as their narrow copies.", "",
             "| model | method | precision | b | s | loop | analytic plain | analytic tracked | traced | measured | "
-            "analytic vs traced | traced vs measured | analytic vs measured | worst category, traced vs measured | "
-            "step s | verdict | note |", "|" + "---|" * 17]
+            "unobserved | analytic vs traced | traced vs measured | analytic vs measured | plain vs unobserved | "
+            "observer | worst category, traced vs measured | step s | verdict | note |", "|" + "---|" * 20]
     out += [_row_b(r) for r in rows if r["part"] == "D"]
     out += _long_context_summary()
     out += ["", "## Columns of validation.csv", "",
@@ -742,9 +823,52 @@ def _note(r: dict[str, str]) -> str:
 
 def _row_b(r: dict[str, str]) -> str:
     return _row(r, [_mib(r, "analytic_peak_bytes"), _mib(r, "analytic_tracked_peak_bytes"), _mib(r, "traced_peak_bytes"),
-                    _mib(r, "measured_peak_bytes"), _p(r, "analytic_vs_traced_frac", 3),
+                    _mib(r, "measured_peak_bytes"), _mib(r, "unobserved_peak_bytes"), _p(r, "analytic_vs_traced_frac", 3),
                     _p(r, "traced_vs_measured_frac", 3), _p(r, "analytic_vs_measured_frac", 3),
+                    _p(r, "plain_vs_unobserved_frac", 3), _p(r, "observer_frac", 3),
                     _cat(r, "traced_vs_measured"), r.get("step_s", "")])
+
+
+# What separates a row's tracker peak from its unobserved step, as found (key, test on the row, explanation).
+OBSERVER: list[tuple[str, Any, str]] = [
+    ("O1", lambda r: r["precision"] == "bf16" and r["method"] in ALL_LINEAR_FP32_ADAPTERS,
+     "allocations below the dispatcher: peft keeps adapter weights fp32 on a bf16 base, so `result + lora_out` "
+     "adds bf16 to fp32, and on CPU TensorIterator copies the bf16 operand to fp32 inside the kernel (compute_types, "
+     "\"Promotes inputs by creating temporaries\"); the tracker sees the output only. Modelled: "
+     "sim.Graph._promoted_copies (plain CPU runs)"),
+    ("O2", lambda r: True,
+     "the observer: under a dispatch mode autograd accumulates a second gradient out of place (input_buffer.cpp "
+     "can_accumulate_inplace sees every tensor as subclass-like), which the tracked estimate models and the plain "
+     "one does not (issue 16, sim.grad_arrives_as_view)"),
+]
+ALL_LINEAR_FP32_ADAPTERS = ("lora", "dora", "adalora", "vera", "loha", "lokr")
+
+
+def _unobserved_summary(measured: list[dict[str, str]]) -> list[str]:
+    """Summary lines for the unobserved step: coverage, the worst plain error and observer effect, rows past the
+    target with what they are."""
+    have = [r for r in measured if r.get("unobserved_peak_bytes")]
+    if not have:
+        return []
+    out = [f"- unobserved CPU steps (allocator-level peak): {len(have)} of {len(measured)} measured rows"]
+    for key, what in (("plain_vs_unobserved_frac", "analytic plain vs unobserved (the model on a plain run)"),
+                      ("observer_frac", "measured (tracker) vs unobserved (what observing changes)")):
+        v, r = _worst(have, key)
+        out.append(f"- worst {what}: {100 * v:+.3f}% ({_label(r)})")
+    past = [r for r in have if abs(float(r["plain_vs_unobserved_frac"])) > PLAIN_VS_UNOBSERVED]
+    out.append(f"- rows where the plain estimate misses the unobserved peak by more than "
+               f"{100 * PLAIN_VS_UNOBSERVED:.0f}%: {len(past)}" + ("" if past else " (none)"))
+    for r in past:
+        out.append(f"  - {_label(r)}: {100 * float(r['plain_vs_unobserved_frac']):+.3f}%")
+    moved = [r for r in have if abs(float(r["observer_frac"])) > 0.001]
+    for key, test, why in OBSERVER:
+        rows = [r for r in moved if test(r)]
+        moved = [r for r in moved if not test(r)]
+        if rows:
+            v, w = _worst(rows, "observer_frac")
+            out.append(f"- observer effect above 0.1% on {len(rows)} rows, **{key}** (at worst {100 * v:+.3f}%, "
+                       f"{_label(w)}): {why}")
+    return out
 
 
 # ---- part E: a real Trainer, per step ------------------------------------------------------------------------------
@@ -845,6 +969,30 @@ def environment() -> dict[str, str]:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
 
 
+def _backfill(csv_path: Path) -> None:
+    """``--unobserved``: each measured row without an unobserved peak gets one; the CSV is rewritten atomically
+    after every row, so an interrupted run resumes where it stopped."""
+    rows = read_rows(csv_path)
+    by_key = {j.key: j for j in jobs("ABCD", MODELS, METHODS, tuple(REGIMES))}
+    todo = [r for r in rows if r.get("status") == "ok" and r.get("analytic_peak_bytes")]
+    print(f"{sum(1 for r in todo if not r.get('unobserved_peak_bytes') and r.get('measured_peak_bytes'))} measured "
+          f"rows to give an unobserved step; {len(todo)} rows' plain estimates recomputed", flush=True)
+    for i, row in enumerate(todo, 1):
+        job = by_key.get(tuple(row[k] for k in KEY))
+        if job is None:
+            continue
+        start = time.perf_counter()
+        if row["part"] in ("B", "D") and row.get("measured_peak_bytes") and not row.get("unobserved_peak_bytes"):
+            row.update({k: _csv_value(v) for k, v in backfill_unobserved(job, row).items()})
+            print(f"[{i}/{len(todo)}] {' '.join(job.key)}: plain vs unobserved "
+                  f"{row.get('plain_vs_unobserved_frac') or '-'}, observer {row.get('observer_frac') or '-'} "
+                  f"({time.perf_counter() - start:.1f} s)", flush=True)
+        row.update({k: _csv_value(v) for k, v in refresh_plain(job, row).items()})
+        if time.perf_counter() - start > 1:
+            write_rows(csv_path, rows)
+    write_rows(csv_path, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "estimates", help="folder of validation.csv / .md")
@@ -855,6 +1003,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--precisions", default=",".join(REGIMES))
     parser.add_argument("--render-only", action="store_true", help="rebuild the markdown from the CSV")
+    parser.add_argument("--unobserved", action="store_true",
+                        help="measured rows without an unobserved step get one (the rest of the row is kept); "
+                             "every CPU row's plain estimate is recomputed from the current model")
     parser.add_argument("--no-render", action="store_true",
                         help="only append rows (for several processes filling one CSV; render once afterwards)")
     args = parser.parse_args()
@@ -868,7 +1019,7 @@ def main() -> None:
     csv_path, md_path = args.out / "validation.csv", args.out / "validation.md"
     args.out.mkdir(parents=True, exist_ok=True)
     done = {tuple(r[k] for k in KEY) for r in read_rows(csv_path)}
-    if not args.render_only:
+    if not args.render_only and not args.unobserved:
         todo = [j for j in jobs(args.parts, tuple(args.models.split(",")), tuple(args.methods.split(",")),
                                 tuple(args.precisions.split(","))) if j.key not in done]
         print(f"{len(done)} rows already in {csv_path}; {len(todo)} to run", flush=True)
@@ -878,8 +1029,10 @@ def main() -> None:
             append_row(csv_path, row)
             print(f"[{i}/{len(todo)}] {' '.join(job.key)}: {row['status']} {row.get('verdict') or ''} "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
+    if args.unobserved:
+        _backfill(csv_path)
     steps_path = args.out / "validation_steps.csv"
-    if "E" in args.parts and not args.render_only:
+    if "E" in args.parts and not args.render_only and not args.unobserved:
         steps = trainer_steps()
         with steps_path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=STEP_COLUMNS, lineterminator="\n")

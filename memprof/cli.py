@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .cli_options import (ColumnsOpt, FormatOpt, GpuOpt, ModelArg, ParamsOpt, PeftConfigOpt, resolve_measure_run, resolve_model, resolve_run,
-                          run_console, setup_overrides, sweep_axes, sweep_device, with_run_options)
+                          run_console, setup_overrides, sweep_axes, sweep_device, task_overrides, with_run_options)
 from .config import Device, RunSetup
 from .compat import require_torch_stack
 from .errors import ConfigError, LibraryRefusalError, MemprofError
@@ -101,7 +101,7 @@ def estimate(
                 raise ConfigError("--seq-lens works with the analytic estimate, not --trace")
             _estimate_lengths(spec, run, seq_lens, batching, gpu, mfu_assumed, fmt, note)
             return
-        setup = resolve_run(run, peft_config=peft_config, modelled=not trace)
+        setup = resolve_run(run, peft_config=peft_config, modelled=not trace, spec=spec)
         if trace:
             est = _trace(spec, setup, trace_layers, peft_config, "memprof estimate --trace")
         else:
@@ -246,7 +246,7 @@ def trace(
             raise ConfigError("trace needs a model (preset, hub id or config.json)")
         run = _with_peft_task(run, peft_config)
         spec, _ = resolve_model(model, None, run, any_family=True)
-        setup = resolve_run(run, peft_config=peft_config, modelled=False)
+        setup = resolve_run(run, peft_config=peft_config, modelled=False, spec=spec)
         est = _trace(spec, setup, layers, peft_config)
         _render_estimate(est, fmt, fit=_fit(est, gpu))
 
@@ -280,7 +280,7 @@ def measure(
 
         run = _with_peft_task(run, peft_config)
         spec, _ = resolve_model(model, None, run, any_family=True)
-        setup, defaults_note = resolve_measure_run(run, peft_config)
+        setup, defaults_note = resolve_measure_run(run, peft_config, spec)
         from .runtime.runner import check_measurable
 
         check_measurable(setup, spec, peft_config)  # before the progress bar: a refusal is one line
@@ -298,7 +298,7 @@ def measure(
         path = (out / f"{name or default_name(spec)}.jsonl") if out is not None else None
         note = "; ".join(n for n in (defaults_note, concurrency_note(m)) if n) or None
         render_measurement(m, fmt, console, note=note, est=_estimate_of(spec, setup, m.device, peft_config),
-                           path=path)
+                           path=path, plain=_estimate_of(spec, setup, "cuda", peft_config) if m.device == "cpu" else None)
         if m.status != "ok":
             raise typer.Exit(code=1)
 
@@ -313,8 +313,8 @@ def _with_peft_task(run: dict[str, Any], peft_config: Path | None) -> dict[str, 
 
 
 def _estimate_of(spec: ModelSpec, setup: RunSetup, device: str, peft_config: Path | None = None) -> Any:
-    """The analytic estimate of the run just measured (tracked on CPU), or None where it does not apply (an
-    architecture or a peft config outside the analytic model)."""
+    """The analytic estimate of the run just measured (tracked on CPU; plain for "cuda" and a CPU's unobserved
+    step), or None where it does not apply (an architecture or a peft config outside the analytic model)."""
     from .analytic import estimate as run_estimate
     from .peft_input import run_options
 
@@ -394,7 +394,7 @@ def compare(
         axes = sweep_axes(run, batch_sizes, seq_lens, precisions, checkpointing)
         extra, defaults, device_note = sweep_device(run, axes) if do_measure else ({}, {}, None)
         note = "; ".join(n for n in (note, device_note) if n)
-        overrides = {**setup_overrides(run), **extra}
+        overrides = {**setup_overrides(run), **task_overrides(spec, run), **extra}
         setups = plan_setups(parse_list(methods, "--methods"), overrides, file=run["config"], defaults=defaults,
                              arms=arm_options, **axes)
         names = arm_names(spec, arm_options, lambda arm: plan_setups([], overrides, file=run["config"],
@@ -484,15 +484,15 @@ def presets(fmt: FormatOpt = Format.table) -> None:
     """List the bundled model presets and the GPU catalog."""
     with user_errors():
         from .analytic.params import count_params
-        from .hub import resolve_spec
+        from .hub import load_spec_any
         from .presets import gpu_catalog, preset_names
 
         rows = []
         for name in preset_names():
-            spec, _ = resolve_spec(name)
-            rows.append({"model": name, "model_type": spec.model_type, "family": spec.family.value,
-                         "task": spec.task.value, "params": count_params(spec), "layers": spec.num_layers,
-                         "hidden": spec.hidden_size})
+            spec = load_spec_any(name)  # the analytic families' spec; ViT's as the trace reads it
+            rows.append({"model": name, "model_type": spec.model_type, "family": spec.family.value, "task": spec.task.value,
+                         "params": count_params(spec) if spec.family.value != "other" else None,  # ViT: traced only
+                         "layers": spec.num_layers, "hidden": spec.hidden_size})
         render_rows(rows, fmt, console, title="model presets")
         gpus = {r["name"]: r for r in gpu_catalog().values()}.values()
         rows = [{"gpu": g["name"], "memory_bytes": g["memory_mib"] * 2**20, "bf16_tflops": g["peak_bf16_tflops"],

@@ -15,6 +15,7 @@ import typer
 from .config import RunSetup
 from .resolve import measured_device, resolve_measured, resolve_setup
 from .errors import ConfigError
+from .images import image_run
 from .report import Format
 from .spec import ModelSpec, Task
 
@@ -54,8 +55,13 @@ RUN_OPTIONS: list[tuple[str, Any]] = [
     ("dropout", Annotated[Optional[bool], typer.Option(
         "--dropout/--no-dropout", help="Keep the model's dropout probabilities.  \\[default: on]")]),
     ("task", Annotated[Optional[str], typer.Option(
-        "--task", help="seq-cls | causal-lm  \\[default: seq-cls for encoders, causal-lm for decoders]")]),
-    ("num_labels", Annotated[Optional[int], typer.Option("--num-labels", help="Classes of a seq-cls head. \\[default: 2]")]),
+        "--task", help="seq-cls | causal-lm | token-cls | qa | seq2seq | image-cls (the last four traced, not modelled)  "
+                       "\\[default: seq-cls for encoders, causal-lm for decoders, seq2seq for encoder-decoders, "
+                       "image-cls for vision encoders]")]),
+    ("image_size", Annotated[Optional[int], typer.Option(
+        "--image-size", help="image-cls: pixels per side of the images (instead of --seq-len: the run's seq_len is "
+                             "the tokens of one image, (size / patch)^2 + 1 for ViT).  \\[default: the config's]")]),
+    ("num_labels", Annotated[Optional[int], typer.Option("--num-labels", help="Classes of a seq-cls, token-cls or image-cls head. \\[default: the config's id2label, else 2]")]),
     ("lora_r", Annotated[Optional[int], typer.Option(
         "--lora-r", help="Rank of LoRA, QLoRA, AdaLoRA (init_r), VeRA, LoHa, LoKr.  \\[default: 8; AdaLoRA 12, VeRA 256]")]),
     ("lora_alpha", Annotated[Optional[int], typer.Option("--lora-alpha", help="LoRA alpha.  \\[default: 8]")]),
@@ -117,7 +123,7 @@ RUN_OPTIONS: list[tuple[str, Any]] = [
 
 # --help groups the shared options into panels (typer's rich_help_panel), in this order
 PANELS: dict[str, tuple[str, ...]] = {
-    "Run shape": ("method", "batch_size", "seq_len", "task", "num_labels"),
+    "Run shape": ("method", "batch_size", "seq_len", "task", "num_labels", "image_size"),
     "Precision and kernels": ("dtype", "regime", "optimizer", "attn", "device", "grad_checkpointing", "dropout"),
     "The loop": ("loop", "optimizer_impl", "zero_grad", "grad_accum", "padded", "keep_outputs", "use_cache"),
     "LoRA and LoRA-like (QLoRA, AdaLoRA, VeRA, LoHa, LoKr)": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_bias", "lora_dora", "modules_to_save",
@@ -200,10 +206,32 @@ def flag_overrides(run: dict[str, Any], peft_config: Path | None = None, modelle
 
 
 def resolve_run(run: dict[str, Any], extra: dict[str, Any] | None = None, peft_config: Path | None = None,
-                modelled: bool = True) -> RunSetup:
+                modelled: bool = True, spec: ModelSpec | None = None) -> RunSetup:
+    """The run's setup; with ``spec``, sized for its task (``task_overrides``: image-cls runs by image size)."""
     overrides = flag_overrides(run, peft_config, modelled)
     overrides.update(extra or {})
-    return resolve_setup(run["config"], overrides)
+    setup = resolve_setup(run["config"], {**overrides, **(task_overrides(spec, run) if spec else {})})
+    return image_run(spec, setup) if spec is not None else setup
+
+
+def task_overrides(spec: ModelSpec, run: dict[str, Any]) -> dict[str, Any]:
+    """The size flags of the model's task: for image-cls the image size (``--image-size``, default the config's) and
+    the sequence length it makes, the tokens of one image (memprof.images); ``--image-size`` is refused with any other
+    task, as ``--seq-len`` is with image-cls.
+
+    Raises:
+        ConfigError: --seq-len with image-cls, --image-size with a text task.
+    """
+    if spec.task is Task.image_cls:
+        if run["seq_len"] is not None:
+            raise ConfigError("--seq-len does not apply to --task image-cls: its sequence is the patches of an image; "
+                              "give --image-size (the run's seq_len is then the tokens of one image)")
+        sized = image_run(spec, RunSetup(image_size=run["image_size"]))
+        return {"image_size": sized.image_size, "seq_len": sized.seq_len}
+    if run["image_size"] is not None:
+        raise ConfigError(f"--image-size applies to --task image-cls only, not to {spec.task.value}; "
+                          "give --seq-len")
+    return {}
 
 
 def resolve_model(model: str | None, params: float | None, run: dict[str, Any], any_family: bool = False
@@ -217,11 +245,16 @@ def resolve_model(model: str | None, params: float | None, run: dict[str, Any], 
     return resolve_spec(model, params, task=task, num_labels=run["num_labels"])
 
 
-def resolve_measure_run(run: dict[str, Any], peft_config: Path | None = None) -> tuple[RunSetup, str | None]:
-    """The measured run (resolve.resolve_measured: device auto, CPU defaults below the file and the flags)."""
+def resolve_measure_run(run: dict[str, Any], peft_config: Path | None = None, spec: ModelSpec | None = None
+                        ) -> tuple[RunSetup, str | None]:
+    """The measured run (resolve.resolve_measured: device auto, CPU defaults below the file and the flags); with
+    ``spec``, sized for its task (``task_overrides``: image-cls sets the sequence length, not the CPU default)."""
     from .runtime.probes import cuda_available
 
-    return resolve_measured(run["config"], flag_overrides(run, peft_config, modelled=False), cuda_available())
+    sized = task_overrides(spec, run) if spec is not None else {}
+    setup, note = resolve_measured(run["config"], {**flag_overrides(run, peft_config, modelled=False), **sized},
+                                   cuda_available())
+    return (image_run(spec, setup) if spec is not None else setup), note
 
 
 def sweep_device(run: dict[str, Any], axes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str]:

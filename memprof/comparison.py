@@ -54,12 +54,14 @@ class ComparisonRow:
     measured_peak_bytes: int | None = None   # CUDA: max_memory_allocated; CPU: tracker's live-tensor peak
     measured_reserved_bytes: int | None = None
     measured_rss_peak_bytes: int | None = None  # CPU: the worker's peak RSS (context: libraries, caches)
+    measured_unobserved_peak_bytes: int | None = None  # CPU: allocator-level peak of an unobserved step
     measured_breakdown: Mapping[str, int] = field(default_factory=dict)
     est_basis: str | None = None             # tracked | allocated: the estimate the measurement is compared with
     est_compared_bytes: int | None = None    # that estimate's bytes
     est_vs_measured_frac: float | None = None
     traced_vs_measured_frac: float | None = None
     est_vs_traced_frac: float | None = None  # tracked estimate vs trace (both under a dispatch mode)
+    est_vs_unobserved_frac: float | None = None  # CPU: plain estimate vs the unobserved step's allocator peak
     est_saved_vs_full_frac: float | None = None       # 1 - est peak / full's est peak
     measured_saved_vs_full_frac: float | None = None  # 1 - measured peak / full's measured peak
     flops_vs_full_frac: float | None = None  # FLOPs per step / full's
@@ -95,8 +97,9 @@ class ComparisonRow:
 _SCALAR_FIELDS = (
     "est_peak_bytes", "est_peak_phase", "est_allocated_bytes", "est_device_total_bytes", "est_tracked_peak_bytes",
     "traced_peak_bytes", "traced_s", "measured_status", "measured_device", "measured_peak_bytes",
-    "measured_reserved_bytes", "measured_rss_peak_bytes", "est_basis", "est_compared_bytes", "est_vs_measured_frac",
-    "traced_vs_measured_frac", "est_vs_traced_frac", "est_saved_vs_full_frac", "measured_saved_vs_full_frac",
+    "measured_reserved_bytes", "measured_rss_peak_bytes", "measured_unobserved_peak_bytes", "est_basis",
+    "est_compared_bytes", "est_vs_measured_frac", "traced_vs_measured_frac", "est_vs_traced_frac",
+    "est_vs_unobserved_frac", "est_saved_vs_full_frac", "measured_saved_vs_full_frac",
     "flops_per_step", "flops_vs_full_frac", "step_time_s", "step_time_low_s", "step_time_high_s", "tokens_per_s",
     "speedup_vs_full", "energy_per_step_j",
 )
@@ -184,6 +187,9 @@ def _measured_fields(m: Mapping[str, Any] | None, est: Mapping[str, Any] | None,
         traced_value = traced.get("peak_bytes") if _ok(traced) else None
     out.update(measured_peak_bytes=peak, measured_reserved_bytes=m.get("reserved_bytes"),
                measured_rss_peak_bytes=m.get("rss_peak_bytes"),
+               measured_unobserved_peak_bytes=m.get("unobserved_peak_bytes"),
+               est_vs_unobserved_frac=rel_error(est.get("peak_bytes") if _ok(est) else None,
+                                                m.get("unobserved_peak_bytes")),
                measured_breakdown=_breakdown(m), est_basis=basis if compared is not None else None,
                est_compared_bytes=compared, est_vs_measured_frac=rel_error(compared, peak),
                traced_vs_measured_frac=rel_error(traced_value, peak), step_time_s=m.get("step_time_median_s"),

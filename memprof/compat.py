@@ -16,8 +16,8 @@ import functools
 import re
 from dataclasses import dataclass
 
-from .config import AttnImpl, Method, RunSetup
-from .errors import DependencyMissingError, LibraryRefusalError
+from .config import EXPERTS_TARGET, LORA_FAMILY, AttnImpl, LoraSpec, Method, RunSetup, is_expert_target
+from .errors import ConfigError, DependencyMissingError, LibraryRefusalError
 from .spec import ModelSpec, Task
 
 # The versions of constraints.txt (a test keeps the two equal). README "Install" names them too.
@@ -223,6 +223,68 @@ def resolve_attention(spec: ModelSpec, setup: RunSetup, supports_sdpa: bool | No
                       "--attn out for the kernel transformers picks", what=f"SDPA attention on {spec.name}")
     note = f"attention: eager, the kernel transformers {version} picks for {spec.model_type} ({why or 'no SDPA'})"
     return dataclasses.replace(setup, attn_impl=AttnImpl.eager), note
+
+
+# LoRA on mixture-of-experts models. peft 0.21.2 LoraModel._prepare_adapter_config fills an unset target_modules
+# from its per-model_type table, but on transformers 5 inject_adapter first runs its v4 -> v5 MoE conversion
+# (utils/transformers_weight_conversion.py, _convert_peft_config_moe), which turns the unset targets into an empty
+# set for mixtral and the model types converted like qwen2_moe (olmoe, ...): peft's own mixtral default (q_proj,
+# v_proj) is lost and "No `target_modules` passed" is raised; qwen2_moe and the others have no entry at all. memprof
+# passes the queries and values, peft's default for mixtral, llama, mistral and qwen2; the experts stay frozen
+# (``--lora-targets q_proj,v_proj,experts`` adapts them too). A test applies each entry with peft.
+LORA_MOE_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    mt: ("q_proj", "v_proj")
+    for mt in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe")
+}
+# ``experts`` in --lora-targets: the fused expert weights of a transformers 5 MoE block (MixtralExperts,
+# Qwen2MoeExperts, OlmoeExperts, ...: gate_up_proj (E, 2 * I, H) and down_proj (E, H, I)), as target_parameters
+EXPERT_PARAMETERS: tuple[str, ...] = ("experts.gate_up_proj", "experts.down_proj")
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """What memprof hands peft's LoraConfig: ``modules`` (target_modules: names, "all-linear", or None for peft's
+    own default) and ``parameters`` (target_parameters: fused expert weights), and a note when memprof chose them."""
+
+    modules: tuple[str, ...] | str | None
+    parameters: tuple[str, ...] = ()
+    note: str | None = None
+
+
+def lora_targets(spec: ModelSpec, setup: RunSetup) -> LoraTargets:
+    """The LoRA-like method's targets for ``spec``: the [lora] targets split into modules and expert parameters,
+    or, where none are given and peft has no default that works for the model type, LORA_MOE_DEFAULT_TARGETS.
+
+    Raises:
+        ConfigError: expert parameters named for a method other than LoRA / QLoRA (peft's target_parameters is
+            LoRA's only).
+    """
+    lora = setup.lora or LoraSpec()
+    if lora.targets is None:
+        chosen = LORA_MOE_DEFAULT_TARGETS.get(spec.model_type)
+        if chosen is None:
+            return LoraTargets(None)
+        version = installed_version("peft") or TESTED_VERSIONS["peft"]
+        return LoraTargets(chosen, note=(
+            f"LoRA targets: {', '.join(chosen)} in every block (peft {version} has no default that applies to "
+            f"{spec.model_type} under transformers 5); the experts stay frozen: --lora-targets "
+            f"{','.join(chosen)},{EXPERTS_TARGET} adapts them too"))
+    names = [n for n in lora.targets if not is_expert_target(n)]
+    params: list[str] = []
+    for n in lora.targets:
+        for p in (EXPERT_PARAMETERS if n == EXPERTS_TARGET else (n,) if is_expert_target(n) else ()):
+            if p not in params:
+                params.append(p)
+    if params and setup.method not in (Method.lora, Method.qlora):
+        raise ConfigError(f"{method_name(setup)} cannot adapt the fused expert weights ({', '.join(params)}): "
+                          "peft targets parameters with LoRA only (LoraConfig target_parameters)")
+    modules: tuple[str, ...] | str = "all-linear" if names == ["all-linear"] else tuple(names)
+    return LoraTargets(modules, tuple(params))
+
+
+def lora_target_note(spec: ModelSpec, setup: RunSetup) -> str | None:
+    """The run note naming the LoRA targets memprof chose (LORA_MOE_DEFAULT_TARGETS), for a LoRA-like method."""
+    return lora_targets(spec, setup).note if setup.method in LORA_FAMILY else None
 
 
 def tested_line(libraries: tuple[tuple[str, str], ...] | None = None) -> str:

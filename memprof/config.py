@@ -103,6 +103,17 @@ class AdapterVariant(str, Enum):
     pfeiffer = "pfeiffer"  # after FFN output only (Pfeiffer et al. 2020)
 
 
+# A LoRA target naming fused expert weights (transformers 5 MoE models keep each block's experts as 3-D parameters,
+# ``mlp.experts.gate_up_proj`` / ``down_proj``): peft adapts those through ``LoraConfig(target_parameters=...)``
+# (its ParamWrapper), not target_modules. ``experts`` alone names every fused expert weight (compat.py expands it).
+EXPERTS_TARGET = "experts"
+
+
+def is_expert_target(name: str) -> bool:
+    """``experts``, ``experts.gate_up_proj``, ``mlp.experts.down_proj``: a target that is a parameter, not a module."""
+    return name == EXPERTS_TARGET or name.startswith(EXPERTS_TARGET + ".") or f".{EXPERTS_TARGET}." in name
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     r: int = 8                              # rank; adds r*(d_in+d_out) params per adapted linear
@@ -123,6 +134,10 @@ class LoraSpec:
             raise ConfigError(f"lora bias '{self.bias}' is not supported; choose one of: none, all, lora_only")
         if self.targets is not None and not self.targets:
             raise ConfigError("lora targets must name at least one module (or 'all-linear')")
+        if self.targets is not None and any(is_expert_target(t) for t in self.targets) and (self.dropout or self.dora):
+            # peft 0.21 lora/layer.py ParamWrapper raises for both
+            raise ConfigError("LoRA on the fused expert weights (targets 'experts...') works without dropout and "
+                              "without DoRA only (peft's ParamWrapper); set lora dropout to 0 and leave DoRA off")
 
 
 @dataclass(frozen=True)
@@ -226,7 +241,7 @@ class RunSetup:
 
     method: Method = Method.full
     batch_size: int = 1                 # sequences per micro-batch (b)
-    seq_len: int = 512                  # tokens per sequence (s)
+    seq_len: int = 512                  # tokens per sequence (s); image-cls: the tokens of an image (memprof.images)
     dtype: Dtype = Dtype.bf16           # compute dtype; storage follows the regime
     regime: Regime | None = None        # None = DEFAULT_REGIME[dtype]
     optimizer: Optimizer = Optimizer.adamw
@@ -249,11 +264,14 @@ class RunSetup:
     padded: bool = False                  # batches carry padding: a b x s mask reaches every attention layer
     keep_outputs: bool = False            # the loop holds the model output (logits) until backward ends
     use_cache: bool = False               # decoders build a KV cache in training (config.use_cache left on)
+    image_size: int | None = None         # image-cls: pixels per side of the images (None: the config's image_size)
 
     def __post_init__(self) -> None:
         _check_int("batch size", self.batch_size, 1, 1 << 20)
         _check_int("sequence length", self.seq_len, 1, 1 << 22)
         _check_int("gradient accumulation steps", self.grad_accum, 1, 1 << 16)
+        if self.image_size is not None:
+            _check_int("image size", self.image_size, 1, 1 << 16)
         _check_field_types(self, "")  # the booleans (a string "no" would be truthy)
         if self.optimizer_impl is OptimizerImpl.fused and self.optimizer not in FUSED_OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer.value} has no fused kernel; fused applies to: "

@@ -172,15 +172,20 @@ MEASUREMENT_COLUMNS = ("model", "method", "batch_size", "seq_len", "regime", "de
 
 
 def render_measurement(m: Any, fmt: Format, console: Console, note: str | None = None, est: Any = None,
-                       path: Any = None) -> None:
+                       path: Any = None, plain: Any = None) -> None:
     """One measurement: its summary row, beside it the analytic estimate of exactly the run measured (``est``)
-    and the error, the breakdown at the peak (table mode), and where the record was written."""
+    and the error, the breakdown at the peak (table mode), and where the record was written. On CPU ``plain``
+    (the estimate of an unobserved run) is set beside the unobserved step's allocator-level peak."""
     row = m.to_row()
     predicted = None
     if est is not None and m.status == "ok" and m.peak_bytes:
         # CPU: the tracked estimate (the tracker observed the step); CUDA: plain + cuBLAS workspace
         predicted = est.peak_bytes if m.device == "cpu" else est.device.allocated_bytes
         row.update(est_peak_bytes=predicted, est_vs_measured_frac=(predicted - m.peak_bytes) / m.peak_bytes)
+    unobserved = getattr(m, "unobserved_peak_bytes", None)
+    if plain is not None and m.status == "ok" and unobserved:
+        row.update(est_plain_peak_bytes=plain.peak_bytes,
+                   est_plain_vs_unobserved_frac=(plain.peak_bytes - unobserved) / unobserved)
     if fmt is not Format.table:
         render_rows([row], fmt, console)
         return
@@ -209,6 +214,12 @@ def render_measurement(m: Any, fmt: Format, console: Console, note: str | None =
         table.add_row("memprof's estimate of this run" + (" (+ cuBLAS workspace)" if m.device == "cuda" else
                                                            " (tracked)"),
                       f"{fmt_bytes(predicted)} ({100 * row['est_vs_measured_frac']:+.2f}%)")
+    if unobserved:
+        table.add_row(f"peak allocated, unobserved step ({m.unobserved_phase})",
+                      fmt_bytes(unobserved))
+        if "est_plain_vs_unobserved_frac" in row:
+            table.add_row("memprof's estimate of a plain run",
+                          f"{fmt_bytes(plain.peak_bytes)} ({100 * row['est_plain_vs_unobserved_frac']:+.2f}%)")
     if m.reserved_bytes is not None:
         table.add_row("peak reserved (max_memory_reserved)", fmt_bytes(m.reserved_bytes))
     if m.device_used_bytes is not None:

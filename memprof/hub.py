@@ -172,7 +172,7 @@ def load_spec_any(model: str, task: Task | None = None, num_labels: int | None =
     The returned spec has family ``other`` and only the numbers the config states; its hf_config is what
     the traced estimator builds.
     """
-    from .spec import Family, default_task, _get  # noqa: PLC0415 (internal helpers)
+    from .spec import Family, config_num_labels, default_task, _get  # noqa: PLC0415 (internal helpers)
 
     _check_num_labels(num_labels)
 
@@ -192,5 +192,5 @@ def load_spec_any(model: str, task: Task | None = None, num_labels: int | None =
         num_heads=int(a), num_kv_heads=int(a), head_dim=max(1, int(h) // int(a)),
         intermediate_size=int(_get(text, "intermediate_size", "ffn_dim", "n_inner", default=4 * int(h)) or 4 * int(h)),
         max_positions=int(_get(text, "max_position_embeddings", "n_positions", default=2048)),
-        task=task or default_task(cfg), num_labels=num_labels or 2, source=source, hf_config=dict(cfg),
+        task=task or default_task(cfg), num_labels=num_labels or config_num_labels(cfg), source=source, hf_config=dict(cfg),
     )

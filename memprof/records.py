@@ -232,6 +232,8 @@ class Measurement:
     breakdown: MemoryBreakdown | None = None     # tracker categories at the peak (breakdown mode)
     peak_phase: str | None = None
     tracker_peak_bytes: int | None = None
+    unobserved_peak_bytes: int | None = None     # CPU: allocator-level peak of an unobserved step (profiler events)
+    unobserved_phase: str | None = None          # the phase where that peak falls
     step_times_s: tuple[float, ...] = ()
     step_time_median_s: float | None = None
     step_time_p10_s: float | None = None
@@ -251,7 +253,7 @@ class Measurement:
         row: dict[str, Any] = {"kind": "measured", **self.setup_row, "status": self.status}
         for name in ("message", "total_params", "trainable_params", "peak_bytes", "reserved_bytes",
                      "device_used_bytes", "steady_bytes", "after_step_bytes", "rss_peak_bytes", "peak_phase",
-                     "tracker_peak_bytes",
+                     "tracker_peak_bytes", "unobserved_peak_bytes", "unobserved_phase",
                      "step_time_median_s", "step_time_p10_s", "step_time_p90_s", "samples_per_s", "tokens_per_s",
                      "flops_per_step", "mfu", "energy_per_step_j", "warmup_steps", "timed_steps"):
             row[name] = getattr(self, name)

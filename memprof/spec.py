@@ -31,6 +31,7 @@ class Task(str, Enum):
     token_cls = "token-cls"  # a label per token (NER-style; *ForTokenClassification): traced, not modelled
     qa = "qa"                # extractive question answering (start / end logits; *ForQuestionAnswering): traced
     seq2seq = "seq2seq"      # encoder-decoder generation (T5, BART; *ForConditionalGeneration): traced
+    image_cls = "image-cls"  # image classification (ViT; *ForImageClassification), sized by image: traced
 
 
 # tasks the analytic families describe; the others are traced (memprof trace / estimate --trace)
@@ -43,6 +44,7 @@ FAMILY_OF_MODEL_TYPE: dict[str, Family] = {
     "gpt2": Family.gpt2,
     "llama": Family.llama, "mistral": Family.llama, "qwen2": Family.llama, "qwen3": Family.llama,
     "gemma": Family.llama, "gemma2": Family.llama, "gemma3_text": Family.llama, "phi3": Family.llama,
+    "mixtral": Family.llama, "qwen2_moe": Family.llama, "olmoe": Family.llama,
 }
 SUPPORTED_MODEL_TYPES = ", ".join(sorted(FAMILY_OF_MODEL_TYPE))
 
@@ -87,6 +89,12 @@ class ModelSpec:
     sliding_window: int | None = None  # keys a sliding-window layer attends to (mistral, qwen2/3, gemma2/3, phi3)
     layer_types: tuple[str, ...] = ()  # per block: "full_attention" | "sliding_attention" (empty: all full)
     rope_per_layer_type: bool = False  # one rotary table per layer type (gemma3: local and global bases)
+    num_experts: int = 0            # a sparse MoE block instead of the MLP (spec_variants.py; 0: the dense MLP):
+    experts_per_tok: int = 0        # experts per token, of width moe_intermediate_size, the top-k weights
+    moe_intermediate_size: int = 0  # renormalised when norm_topk_prob; shared_expert_size: Qwen2-MoE's shared
+    norm_topk_prob: bool = True     # expert, scaled by a sigmoid gate
+    shared_expert_size: int = 0
+    qk_norm_full: bool = False      # olmoe: q/k norms over the whole projection (not per head)
     hidden_dropout: float = 0.0     # residual-branch dropout probability
     attention_dropout: float = 0.0  # dropout on attention probabilities
     embedding_dropout: float = 0.0
@@ -222,11 +230,21 @@ def _flag(cfg: Mapping[str, Any], name: str, key: str, default: bool) -> bool:
 
 
 def default_task(cfg: Mapping[str, Any]) -> Task:
-    """Encoders get a sequence-classification head, decoders a causal-LM head, encoder-decoders seq2seq."""
+    """Encoders get a seq-cls head, decoders a causal-LM head, encoder-decoders seq2seq, vision encoders image-cls."""
     model_type = cfg.get("model_type")
     if model_type in ENCODER_DECODER_TYPES or cfg.get("is_encoder_decoder"):
         return Task.seq2seq
+    if "vocab_size" not in cfg and "image_size" in cfg and "num_channels" in cfg:  # a vision encoder (ViT)
+        return Task.image_cls
     return Task.seq_cls if model_type in ("bert", "roberta") else Task.causal_lm
+
+
+def config_num_labels(cfg: Mapping[str, Any]) -> int:
+    """Classes of the config's head: its id2label's size, else its num_labels (as transformers reads them), else 2."""
+    if isinstance(cfg.get("id2label"), dict) and cfg["id2label"]:
+        return len(cfg["id2label"])
+    value = cfg.get("num_labels")
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE else 2
 
 
 def from_hf_config(cfg: Mapping[str, Any], name: str, source: str = "file", task: Task | None = None,
@@ -256,7 +274,7 @@ def from_hf_config(cfg: Mapping[str, Any], name: str, source: str = "file", task
     family = FAMILY_OF_MODEL_TYPE.get(model_type)
     task = task or default_task(cfg)
     if num_labels is None:
-        num_labels = len(cfg["id2label"]) if isinstance(cfg.get("id2label"), dict) and cfg["id2label"] else 2
+        num_labels = config_num_labels(cfg)
     if family is None:
         raise UnsupportedModelError(
             f"{name}: model_type '{model_type}' is outside the analytic families; supported: {SUPPORTED_MODEL_TYPES}"
@@ -329,10 +347,13 @@ _LLAMA_VARIANTS: dict[str, dict[str, Any]] = {
     "gemma2": {"embed_scale": True, "tie": True, "sandwich_norm": True},
     "gemma3_text": {"embed_scale": True, "tie": True, "sandwich_norm": True, "qk_norm": True},
     "phi3": {"fused_qkv": True, "rotary_cat": True},
+    "mixtral": {"moe": True},                                      # MixtralSparseMoeBlock instead of the MLP
+    "qwen2_moe": {"moe": True, "qkv_bias": True}, "olmoe": {"moe": True, "qk_norm": True},  # olmoe: whole-width
 }
 
 
 def _llama(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_labels: int) -> ModelSpec:
+    from .spec_variants import moe_fields, softcap  # noqa: PLC0415 (they read configs with this module's helpers)
     model_type = cfg["model_type"]
     variant = _LLAMA_VARIANTS[model_type]
     h = _require(cfg, name, "hidden_size")
@@ -354,6 +375,8 @@ def _llama(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_label
     resid_dropout = _prob(cfg, name, "resid_pdrop", 0.0)
     layers = _require(cfg, name, "num_hidden_layers")
     window, types = _attention_types(cfg, name, model_type, layers)
+    moe = moe_fields(cfg, name, task.value) if variant.get("moe") else {}
+    qkv_bias = attention_bias or moe.pop("qkv_bias", variant.get("qkv_bias", False))
     return ModelSpec(
         name=name, model_type=model_type, family=Family.llama,
         vocab_size=_require(cfg, name, "vocab_size"), hidden_size=h,
@@ -361,32 +384,18 @@ def _llama(cfg: Mapping[str, Any], name: str, source: str, task: Task, num_label
         intermediate_size=_require(cfg, name, "intermediate_size"),
         max_positions=_int(cfg, name, "max_position_embeddings", 2048), task=task, num_labels=num_labels,
         hidden_act=act, gated_mlp=True, norm="rmsnorm", tie_embeddings=tie,
-        qkv_bias=attention_bias or variant.get("qkv_bias", False), o_bias=attention_bias,
+        qkv_bias=qkv_bias, o_bias=attention_bias,
         mlp_bias=_flag(cfg, name, "mlp_bias", False),
         qk_norm=variant.get("qk_norm", False), sandwich_norm=variant.get("sandwich_norm", False),
         fused_qkv=variant.get("fused_qkv", False), rotary_cat=variant.get("rotary_cat", False),
-        embed_scale=variant.get("embed_scale", False),
+        embed_scale=variant.get("embed_scale", False), **moe,
         sliding_window=window, layer_types=types, rope_per_layer_type=model_type == "gemma3_text" and len(set(types)) > 1,
-        attn_softcap=_softcap(cfg, name, "attn_logit_softcapping", model_type),
-        final_softcap=_softcap(cfg, name, "final_logit_softcapping", model_type),
+        attn_softcap=softcap(cfg, name, "attn_logit_softcapping", model_type),
+        final_softcap=softcap(cfg, name, "final_logit_softcapping", model_type),
         hidden_dropout=resid_dropout, attention_dropout=_prob(cfg, name, "attention_dropout", 0.0),
         embedding_dropout=_prob(cfg, name, "embd_pdrop", 0.0),
         source=source, hf_config=cfg,
     )
-
-
-# Gemma2Config's defaults (attn 50.0, final 30.0); Gemma3TextConfig's are None; the other models have none
-_SOFTCAP_DEFAULT = {"gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}}
-
-
-def _softcap(cfg: Mapping[str, Any], name: str, key: str, model_type: str) -> float | None:
-    """A tanh soft-capping constant (Gemma-2/3), absent keys taking the config class's default."""
-    if model_type not in ("gemma2", "gemma3_text"):
-        return None
-    value = cfg.get(key, _SOFTCAP_DEFAULT.get(model_type, {}).get(key))
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-        raise ConfigError(f"config of {name}: {key} must be a positive number or null, got {value!r}"[:200])
-    return value
 
 
 # transformers 5.23's config defaults: sliding_window (MistralConfig, Qwen2/3Config, Gemma2/3TextConfig: 4096;
@@ -400,7 +409,7 @@ def _attention_types(cfg: Mapping[str, Any], name: str, model_type: str, layers:
     __post_init__): Mistral and Phi-3 window every block when sliding_window is set; Qwen2/3 window the blocks
     from max_window_layers on when use_sliding_window; Gemma-2 alternates sliding and full from the first block;
     Gemma-3 makes every sliding_window_pattern-th block full. An explicit ``layer_types`` list wins."""
-    if model_type not in _WINDOW_DEFAULT and model_type != "phi3":
+    if model_type not in _WINDOW_DEFAULT and model_type not in ("phi3", "mixtral"):
         return None, ()
     window = cfg.get("sliding_window", _WINDOW_DEFAULT.get(model_type))
     if model_type in ("qwen2", "qwen3") and not _flag(cfg, name, "use_sliding_window", False):
@@ -414,7 +423,7 @@ def _attention_types(cfg: Mapping[str, Any], name: str, model_type: str, layers:
             raise ConfigError(f"config of {name}: layer_types must list {layers} of {FULL!r} / {SLIDING!r}, got "
                               f"{given!r}"[:200])
         types = tuple(given)
-    elif model_type in ("mistral", "phi3"):
+    elif model_type in ("mistral", "phi3", "mixtral"):
         types = (SLIDING,) * layers if window is not None else ()
     elif model_type in ("qwen2", "qwen3"):
         first = _int(cfg, name, "max_window_layers", 28, minimum=0)

@@ -41,3 +41,19 @@ MODERNBERT = {"model_type": "modernbert", "vocab_size": 100, "hidden_size": 32, 
               "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 64,
               "global_attn_every_n_layers": 1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
               "cls_token_id": 1, "sep_token_id": 2}
+# image classification (--task image-cls): a ViT on 32x32 images in 8x8 patches (16 patches + [CLS] = 17 tokens)
+VIT = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+       "intermediate_size": 64, "image_size": 32, "patch_size": 8, "num_channels": 3, "qkv_bias": True,
+       "num_labels": 10}
+# encoder-decoder (seq2seq) beside T5; Gemma-2 (no SDPA: transformers falls back to eager) and Gemma-3 (sliding and
+# full blocks), each at a width the trace walks in a second (tests/runtime/test_architecture_walk.py)
+BART = {"model_type": "bart", "vocab_size": 100, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
+        "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+        "max_position_embeddings": 64, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+        "decoder_start_token_id": 2}
+GEMMA2 = {"model_type": "gemma2", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+          "sliding_window": 8, "max_position_embeddings": 64}
+GEMMA3 = {"model_type": "gemma3_text", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8,
+          "sliding_window": 8, "sliding_window_pattern": 2, "max_position_embeddings": 64}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..compat import refusal_note, resolve_attention
+from ..compat import lora_target_note, refusal_note, resolve_attention
 from ..config import RunSetup, check_runnable, with_method_defaults
 from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec
@@ -142,6 +142,9 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     refused = refusal_note(spec, setup)
     if refused:
         notes += (refused,)
+    chosen = lora_target_note(spec, setup)  # the LoRA targets memprof picks where peft has no usable default
+    if chosen:
+        notes += (chosen,)
     # the loss holds an fp32 log-softmax of the b*s*V logits, and its backward two more of that size
     if spec.task is SpecTask.causal_lm and 3 * spec.vocab_size * bs * 4 > 0.25 * peak.total_bytes:
         notes += ("the loss over b*s*V logits (fp32 log-softmax and its gradients) is a large share of the peak; "

@@ -164,7 +164,7 @@ class Ctx:
         if ia3_ff:
             x_in = peft_methods.ia3_scale_input(self, x, full_name, m, label)
         xh = self.to_half(x_in, label)
-        if self.setup.method is Method.qlora and m.role not in ("head", "classifier"):
+        if self.setup.method is Method.qlora and m.role not in ("head", "classifier", "router"):  # bnb: nn.Linear only
             y = peft_methods.linear_4bit(self, xh, bias, m, label)
             if y.dtype != x_in.dtype:  # Linear4bit.forward returns out.to(inp_dtype)
                 back = g.cast(y, x_in.dtype, label + " (back to the input dtype)")

@@ -66,6 +66,7 @@ class _Node:
     makes_grad: bool = False     # holds trainable parameters: its output requires grad from here on
     attention: bool = False      # the score/value matmuls (no weights)
     tokens: int | None = None    # tokens it runs on when not every token (BERT pooler/classifier: the CLS token)
+    per_token: int = 1           # rows per token (MoE experts: each token's top-k (token, expert) pairs)
 
 
 @dataclass(frozen=True)
@@ -146,10 +147,17 @@ def _plan(spec: ModelSpec, setup: RunSetup) -> _Plan:
     return _Plan(weights, bias_set, lora, ia3, adapters, adapter_r, method is Method.prefix, input_grad)
 
 
-def _module_node(full: str, m: Module, plan: _Plan) -> list[_Node]:
+def _module_node(full: str, m: Module, plan: _Plan, top_k: int = 1) -> list[_Node]:
     """The node of one module, plus the adapter node that follows it."""
     trains = full in plan.weights or full in plan.biases or full in plan.lora or full in plan.ia3
     nodes: list[_Node] = []
+    if m.kind in ("router", "experts"):
+        # sparse MoE: the router is one matmul per token; each fused expert weight runs on the top_k (token, expert)
+        # rows (grouped_mm) as one d_in x d_out matmul per row. LoRA on it (peft ParamWrapper) merges B A into the
+        # weight every forward and backpropagates through the merged weight: the weight gradient's matmul runs as
+        # in full fine-tuning (the E * d_out * r * d_in merge itself is not counted: a known gap)
+        mm = _Matmul(m.d_in, m.d_out, full in plan.weights or full in plan.lora)
+        return [_Node((mm,), makes_grad=trains, per_token=top_k if m.kind == "experts" else 1)]
     if m.is_linear:
         mms = [_Matmul(m.d_in, m.d_out, full in plan.weights, input_grad=plan.ia3.get(full, False))]
         r = plan.lora.get(full)
@@ -175,7 +183,7 @@ def _block_nodes(spec: ModelSpec, i: int, plan: _Plan) -> list[_Node]:
     for m in layer_modules(spec):
         if m.role == "attn_out":
             keyed.append((None, _Node(attention=True, makes_grad=plan.prefix)))
-        own = _module_node(prefix + m.name, m, plan)
+        own = _module_node(prefix + m.name, m, plan, spec.experts_per_tok or 1)
         key = m.role if m.is_linear and m.role in ("qkv", "mlp_in") else None
         keyed += [(key, own[0])] + [(None, n) for n in own[1:]]
     chain: list[tuple[str | None, _Node]] = []
@@ -252,7 +260,7 @@ def step_flops(spec: ModelSpec, setup: RunSetup) -> StepFlops:
                 f += attn
                 if rg or node.makes_grad:
                     di += 2 * attn  # dQ, dK from the scores; dP, dV from the values
-            t = node.tokens if node.tokens is not None else tokens
+            t = node.tokens if node.tokens is not None else tokens * node.per_token
             for mm in node.matmuls:
                 cost = 2 * t * mm.d_in * mm.d_out
                 f += cost

@@ -16,15 +16,17 @@ from ..spec import Family, ModelSpec, Task
 @dataclass(frozen=True)
 class Module:
     name: str        # relative to the layer prefix for layer modules, full name otherwise
-    kind: str        # linear | conv1d | embedding | norm
+    kind: str        # linear | conv1d | embedding | norm | router | experts (MoE: see layer_modules)
     d_in: int        # linear/conv1d: in_features; embedding: num_embeddings; norm: normalized size
     d_out: int       # linear/conv1d: out_features; embedding: embedding_dim; norm: same as d_in
     bias: bool
-    role: str        # qkv | attn_out | mlp_in | mlp_out | norm | embed | head | pooler | classifier
+    role: str        # qkv | attn_out | mlp_in | mlp_out | norm | embed | head | pooler | classifier | router
+    count: int = 1   # experts: the 3-D parameter stacks this many (d_out, d_in) matrices
+    rank_scale: int = 1  # LoRA rank multiple peft gives this target (mixtral all-linear's fused gate_up_proj: 2)
 
     @property
     def weight_params(self) -> int:
-        return self.d_in if self.kind == "norm" else self.d_in * self.d_out
+        return self.d_in if self.kind == "norm" else self.count * self.d_in * self.d_out
 
     @property
     def bias_params(self) -> int:
@@ -91,11 +93,27 @@ def layer_modules(spec: ModelSpec) -> tuple[Module, ...]:
                  _lin("self_attn.k_proj", h, kv, spec.qkv_bias, "qkv"),
                  _lin("self_attn.v_proj", h, kv, spec.qkv_bias, "qkv")]
     if spec.qk_norm:
-        mods += [_norm("self_attn.q_norm", spec.head_dim, False), _norm("self_attn.k_norm", spec.head_dim, False)]
+        qn, kn = (q, kv) if spec.qk_norm_full else (spec.head_dim, spec.head_dim)
+        mods += [_norm("self_attn.q_norm", qn, False), _norm("self_attn.k_norm", kn, False)]
     mods.append(_lin("self_attn.o_proj", q, h, spec.o_bias, "attn_out"))
     mods.append(_norm("post_attention_layernorm", h, False))
     if spec.sandwich_norm:
         mods.append(_norm("pre_feedforward_layernorm", h, False))
+    if spec.num_experts:
+        # MixtralSparseMoeBlock (transformers 5): the router MixtralTopKRouter holds a bare (E, h) weight (no
+        # nn.Linear), MixtralExperts two fused 3-D parameters, gate_up_proj (E, 2I, h) and down_proj (E, h, I);
+        # listed as pseudo-modules "mlp.experts.<parameter>" (peft targets them as parameters)
+        # (+ Qwen2-MoE's Qwen2MoeMLP shared expert and its 1-output sigmoid gate, registered after the experts)
+        e, mi, si = spec.num_experts, spec.moe_intermediate_size, spec.shared_expert_size
+        mods += [Module("mlp.gate", "router", h, e, False, "router"),
+                 Module("mlp.experts.gate_up_proj", "experts", h, 2 * mi, False, "mlp_in", e),
+                 Module("mlp.experts.down_proj", "experts", mi, h, False, "mlp_out", e)]
+        if si:
+            mods += [_lin("mlp.shared_expert.gate_proj", h, si, False, "mlp_in"),
+                     _lin("mlp.shared_expert.up_proj", h, si, False, "mlp_in"),
+                     _lin("mlp.shared_expert.down_proj", si, h, False, "mlp_out"),
+                     _lin("mlp.shared_expert_gate", h, 1, False, "mlp_in")]
+        return tuple(mods)
     if spec.fused_qkv:
         mods.append(_lin("mlp.gate_up_proj", h, 2 * inter, spec.mlp_bias, "mlp_in"))
     else:

@@ -29,11 +29,12 @@ IA3_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "mistral": ("k_proj", "v_proj", "down_proj"), "qwen2": ("q_proj", "v_proj", "down_proj"),
     "qwen3": ("q_proj", "v_proj", "down_proj"), "gemma": ("q_proj", "v_proj", "down_proj"),
     "gemma2": ("q_proj", "v_proj", "down_proj"), "gemma3_text": ("q_proj", "v_proj", "down_proj"),
+    "mixtral": ("k_proj", "v_proj", "w2"),  # w2: transformers 4's expert, matching nothing in the fused experts
 }
 IA3_DEFAULT_FEEDFORWARD: dict[str, tuple[str, ...]] = {
     "bert": ("output.dense",), "roberta": ("output.dense",), "gpt2": ("mlp.c_proj",), "llama": ("down_proj",),
     "mistral": ("down_proj",), "qwen2": ("down_proj",), "qwen3": ("down_proj",), "gemma": ("down_proj",),
-    "gemma2": ("down_proj",), "gemma3_text": ("down_proj",),
+    "gemma2": ("down_proj",), "gemma3_text": ("down_proj",), "mixtral": ("w2",),
 }
 # Where another LoRA-like method's mapping differs from LoRA's (peft 0.21): AdaLoRA on RoBERTa adapts more, and
 # has no default for Mistral. VeRA, LoHa and LoKr use LoRA's.
@@ -153,6 +154,10 @@ def resolve_lora_targets(spec: ModelSpec, lora: LoraSpec, method: Method = Metho
     """
     saved = modules_to_save(spec, lora.modules_to_save)
     targets = lora.targets
+    if spec.num_experts:
+        from .moe_targets import moe_lora_targets  # noqa: PLC0415 (it builds on this module's matching rules)
+
+        return moe_lora_targets(spec, lora, method, saved)
     if targets is None:
         defaults = dict(LORA_DEFAULT_TARGETS)
         if method is Method.adalora:
@@ -198,7 +203,7 @@ def lora_family_tensors(method: Method, m: Module, lora: LoraSpec) -> list[tuple
     w_a d_out x r, w_b r x d_in. LoKr (lokr/layer.py): kron(w1, w2) with w1 a x c full and w2 b x d, factored
     as w2_a b x r, w2_b r x d when r < max(b, d) / 2 (a*b = d_out, c*d = d_in, lokr_factors).
     """
-    r, d_in, d_out = lora.r, m.d_in, m.d_out
+    r, d_in, d_out = lora.r * m.rank_scale * m.count, m.d_in, m.d_out  # fused experts: r per expert
     if method is Method.adalora:
         return [(r, d_in), (d_out, r), (r, 1)]
     if method is Method.vera:
@@ -424,7 +429,8 @@ def trainable_tensors(spec: ModelSpec, setup: RunSetup) -> tuple[tuple[int, int,
         if m.kind == "norm":
             out = [(1, m.d_in, False)]
         else:
-            out = [(m.d_out if m.is_linear else m.d_in, m.d_in if m.is_linear else m.d_out, False)]
+            by_out = m.is_linear or m.kind in ("router", "experts")  # (d_out, d_in) weights; experts stacked
+            out = [(m.count * m.d_out if by_out else m.d_in, m.d_in if by_out else m.d_out, False)]
         if m.bias:
             out.append((1, m.d_out if m.kind != "norm" else m.d_in, False))
         return out

@@ -35,7 +35,7 @@ def configure(ctx: Ctx) -> None:
             raise UnsupportedModelError(
                 "DoRA on " + ("QLoRA's 4-bit base (its weight is dequantized for the norms)" if method is Method.qlora
                               else "embedding targets") + " is not in memprof's analytic model; use --trace")
-        ctx.lora = {name: lora.r for name, _ in chosen}
+        ctx.lora = {name: lora.r * m.rank_scale for name, m in chosen}
         ctx.saved_modules = modules_to_save(spec, lora.modules_to_save)
     elif method is Method.ia3:
         ctx.ia3 = {name: ff for name, _, ff in resolve_ia3_targets(spec, setup.ia3 or IA3Spec())}
@@ -83,7 +83,7 @@ def lora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
     xh = ctx.to_half(xd, label + " lora A")
     wa = ctx.weight_for_matmul(a_w, label + " lora A")
     a_out = g.linear(xh, a_w, r, label + " lora A out", w_used=wa, out_dtype=ctx.amp)
-    g.drop(xh, wa, xd, xa)
+    g.drop(xh, wa, xd)
     ah = ctx.to_half(a_out, label + " lora B")
     wb = ctx.weight_for_matmul(b_w, label + " lora B")
     b_out = g.linear(ah, b_w, m.d_out, label + " lora B out", w_used=wb, out_dtype=ctx.amp)
@@ -95,6 +95,9 @@ def lora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
     g.drop(y, scaled)
     out = g.cast(summed, y.dtype, label + " lora out")
     g.drop(summed)
+    # peft rebinds ``x = self._cast_input_dtype(x, lora_A.weight.dtype)``: the fp32 copy of a half input lives
+    # until forward returns (after the sum and its cast back), not only through lora_A
+    g.drop(xa)
     return out
 
 def dora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str, w: T, bias: T | None) -> T:

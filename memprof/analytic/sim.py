@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 Poly = tuple  # coefficients of (b*s, b*s*s, b, s, 1, s*s); s*s: a mask broadcast over the batch (stride 0)
 ZERO: Poly = (0, 0, 0, 0, 0, 0)
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bool": 1, "int64": 8, "int8": 1, "nf4": 0.5}
+FLOATING = ("fp32", "bf16", "fp16")
 
 
 def P(bs: float = 0, bss: float = 0, b: float = 0, s: float = 0, c: float = 0, ss: float = 0) -> Poly:
@@ -367,11 +368,28 @@ class Graph:
         self._node(label, [x], [out], saved, extra=extra)
         return out
 
+    def _promoted_copies(self, ins: list[T], out: T) -> None:
+        """CPU binary ops on mixed floating dtypes (bf16 + fp32): TensorIterator's compute_types copies each input
+        whose dtype differs from the common one (``op.tensor().to(common_dtype_)``, "Promotes inputs by creating
+        temporaries", aten/src/ATen/TensorIterator.cpp; CUDA kernels cast on the fly). The copies live while
+        the op runs, beside its output, and are allocated inside the kernel, below the dispatcher: a tracker
+        never sees them, so only a plain run (``inplace_accumulation``) counts them."""
+        if self.device == "cuda" or not self.inplace_accumulation:
+            return
+        extra = ZERO
+        for t in ins:
+            if t.dtype != out.dtype and t.dtype in FLOATING:
+                extra = padd(extra, pscale(t.numel, BYTES[out.dtype]))
+        if extra != ZERO:
+            self.cand(extra)
+
     def add(self, a: T, b_: T | None, label: str, dtype: str | None = None) -> T:
         """a + b (b None: a Python scalar). Saves nothing; the bigger operand sets the shape."""
         big = a if b_ is None or _size(a.numel) >= _size(b_.numel) else b_
         out = self.new(big.numel, big.width, dtype or promote(a, b_), label)
         ins = [a] + ([b_] if b_ is not None else [])
+        if dtype is None or dtype == promote(a, b_):
+            self._promoted_copies(ins, out)
         # AddBackward hands the same gradient tensor to both inputs (a reduced copy for a broadcast one)
         alloc = [t.numel != out.numel or t.dtype != out.dtype for t in ins]
         self._node("add", ins, [out], [], alloc)
@@ -381,6 +399,8 @@ class Graph:
         """a * b: keeps a if b needs a gradient, b if a does (b None: a Python scalar, nothing kept)."""
         big = a if b_ is None or _size(a.numel) >= _size(b_.numel) else b_
         out = self.new(big.numel, big.width, dtype or promote(a, b_), label)
+        if b_ is not None and (dtype is None or dtype == promote(a, b_)):
+            self._promoted_copies([a, b_], out)
         if b_ is None:
             self._node("mul", [a], [out], [])
         else:

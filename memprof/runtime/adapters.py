@@ -30,6 +30,11 @@ ADAPTER_SITES: dict[str, tuple[str, str]] = {
     "falcon": ("self_attention.dense", "mlp.dense_4h_to_h"),
     "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h"),
     "phi": ("self_attn.dense", "mlp.fc2"),
+    # sparse MoE blocks: the FFN adapter follows the whole block (router, experts, shared expert), whose output
+    # is the FFN's output there
+    "mixtral": ("self_attn.o_proj", "mlp"),
+    "qwen2_moe": ("self_attn.o_proj", "mlp"),
+    "olmoe": ("self_attn.o_proj", "mlp"),
 }
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -67,6 +69,27 @@ class PhaseMarks:
         pass
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: kineto writes "USDT ... profiler_start" / "profiler_stop" lines from C++ when
+    a profile starts and stops (its USDT logger, not silenced by KINETO_LOG_LEVEL in torch 2.13); only those two
+    calls are wrapped, so the step's own warnings still reach stderr."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to silence
+        yield
+        return
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def unobserved_peak(step_fn: Callable[[], Any]) -> AllocatorPeak:
     """Run ``step_fn()`` once under the profiler and return its allocation peak relative to the start.
 
@@ -77,9 +100,15 @@ def unobserved_peak(step_fn: Callable[[], Any]) -> AllocatorPeak:
     Raises:
         DeviceUnavailableError: ``step_fn`` allocated on a device other than the CPU (use the CUDA counters there).
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        prof.start()
+    try:
         result = step_fn()
         del result  # what the step returns is freed inside the window (the caller can't hold it)
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     events = prof.profiler.kineto_results.events()
     deltas = []
     ranges = []

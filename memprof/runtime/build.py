@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from ..analytic.params import LN_TUNING_DEFAULT_TARGETS, ln_tuning_target_names
-from ..compat import NO_SDPA_WHY, resolve_attention
+from ..compat import NO_SDPA_WHY, lora_targets, resolve_attention
 from ..config import LORA_FAMILY, PEFT_METHODS, AttnImpl, Dtype, LoraSpec, Method, Optimizer, OptimizerImpl, Regime, RunSetup, check_runnable
 from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError
+from ..images import IMAGE_HEADS, image_batch, saved_head
 from ..spec import Family, ModelSpec, Task, check_sequence_length
 from .adapters import add_bottleneck_adapters, is_norm_module
 
@@ -48,14 +49,16 @@ def hf_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (transforme
         for key, value in list(cfg.items()):
             if ("dropout" in key or "pdrop" in key) and isinstance(value, (int, float)) and not isinstance(value, bool):
                 cfg[key] = 0.0
-    if spec.task in (Task.seq_cls, Task.token_cls):
+    if spec.task in (Task.seq_cls, Task.token_cls, Task.image_cls):
         cfg["num_labels"] = spec.num_labels
         cfg.pop("id2label", None)
         cfg.pop("label2id", None)
-        if cfg.get("pad_token_id") is None and spec.family is not Family.bert:
+        if cfg.get("pad_token_id") is None and spec.family is not Family.bert and spec.task is not Task.image_cls:
             # decoders pick the last non-pad token; with no pad id they refuse batches > 1
             cfg["pad_token_id"] = cfg.get("eos_token_id") if isinstance(cfg.get("eos_token_id"), int) else 0
     cfg["use_cache"] = setup.use_cache  # transformers turns it off itself in checkpointed layers
+    if setup.image_size is not None:  # image-cls: the model built at the run's image size (memprof.images)
+        cfg["image_size"] = setup.image_size
     try:
         config = AutoConfig.for_model(model_type, **cfg)
     except (KeyError, ValueError) as exc:
@@ -122,13 +125,14 @@ def build_base_model(spec: ModelSpec, setup: RunSetup, device: str | torch.devic
 
 AUTO_CLASS = {Task.seq_cls: "AutoModelForSequenceClassification", Task.causal_lm: "AutoModelForCausalLM",
               Task.token_cls: "AutoModelForTokenClassification", Task.qa: "AutoModelForQuestionAnswering",
-              Task.seq2seq: "AutoModelForSeq2SeqLM"}
+              Task.seq2seq: "AutoModelForSeq2SeqLM", Task.image_cls: "AutoModelForImageClassification"}
 PEFT_TASK = {Task.seq_cls: "SEQ_CLS", Task.causal_lm: "CAUSAL_LM", Task.token_cls: "TOKEN_CLS",
-             Task.qa: "QUESTION_ANS", Task.seq2seq: "SEQ_2_SEQ_LM"}
-HEADS = {Task.seq_cls: ("classifier", "score"), Task.token_cls: ("classifier", "score"), Task.qa: ("qa_outputs",)}
+             Task.qa: "QUESTION_ANS", Task.seq2seq: "SEQ_2_SEQ_LM", Task.image_cls: None}  # peft has no image task
+HEADS = {Task.seq_cls: ("classifier", "score"), Task.token_cls: ("classifier", "score"), Task.qa: ("qa_outputs",),
+         Task.image_cls: IMAGE_HEADS}
 
 
-def _peft_task(spec: ModelSpec) -> str:
+def _peft_task(spec: ModelSpec) -> str | None:
     return PEFT_TASK[spec.task]
 
 
@@ -139,11 +143,12 @@ def peft_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (peft.Pef
     task = _peft_task(spec)
     method = setup.method
     if method in LORA_FAMILY:
-        return _lora_family_config(setup, task)
+        return _lora_family_config(spec, setup, task)
     if method is Method.ln_tuning:
         # peft's own default where it has one (LN_TUNING_DEFAULT_TARGETS mirrors it), else every norm layer
-        names = None if spec.model_type in LN_TUNING_DEFAULT_TARGETS else ln_tuning_target_names(spec)
-        return peft.LNTuningConfig(task_type=task, target_modules=names)
+        names = None if spec.model_type in LN_TUNING_DEFAULT_TARGETS or spec.family is Family.other \
+            else ln_tuning_target_names(spec)  # an architecture outside the families: peft's default or its refusal
+        return peft.LNTuningConfig(task_type=task, target_modules=names, modules_to_save=saved_head(spec))
     if method is Method.p_tuning:
         p = setup.prompt
         assert p is not None
@@ -158,6 +163,7 @@ def peft_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (peft.Pef
             task_type=task,
             target_modules=list(ia3.targets) if ia3 and ia3.targets else None,
             feedforward_modules=list(ia3.feedforward) if ia3 and ia3.feedforward else None,
+            modules_to_save=saved_head(spec),
         )
     if method is Method.prefix:
         p = setup.prompt
@@ -171,20 +177,19 @@ def peft_config_for(spec: ModelSpec, setup: RunSetup):  # noqa: ANN201 (peft.Pef
     raise ConfigError(f"method '{method.value}' is not built with peft")
 
 
-def _lora_family_config(setup: RunSetup, task: str):  # noqa: ANN202 (peft.PeftConfig)
+def _lora_family_config(spec: ModelSpec, setup: RunSetup, task: str):  # noqa: ANN202 (peft.PeftConfig)
     """LoRA, QLoRA, AdaLoRA, VeRA, LoHa, LoKr from the [lora] options: rank, alpha, dropout, targets,
     modules_to_save (and LoRA's bias and DoRA)."""
     import peft
 
     lora = setup.lora or LoraSpec()
-    targets: Any = list(lora.targets) if lora.targets else None
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-    saved = list(lora.modules_to_save) if lora.modules_to_save is not None else None
+    chosen = lora_targets(spec, setup)  # names, "all-linear", None (peft's default), + fused expert weights
+    targets: Any = list(chosen.modules) if isinstance(chosen.modules, tuple) else chosen.modules
+    saved = list(lora.modules_to_save) if lora.modules_to_save is not None else saved_head(spec)
     common = {"task_type": task, "target_modules": targets, "modules_to_save": saved}
     if setup.method in (Method.lora, Method.qlora):
         return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                               use_dora=lora.dora, **common)
+                               use_dora=lora.dora, target_parameters=list(chosen.parameters) or None, **common)
     if setup.method is Method.adalora:
         # the rank schedule (target_r, total_step) masks singular values and never resizes a tensor in a step:
         # it changes no memory. total_step has no default in peft 0.21; any positive length builds the same model.
@@ -457,6 +462,9 @@ def synthetic_batch(spec: ModelSpec, setup: RunSetup, device: str | torch.device
     training), pad positions labelled -100 for causal LM; transformers then builds the mask every attention layer
     reads. Works under FakeTensorMode (device="cuda" on a CPU build).
     """
+    if spec.task is Task.image_cls:  # pixels in the patch projection's dtype, a label per image
+        return image_batch(spec, setup, device, TORCH_DTYPE[setup.dtype] if setup.method is Method.qlora
+                           else storage_dtype(setup))
     b, s = setup.batch_size, setup.seq_len
     eos = _pooled_eos(spec, setup)
     ids = torch.randint(0, spec.vocab_size - (eos is not None), (b, s), device=device)

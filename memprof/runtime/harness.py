@@ -3,7 +3,9 @@
 Phases, each a small function: build (model, method, optimizer, batch) -> warm-up (>= 1 step; the first
 allocates optimizer state and the cuBLAS workspace) -> reset (CUDA: synchronize, empty_cache,
 reset_peak_memory_stats) -> timed steps without any tracking -> read (allocator peaks, NVML, energy) ->
-optional breakdown step under ``MemoryTracker`` (categories at the tracked peak).
+optional breakdown step under ``MemoryTracker`` (categories at the tracked peak) -> CPU: one unobserved step
+under torch.profiler's memory events (``unobserved_step``: the allocator-level peak a GPU's
+``max_memory_allocated`` would read, including what kernels allocate below the dispatcher).
 
 On CUDA ``peak_bytes`` is ``max_memory_allocated`` over the timed steps. CPU has no allocator peak counter:
 there ``peak_bytes`` is the tracker's live-tensor peak of one tracked steady-state step, so it needs
@@ -25,14 +27,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..compat import check_supported
+from ..compat import check_supported, lora_target_note
 from ..config import Dtype, Method, Regime, RunSetup, with_method_defaults
 from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError, MemprofError
+from ..images import image_note, image_run
 from ..records import Category, EnvInfo, Measurement, MemoryBreakdown, Phase, setup_row
 from ..spec import Family, ModelSpec
 from . import probes
 from .build import (TORCH_DTYPE, apply_method, host_buffers, build_base_model, check_positions, count_trainable, enable_checkpointing, make_optimizer,
                     resolve_attention_of_class, synthetic_batch)
+from .allocator import PhaseMarks, live_storage_bytes, unobserved_peak
 from .refusals import library_refusals, what_runs
 from .step import block_modules, run_step
 from .tracker import MemoryTracker
@@ -265,9 +269,42 @@ def tracked_step(run: BuiltRun, setup: RunSetup, device: str) -> TrackedStep:
     return TrackedStep(breakdown, tracker.peak_bytes, top.split(".")[0], tracker.current_bytes, after[-1])
 
 
-def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that are not padding (the attention mask's ones; every token without a mask)."""
+@dataclass(frozen=True)
+class UnobservedStep:
+    """What one unobserved CPU step allocated, in bytes (``runtime/allocator.py``: profiler memory events)."""
+
+    peak_bytes: int        # live before the step + the running sum's maximum during it
+    peak_phase: str        # forward | backward | optimizer
+    live_before_bytes: int  # the storages alive when the step began (parameters, states, batch, kept outputs)
+
+
+def unobserved_step(run: BuiltRun, setup: RunSetup) -> UnobservedStep:
+    """One more steady-state CPU step, not under any dispatch mode: autograd accumulates and kernels allocate as in
+    a plain training script, and c10's CPU allocator reports every allocation to torch.profiler (also those kernels
+    make internally: TensorIterator's promoted input copies, workspaces), which a TorchDispatchMode does not see.
+    The peak is what was alive before (each storage once) plus the running sum's maximum during the step."""
+    model, optimizer = run.model, run.optimizer
+    states = (v for st in getattr(optimizer, "state", {}).values() if isinstance(st, dict)
+              for v in st.values() if isinstance(v, torch.Tensor))
+    before = live_storage_bytes([*model.parameters(), *model.buffers(), *run.batch.values(), *states,
+                                 *(p.grad for p in model.parameters()), *_tensors(run.held),
+                                 *_master_weights(optimizer)])
+    step = unobserved_peak(lambda: _step(run, setup, "cpu", tracker=PhaseMarks()))
+    phases = {p.value: step.phase_peak_bytes.get(p.value, -1) for p in Phase}
+    return UnobservedStep(before + step.peak_bytes, max(phases, key=lambda p: phases[p]), before)
+
+
+def _master_weights(optimizer: Any) -> list[torch.Tensor]:
+    """fp32 master copies a MasterWeightOptimizer keeps beside half parameters (build.py; none otherwise)."""
+    return [t for t in getattr(optimizer, "masters", ()) if isinstance(t, torch.Tensor)]
+
+
+def _real_tokens(batch: dict[str, torch.Tensor], setup: RunSetup) -> int:
+    """Tokens that are not padding (the attention mask's ones; every token without a mask; images: the tokens of
+    each image, ``seq_len``)."""
     mask = batch.get("attention_mask")
+    if mask is None and "input_ids" not in batch:
+        return setup.batch_size * setup.seq_len
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
@@ -303,7 +340,7 @@ def is_oom(exc: BaseException) -> bool:
 
 def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 1, timed_steps: int | None = None,
                     breakdown: bool = True, pretrained: str | None = None, peft_config: Any = None,
-                    progress: ProgressFn | None = None) -> Measurement:
+                    progress: ProgressFn | None = None, unobserved_cpu: bool = True) -> Measurement:
     """Measure training steps of ``spec`` under ``setup`` on ``setup.device``, in this process.
 
     Args:
@@ -316,6 +353,8 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 1, 
         pretrained: local path or hub id of real weights to load instead of random init.
         peft_config: a peft config object to apply instead of the method's own (FLOPs then not counted).
         progress: ``progress(phase, step, total)`` after each step of build | warmup | timed | breakdown.
+        unobserved_cpu: on CPU, one more step without the tracker under torch.profiler's memory events
+            (``unobserved_step``): ``unobserved_peak_bytes``, what a plain script allocates.
 
     Returns:
         A Measurement with status "ok", or "oom" (with the phase and the error) when memory ran out.
@@ -328,7 +367,7 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 1, 
     """
     if warmup_steps < 1 or (timed_steps is not None and timed_steps < 1):
         raise ConfigError(f"warm-up and timed steps must be >= 1, got {warmup_steps} and {timed_steps}")
-    setup = with_method_defaults(setup)
+    setup = image_run(spec, with_method_defaults(setup))  # image-cls: seq_len = the tokens of one image
     device = _check_device(setup)
     setup, attention_note = resolve_attention_of_class(spec, setup)
     if peft_config is None:
@@ -350,6 +389,10 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 1, 
             energy_start = probes.nvml_energy_mj() if device == "cuda" else None
             times = run_timed(run, setup, device, timed_steps, progress)
             reads = _read(device, energy_start, len(times))
+            unobserved = None
+            if device == "cpu" and unobserved_cpu:
+                phase = "unobserved"
+                unobserved = unobserved_step(run, setup)
             tracked = None
             if breakdown:
                 phase = "breakdown"
@@ -368,7 +411,11 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 1, 
         if device == "cuda":
             torch.cuda.empty_cache()
         return Measurement(status="oom", message=message, rss_peak_bytes=probes.rss_peak_bytes(), **base)
-    measured = _assemble(spec, setup, device, run, times, reads, tracked, peft_config, base)
+    measured = _assemble(spec, setup, device, run, times, reads, tracked, peft_config, base, unobserved)
+    if image_note(spec, setup):
+        measured.extra["notes"].append(image_note(spec, setup))
+    if peft_config is None and (lora_note := lora_target_note(spec, setup)):
+        measured.extra["notes"].insert(0, lora_note)
     if attention_note:
         measured.extra["notes"].insert(0, attention_note)
     return measured
@@ -392,7 +439,7 @@ def _read(device: str, energy_start: int | None, steps: int) -> dict[str, Any]:
 
 def _assemble(spec: ModelSpec, setup: RunSetup, device: str, run: BuiltRun, times: list[float],
               reads: dict[str, Any], tracked: TrackedStep | None, peft_config: Any,
-              base: dict[str, Any]) -> Measurement:
+              base: dict[str, Any], unobserved: UnobservedStep | None = None) -> Measurement:
     median = statistics.median(times)
     flops = _flops(spec, setup, peft_config)
     mfu = None
@@ -408,6 +455,10 @@ def _assemble(spec: ModelSpec, setup: RunSetup, device: str, run: BuiltRun, time
     if device == "cpu":
         notes.append("CPU: peak_bytes is the tracker's live-tensor peak of a steady-state step"
                      + ("" if tracked else "; not measured (run with breakdown)") + "; rss_peak_bytes is context only")
+        if unobserved is not None:
+            notes.append("CPU: unobserved_peak_bytes is the allocator-level peak of one more step run without the "
+                         "tracker (torch.profiler memory events: every c10 CPU allocation, kernels' own included), "
+                         "plus the storages alive before it")
     peak = reads.get("peak_bytes", tracked.peak_bytes if tracked and device == "cpu" else None)
     steady = reads.get("steady_bytes", tracked.steady_bytes if tracked and device == "cpu" else None)
     after_step = run.after_step_bytes if device == "cuda" else (tracked.after_step_bytes if tracked else None)
@@ -418,8 +469,10 @@ def _assemble(spec: ModelSpec, setup: RunSetup, device: str, run: BuiltRun, time
         steady_bytes=steady, after_step_bytes=after_step, rss_peak_bytes=reads.get("rss_peak_bytes"),
         breakdown=tracked.breakdown if tracked else None, peak_phase=tracked.peak_phase if tracked else None,
         tracker_peak_bytes=tracked.peak_bytes if tracked else None,
+        unobserved_peak_bytes=unobserved.peak_bytes if unobserved else None,
+        unobserved_phase=unobserved.peak_phase if unobserved else None,
         step_times_s=tuple(times), step_time_median_s=median, step_time_p10_s=_percentile(times, 0.1),
         step_time_p90_s=_percentile(times, 0.9), step_time_ci95_s=median_ci(times), samples_per_s=setup.grad_accum * setup.batch_size / median,
-        tokens_per_s=setup.grad_accum * _real_tokens(run.batch) / median, flops_per_step=float(flops) if flops is not None else None, mfu=mfu,
+        tokens_per_s=setup.grad_accum * _real_tokens(run.batch, setup) / median, flops_per_step=float(flops) if flops is not None else None, mfu=mfu,
         energy_per_step_j=reads.get("energy_per_step_j"), extra={"notes": notes}, **base,
     )

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compat import check_supported
+from ..compat import check_supported, lora_target_note
 from ..config import Device, Method, QuantSpec, RunSetup
 from ..errors import ConfigError, LibraryRefusalError, UnsupportedModelError
+from ..images import image_note, image_run
 from ..records import Category, Estimate, MemoryBreakdown, Phase
 from ..spec import ModelSpec, Task
 from .build import TORCH_DTYPE, ValuesNeededError, enable_checkpointing, apply_method, build_base_model, host_buffers, check_positions, count_trainable, make_optimizer, resolve_attention_of_class, synthetic_batch
@@ -366,6 +367,7 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
     """
     start = time.perf_counter()
     depth = spec.num_layers
+    setup = image_run(spec, setup)  # image-cls: the image size, and seq_len = the tokens of one image
     setup, attention_note = resolve_attention_of_class(spec, setup)
     if isinstance(layers, bool) or not (layers in ("auto", "full") or isinstance(layers, int)):
         raise ConfigError(f"trace layers must be auto, full or a block count, got {layers!r}")
@@ -428,8 +430,12 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
              f" on fake tensors ({'CUDA kernels emulated, 512-byte blocks' if setup.device is Device.cuda else 'CPU kernels'})"]
     if cut_note:
         notes.append(cut_note)
+    if image_note(spec, setup):
+        notes.append(image_note(spec, setup))
     if attention_note:
         notes.append(attention_note)
+    if peft_config is None and (lora_note := lora_target_note(spec, setup)):
+        notes.append(lora_note)
     return Estimate(
         kind="traced", spec=spec, setup=setup, total_params=total, trainable_params=trainable, peak=peak,
         peak_phase=_phase_of(peak_key), phase_peaks=tuple(sorted(phase_peaks.items(), key=lambda kv: list(Phase).index(kv[0]))),

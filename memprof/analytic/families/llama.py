@@ -18,6 +18,7 @@ from ..modules import global_modules, layer_modules, layer_prefix
 from ..peft_methods import adapter_after, cache_update
 from ..shapes import tok
 from ..sim import P, T, pscale
+from .moe import moe_block
 
 if TYPE_CHECKING:
     from ..context import Ctx
@@ -91,9 +92,17 @@ def layer(ctx: Ctx, x: T, i: int, cos: T | None = None, sin: T | None = None, ma
         q, k, v = (g.view(qkv, a * d, tok(ctx, a * d)), g.view(qkv, kv * d, tok(ctx, kv * d)),
                    g.view(qkv, kv * d, tok(ctx, kv * d)))
         g.drop(qkv)
+    elif spec.qk_norm_full:  # OLMoE: q_norm(q_proj(x)), k_norm(k_proj(x)) over the whole projection, then v
+        q = lin(n1, "self_attn.q_proj")
+        qn = norm(q, "self_attn.q_norm")
+        g.drop(q)
+        k = lin(n1, "self_attn.k_proj")
+        kn = norm(k, "self_attn.k_norm")
+        g.drop(k)
+        q, k, v = qn, kn, lin(n1, "self_attn.v_proj")
     else:
         q, k, v = lin(n1, "self_attn.q_proj"), lin(n1, "self_attn.k_proj"), lin(n1, "self_attn.v_proj")
-    if spec.qk_norm:  # q.view(b, s, a, d) normalised per head: one rsqrt per (token, head)
+    if spec.qk_norm and not spec.qk_norm_full:  # q.view(b, s, a, d) normalised per head: one rsqrt per (token, head)
         qd, kd = g.view(q, d), g.view(k, d)
         g.drop(q, k)
         qn = ctx.rms_norm(qd, ctx.param(pre + "self_attn.q_norm", mods["self_attn.q_norm"]), "q_norm")
@@ -121,6 +130,12 @@ def layer(ctx: Ctx, x: T, i: int, cos: T | None = None, sin: T | None = None, ma
     r = g.add(x, od, "attention residual")
     g.drop(od)
     n2 = norm(r, "pre_feedforward_layernorm" if spec.sandwich_norm else "post_attention_layernorm")
+    if spec.num_experts:  # MixtralSparseMoeBlock instead of the MLP
+        moe_out = adapter_after(ctx, moe_block(ctx, n2, pre, mods), "ffn", i)  # (adapters.py: after the block)
+        g.drop(n2)
+        out = g.add(r, moe_out, "moe residual")
+        g.drop(r, moe_out, weights)
+        return out
     # LlamaMLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)), temporaries freed as the expression unwinds
     if spec.fused_qkv:
         inter = spec.intermediate_size
