@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from ..errors import DeviceUnavailableError
 
 PHASE_PREFIX = "memprof.phase:"   # a phase: a record_function range
+STEP_RANGE = "memprof.step"       # the measured step (after ``before_fn``)
 MARK_PREFIX = "memprof.mark:"     # a sub-phase (step.backward_markers' blocks): from this instant to the next mark
 
 
@@ -90,8 +91,14 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def unobserved_peak(step_fn: Callable[[], Any]) -> AllocatorPeak:
+def unobserved_peak(step_fn: Callable[[], Any], before_fn: Callable[[], Any] | None = None) -> AllocatorPeak:
     """Run ``step_fn()`` once under the profiler and return its allocation peak relative to the start.
+
+    ``before_fn``: run first, inside the profile but outside the measured range, so that what it allocates and
+    ``step_fn`` frees is seen freed. The profiler reports no free of a block allocated before it started
+    (CPUAllocator.cpp: "Memory block of unknown size was allocated before the profiling started"), so a step that
+    frees what an earlier step left (a loop's kept output) would otherwise read too high. The peak and end are then
+    relative to the level when ``step_fn`` starts.
 
     Phases are the ``record_function`` ranges named ``PHASE_PREFIX + name`` that ``step_fn`` opens (``PhaseMarks``):
     each phase's peak is the running sum's maximum inside its range (relative to the step's start too). Sub-phases
@@ -104,8 +111,11 @@ def unobserved_peak(step_fn: Callable[[], Any]) -> AllocatorPeak:
     with _quiet_stderr():
         prof.start()
     try:
-        result = step_fn()
-        del result  # what the step returns is freed inside the window (the caller can't hold it)
+        if before_fn is not None:
+            before_fn()
+        with torch.profiler.record_function(STEP_RANGE):
+            result = step_fn()
+            del result  # what the step returns is freed inside the window (the caller can't hold it)
     finally:
         with _quiet_stderr():
             prof.stop()
@@ -113,6 +123,7 @@ def unobserved_peak(step_fn: Callable[[], Any]) -> AllocatorPeak:
     deltas = []
     ranges = []
     marks = []
+    step_start = 0
     for i, e in enumerate(events):
         name = e.name()
         if name == "[memory]":
@@ -124,6 +135,8 @@ def unobserved_peak(step_fn: Callable[[], Any]) -> AllocatorPeak:
             ranges.append((name[len(PHASE_PREFIX):], e.start_ns(), e.end_ns()))
         elif name.startswith(MARK_PREFIX):
             marks.append((e.start_ns(), name[len(MARK_PREFIX):]))
+        elif name == STEP_RANGE:
+            step_start = e.start_ns()
     deltas.sort()  # by time; the event index keeps the recorded order of equal timestamps
     marks.sort()
     # a sub-phase ends at the next mark or at the end of the phase range it started in
@@ -133,6 +146,9 @@ def unobserved_peak(step_fn: Callable[[], Any]) -> AllocatorPeak:
            for i, (t, name) in enumerate(marks)]
     times = [t for t, _, _ in deltas]
     levels = list(itertools.accumulate(n for _, _, n in deltas))   # the running sum after each event
+    first = bisect.bisect_left(times, step_start)                   # the measured step's first event
+    base = levels[first - 1] if first > 0 else 0
+    times, levels = times[first:], [lv - base for lv in levels[first:]]
     phase_peak: dict[str, int] = {}
     for name, start, end in ranges + [(n, a, b) for a, b, n in sub]:
         lo, hi = bisect.bisect_left(times, start), bisect.bisect_right(times, end)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compat import check_supported, lora_target_note
-from ..config import Device, Method, QuantSpec, RunSetup
+from ..config import Device, Method, QuantSpec, Regime, RunSetup
 from ..errors import ConfigError, LibraryRefusalError, UnsupportedModelError
 from ..images import image_note, image_run
 from ..records import Category, Estimate, MemoryBreakdown, Phase
@@ -135,7 +135,7 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
             with tracker, backward_markers(model, tracker), _forward_markers(model, tracker), _unpacked_sequences(), \
                     _sparse_values_gradient():
                 ctx = emulation if emulation is not None else _null()
-                with ctx:
+                with ctx, _autocast_switched_off(what, emulation is not None and setup.regime is Regime.amp):
                     for _ in range(2):
                         tracker.reset_peak()
                         run_step(model, batch, optimizer, setup, "cuda" if cuda else "cpu", tracker=tracker,
@@ -180,6 +180,22 @@ def _data_dependent_shapes(what: str) -> Iterator[None]:
         op = str(exc).strip() or type(exc).__name__
         raise UnsupportedModelError(f"{what} cannot be traced on fake tensors: its step has shapes that depend on "
                                     f"tensor values ({op}); measure it instead (memprof measure, CPU or GPU)") from None
+
+
+@contextlib.contextmanager
+def _autocast_switched_off(what: str, emulated_amp: bool) -> Iterator[None]:
+    """peft folds LoRA into fused expert weights (target_parameters) under ``torch.autocast(enabled=False)``; the
+    CUDA autocast emulation (emulate.CudaAutocast) does not see that switch, casts the fold to half, and
+    parametrize refuses it. A real GPU run switches autocast off: one line, and the estimate that models it."""
+    try:
+        yield
+    except ValueError as exc:
+        if not (emulated_amp and "parametrization may not change the dtype" in str(exc)):
+            raise
+        raise UnsupportedModelError(f"{what} cannot be traced under CUDA AMP: peft switches autocast off to fold "
+                                    "LoRA into the fused expert weights, which the trace's CUDA autocast emulation "
+                                    "does not follow; use the analytic estimate (memprof estimate), trace it in "
+                                    "pure precision or on --device cpu") from None
 
 
 def apply_as_run(spec: ModelSpec, setup: RunSetup, peft_config: Any = None) -> torch.nn.Module:

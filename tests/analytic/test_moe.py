@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from memprof.errors import UnsupportedModelError
+
 from memprof.analytic.params import count_params, method_params
 from memprof.config import LoraSpec
 from memprof.resolve import resolve_setup
@@ -137,8 +139,10 @@ def test_analytic_vs_full_depth_trace(model: str, method: str, regime: str, devi
     from memprof.runtime.trace import trace_depth
 
     if (method, regime, device) in TRACE_AMP_CUDA_PARAM_WRAPPER:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=ValueError, reason="trace: ParamWrapper under "
-                                              "emulated CUDA fp16 autocast"))
+        # the trace's CUDA autocast emulation cannot follow peft switching autocast off around the expert fold:
+        # strict, so a fixed emulation is noticed; until then the trace refuses in one typed line (test below)
+        request.applymarker(pytest.mark.xfail(strict=True, raises=UnsupportedModelError, reason="trace: ParamWrapper "
+                                              "under emulated CUDA fp16 autocast"))
     spec = from_hf_config(MODELS[model], f"tiny-{model}")
     setup = _setup(method, regime, device)
     est = estimate(spec, setup, tracked=True)

@@ -126,3 +126,15 @@ def test_measure_prints_the_unobserved_peak(tmp_path: Path) -> None:
     row = json.loads(CliRunner().invoke(app, [*args, "-f", "json"]).output)[0]
     assert row["unobserved_peak_bytes"] > 0 and row["unobserved_phase"] in ("forward", "backward", "optimizer")
 
+
+
+def test_no_unobserved_step_where_the_loop_keeps_its_outputs() -> None:
+    """A loop that keeps the previous step's output frees it inside the next step; torch.profiler's memory events
+    were found to miss that free now and then (+2-10% on 2-block validation rows, varying between fresh processes),
+    so the measurement takes no unobserved step there and says why."""
+    spec = from_hf_config(LLAMA, "llama", source="file")
+    setup = resolve_setup(None, {"device": "cpu", "method": "lora", "batch_size": 2, "seq_len": 16,
+                                 "keep_outputs": True})
+    m = run_measurement(spec, setup, warmup_steps=1, timed_steps=1)
+    assert m.status == "ok" and m.peak_bytes and m.unobserved_peak_bytes is None
+    assert any("no unobserved step" in n for n in m.extra["notes"])
