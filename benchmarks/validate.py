@@ -273,19 +273,17 @@ def unobserved_fields(plain_bytes: int | None, tracker_bytes: int | None, m: Any
 
 def backfill_unobserved(job: Job, row: dict[str, Any]) -> dict[str, Any]:
     """For a row measured before issue 15: one more measurement of the same run with the unobserved step (the
-    product's path: run_measurement on CPU, no tracked step), the plain estimate recomputed from the current model."""
-    from memprof.analytic import estimate
+    product's path, in a fresh worker, no tracked step). The plain estimate and its error against the unobserved
+    peak are ``refresh_plain``'s."""
     from memprof.runtime.runner import measure
 
-    spec, setup = model_spec(job), job_setup(job)
-    plain = estimate(spec, setup)
     # a fresh worker per row, as `memprof measure` runs it: in one long process, blocks of earlier rows' runs
     # freed inside the profiled window can misreport a kept-output loop's step (found on part D's kept rows)
-    m = measure(spec, setup, out_dir=None, warmup_steps=1, timed_steps=1, breakdown=False, cpu_threads=1)
+    m = measure(model_spec(job), job_setup(job), out_dir=None, warmup_steps=1, timed_steps=1, breakdown=False,
+                cpu_threads=1)
     if m.status != "ok":
         return {"note": (row.get("note") or "") + f" | unobserved step: {m.status}: {m.message}"}
-    tracked = int(row["measured_peak_bytes"])
-    return {"analytic_peak_bytes": plain.peak_bytes, **unobserved_fields(plain.peak_bytes, tracked, m)}
+    return unobserved_fields(None, int(row["measured_peak_bytes"]), m)
 
 
 def refresh_plain(job: Job, row: dict[str, Any]) -> dict[str, Any]:
@@ -994,13 +992,15 @@ def _backfill(csv_path: Path) -> None:
             continue
         start = time.perf_counter()
         kept = bool(job.options.get("keep_outputs"))  # no unobserved step there (harness.run_measurement)
-        if row["part"] in ("B", "D") and row.get("measured_peak_bytes") and not row.get("unobserved_peak_bytes") \
-                and not kept:
+        measure = row["part"] in ("B", "D") and row.get("measured_peak_bytes") and not row.get("unobserved_peak_bytes") \
+            and not kept
+        if measure:
             row.update({k: _csv_value(v) for k, v in backfill_unobserved(job, row).items()})
+        row.update({k: _csv_value(v) for k, v in refresh_plain(job, row).items()})
+        if measure:
             print(f"[{i}/{len(todo)}] {' '.join(job.key)}: plain vs unobserved "
                   f"{row.get('plain_vs_unobserved_frac') or '-'}, observer {row.get('observer_frac') or '-'} "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
-        row.update({k: _csv_value(v) for k, v in refresh_plain(job, row).items()})
         if time.perf_counter() - start > 1:
             write_rows(csv_path, rows)
     write_rows(csv_path, rows)

@@ -131,12 +131,28 @@ CASES = [("mixtral", m, r, d) for m in TARGETS for r in REGIMES for d in ("cpu",
     (model, m, "bf16", "cuda") for model in ("qwen2_moe", "olmoe") for m in ("full", "lora-experts")]
 
 
+def _phase_gaps(spec, setup) -> list[tuple]:  # noqa: ANN001
+    """(phase, tracked estimate - trace, trace) for each phase's peak, the trace at full depth; trainable counts
+    equal first."""
+    from memprof.analytic import estimate
+    from memprof.runtime.trace import trace_depth
+
+    est = estimate(spec, setup, tracked=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = trace_depth(spec, setup)
+    assert est.trainable_params == traced.trainable_params
+    gaps = []
+    for phase, bd in est.phase_peaks:
+        t = max(v.total_bytes for k, v in traced.steady.items() if k.split(".")[0] == phase.value)
+        gaps.append((phase, bd.total_bytes - t, t))
+    return gaps
+
+
 @pytest.mark.parametrize("model,method,regime,device", CASES)
 def test_analytic_vs_full_depth_trace(model: str, method: str, regime: str, device: str,
                                       request: pytest.FixtureRequest) -> None:
     pytest.importorskip("peft")
-    from memprof.analytic import estimate
-    from memprof.runtime.trace import trace_depth
 
     if (method, regime, device) in TRACE_AMP_CUDA_PARAM_WRAPPER:
         # the trace's CUDA autocast emulation cannot follow peft switching autocast off around the expert fold:
@@ -144,16 +160,8 @@ def test_analytic_vs_full_depth_trace(model: str, method: str, regime: str, devi
         request.applymarker(pytest.mark.xfail(strict=True, raises=UnsupportedModelError, reason="trace: ParamWrapper "
                                               "under emulated CUDA fp16 autocast"))
     spec = from_hf_config(MODELS[model], f"tiny-{model}")
-    setup = _setup(method, regime, device)
-    est = estimate(spec, setup, tracked=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = trace_depth(spec, setup)
-    assert est.trainable_params == traced.trainable_params
     slack = 512 * 512 if device == "cuda" else 0  # the trace rounds each CUDA storage to 512-byte blocks
-    for phase, bd in est.phase_peaks:
-        t = max(v.total_bytes for k, v in traced.steady.items() if k.split(".")[0] == phase.value)
-        diff = bd.total_bytes - t
+    for phase, diff, t in _phase_gaps(spec, _setup(method, regime, device)):
         assert abs(diff) <= 0.01 * t or abs(diff) <= slack, f"{phase.value}: {100 * diff / t:+.3f}%"
         if device == "cpu" and regime != "amp":
             # exact but for the rotary inv_freq buffer (128 B, as in the LLaMA family) and, at LoRA's forward peak
@@ -245,14 +253,8 @@ def test_other_methods_vs_trace(model: str, method: str, options: dict) -> None:
             warnings.simplefilter("ignore")
             trace_depth(spec, setup)
         return
-    est = estimate(spec, setup, tracked=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = trace_depth(spec, setup)
-    assert est.trainable_params == traced.trainable_params
-    for phase, bd in est.phase_peaks:
-        t = max(v.total_bytes for k, v in traced.steady.items() if k.split(".")[0] == phase.value)
-        assert abs(bd.total_bytes - t) <= 0.01 * t, f"{phase.value}: {100 * (bd.total_bytes - t) / t:+.3f}%"
+    for phase, diff, t in _phase_gaps(spec, setup):
+        assert abs(diff) <= 0.01 * t, f"{phase.value}: {100 * diff / t:+.3f}%"
 
 
 def test_the_estimate_names_the_default_lora_targets() -> None:
@@ -267,21 +269,13 @@ def test_the_estimate_names_the_default_lora_targets() -> None:
 @pytest.mark.parametrize("targets", [None, ["experts"]], ids=["default", "experts"])
 def test_mixtral_with_a_classification_head(targets: list | None) -> None:
     pytest.importorskip("peft")
-    from memprof.analytic import estimate
-    from memprof.runtime.trace import trace_depth
     from memprof.spec import Task
 
     spec = from_hf_config(MIXTRAL | {"pad_token_id": 0}, "tiny-mixtral", task=Task.seq_cls)
     setup = resolve_setup(None, {"batch_size": 4, "seq_len": 64, "method": "lora", "device": "cpu", "dtype": "bf16",
                                  **({"lora": {"targets": targets}} if targets else {})})
-    est = estimate(spec, setup, tracked=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = trace_depth(spec, setup)
-    assert est.trainable_params == traced.trainable_params
-    for phase, bd in est.phase_peaks:
-        t = max(v.total_bytes for k, v in traced.steady.items() if k.split(".")[0] == phase.value)
-        assert abs(bd.total_bytes - t) <= 0.001 * t, f"{phase.value}: {100 * (bd.total_bytes - t) / t:+.3f}%"
+    for phase, diff, t in _phase_gaps(spec, setup):
+        assert abs(diff) <= 0.001 * t, f"{phase.value}: {100 * diff / t:+.3f}%"
 
 
 def test_olmoe_has_no_classification_head() -> None:

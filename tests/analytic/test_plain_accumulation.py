@@ -30,15 +30,8 @@ LLAMA_TINY = {"model_type": "llama", "vocab_size": 2048, "hidden_size": 256, "in
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
 CONFIGS = {"bert-large narrow": BERT_LARGE_NARROW, "llama tiny": LLAMA_TINY}
 METHODS = {"lora all-linear": {"method": "lora", "lora": {"targets": "all-linear"}}, "full": {"method": "full"}}
+# torch runs on one thread (tests/conftest.py): no intra-op worker allocations in the measured steps
 TOLERANCE = 0.001  # the tracked estimate meets its tracker to < 0.1%; the plain one must meet the allocator so
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: no intra-op worker allocations, and fast on 2 shared cores
-    yield
-    torch.set_num_threads(before)
 
 
 def test_unobserved_peak_by_hand() -> None:

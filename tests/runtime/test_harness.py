@@ -23,15 +23,6 @@ B, S = 2, 16
 TIMED = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops are dominated by OpenMP fork/join cost on a 2-core VM; one thread keeps the suite fast.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def setup_for(method: Method, **kw: object) -> RunSetup:
     options: dict[str, object] = {}
     if method is Method.adapter:

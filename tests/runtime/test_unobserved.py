@@ -33,15 +33,8 @@ BERT_BASE_2 = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "n
 # bert-large's shape made narrow (4 heads of 64, 4h MLP), 2 blocks
 BERT_LARGE_NARROW = {"model_type": "bert", "vocab_size": 2048, "hidden_size": 256, "num_hidden_layers": 2,
                      "num_attention_heads": 4, "intermediate_size": 1024, "max_position_embeddings": 128}
+# torch runs on one thread (tests/conftest.py): no intra-op worker allocations in the measured steps
 TOLERANCE = 0.001  # the tracked estimate meets its tracker to < 0.1% on these; the plain one must meet the allocator so
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_mixed_dtype_add_copies_its_input_below_the_dispatcher() -> None:
