@@ -1,6 +1,7 @@
 """Run options: what is trained, how, at which size. Frozen dataclasses plus one resolve function.
 
 Precedence when resolving (``resolve_setup``): dataclass defaults < TOML file < explicit overrides (CLI flags).
+Longer than 500 lines because every run option and the check of its values live here, one dataclass per group.
 """
 
 from __future__ import annotations
@@ -235,6 +236,92 @@ class Overheads:
             raise ConfigError(f"allocator reserve fraction must be in [0, 1], got {self.allocator_reserve_frac}")
 
 
+class Strategy(str, Enum):
+    """How N data-parallel ranks hold the model states (README, Beyond one GPU; analytic/parallel.py)."""
+
+    ddp = "ddp"                    # torch DistributedDataParallel: every state replicated, gradient buckets
+    fsdp = "fsdp"                  # FSDP2 fully_shard, reshard_after_forward=True: params, grads, states sharded
+    fsdp_grad_op = "fsdp-grad-op"  # FSDP2 reshard_after_forward=False: blocks stay unsharded forward to backward
+    hsdp = "hsdp"                  # FSDP2 on a 2-D mesh: sharded within a shard group, replicated across groups
+    zero1 = "zero1"                # DeepSpeed ZeRO stage 1: optimizer states (and fp32 masters) partitioned
+    zero2 = "zero2"                # + gradients partitioned
+    zero3 = "zero3"                # + parameters partitioned, gathered per module
+
+
+class Offload(str, Enum):
+    none = "none"
+    optimizer = "optimizer"   # optimizer states (and fp32 masters, gradients' fp32 partition) in host memory
+    params = "params"         # ZeRO-3 / FSDP CPUOffload: the parameter shards too
+
+
+FSDP_STRATEGIES = (Strategy.fsdp, Strategy.fsdp_grad_op, Strategy.hsdp)
+ZERO_STRATEGIES = (Strategy.zero1, Strategy.zero2, Strategy.zero3)
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    """Data parallelism over ``world_size`` ranks (one GPU each): which engine shards what. ``nodes`` only splits the
+    ranks into machines (HSDP's default shard group is one node's ranks); ``shard_size``: HSDP's shard group."""
+
+    world_size: int = 1
+    strategy: Strategy = Strategy.ddp
+    offload: Offload = Offload.none
+    nodes: int = 1
+    shard_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, enum in (("strategy", Strategy), ("offload", Offload)):
+            value = getattr(self, name)
+            if not isinstance(value, enum):
+                try:
+                    object.__setattr__(self, name, enum(str(value).lower().replace("_", "-")
+                                                        if enum is Strategy else str(value).lower()))
+                except ValueError:
+                    raise ConfigError(f"{name} '{value}' is not supported; choose one of: "
+                                      f"{', '.join(m.value for m in enum)}") from None
+        _check_int("world size", self.world_size, 1, 1 << 20)
+        _check_int("nodes", self.nodes, 1, 1 << 16)
+        if self.world_size % self.nodes:
+            raise ConfigError(f"world size {self.world_size} is not a multiple of nodes {self.nodes} "
+                              "(each node runs the same number of ranks)")
+        if self.shard_size is not None:
+            _check_int("shard size", self.shard_size, 1, self.world_size)
+            if self.strategy is not Strategy.hsdp:
+                raise ConfigError("shard size applies to --strategy hsdp only (the others shard over every rank)")
+            if self.world_size % self.shard_size:
+                raise ConfigError(f"hsdp shard size {self.shard_size} does not divide world size {self.world_size}")
+        if self.offload is Offload.params and self.strategy not in (Strategy.fsdp, Strategy.fsdp_grad_op,
+                                                                    Strategy.hsdp, Strategy.zero3):
+            raise ConfigError(f"offload params needs sharded parameters (fsdp, fsdp-grad-op, hsdp, zero3), "
+                              f"not {self.strategy.value}")
+        if self.offload is Offload.optimizer and self.strategy is Strategy.ddp:
+            raise ConfigError("offload optimizer applies to ZeRO (zero1/2/3) and FSDP (CPUOffload); DDP has none")
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.world_size // self.nodes
+
+    @property
+    def shard_group(self) -> int:
+        """Ranks one state is split over: all of them, HSDP's shard group (default: a node's ranks), 1 for DDP."""
+        if self.strategy is Strategy.ddp:
+            return 1
+        if self.strategy is Strategy.hsdp:
+            return self.shard_size if self.shard_size is not None else self.gpus_per_node
+        return self.world_size
+
+    def describe(self) -> str:
+        """'fsdp x 8' / 'zero3 x 16 (2 nodes), offload optimizer': a run's parallel part in one phrase."""
+        text = f"{self.strategy.value} x {self.world_size}"
+        if self.nodes > 1:
+            text += f" ({self.nodes} nodes)"
+        if self.strategy is Strategy.hsdp:
+            text += f", shard group {self.shard_group}"
+        if self.offload is not Offload.none:
+            text += f", offload {self.offload.value}"
+        return text
+
+
 @dataclass(frozen=True)
 class RunSetup:
     """One training step's configuration (everything except the model's architecture)."""
@@ -265,6 +352,8 @@ class RunSetup:
     keep_outputs: bool = False            # the loop holds the model output (logits) until backward ends
     use_cache: bool = False               # decoders build a KV cache in training (config.use_cache left on)
     image_size: int | None = None         # image-cls: pixels per side of the images (None: the config's image_size)
+    # ---- beyond one device: per-rank memory under data parallelism (None: one device) -------------------------
+    parallel: ParallelSpec | None = None
 
     def __post_init__(self) -> None:
         _check_int("batch size", self.batch_size, 1, 1 << 20)
@@ -272,6 +361,8 @@ class RunSetup:
         _check_int("gradient accumulation steps", self.grad_accum, 1, 1 << 16)
         if self.image_size is not None:
             _check_int("image size", self.image_size, 1, 1 << 16)
+        if self.parallel is not None and not isinstance(self.parallel, ParallelSpec):
+            raise ConfigError(f"parallel must be a ParallelSpec, got {self.parallel!r}")
         _check_field_types(self, "")  # the booleans (a string "no" would be truthy)
         if self.optimizer_impl is OptimizerImpl.fused and self.optimizer not in FUSED_OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer.value} has no fused kernel; fused applies to: "
@@ -295,6 +386,14 @@ class RunSetup:
     @property
     def effective_regime(self) -> Regime:
         return self.regime if self.regime is not None else DEFAULT_REGIME[self.dtype]
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size if self.parallel is not None else 1
+
+    def on_one_device(self) -> RunSetup:
+        """The same step on one device (what every rank computes under data parallelism)."""
+        return dataclasses.replace(self, parallel=None) if self.parallel is not None else self
 
     @property
     def tokens(self) -> int:

@@ -169,6 +169,12 @@ def loop_options_str(setup: RunSetup) -> str:
             base = getattr(default, name)
         if value != base:
             parts.append(f"{name}={value.value if isinstance(value, Enum) else value}")
+    if setup.parallel is not None:  # per-rank rows of a data-parallel run join on its shape too
+        par = setup.parallel
+        parts.append(f"strategy={par.strategy.value} world_size={par.world_size}"
+                     + (f" nodes={par.nodes}" if par.nodes > 1 else "")
+                     + (f" shard_size={par.shard_group}" if par.shard_size is not None else "")
+                     + (f" offload={par.offload.value}" if par.offload.value != "none" else ""))
     return " ".join(parts)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import (CPU_MEASURE_DEFAULTS, AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3Spec, Loop,
-                     LoraSpec, Method, Optimizer, OptimizerImpl, Overheads, PromptLearningSpec, QuantSpec, Regime,
+                     LoraSpec, Method, Optimizer, OptimizerImpl, Overheads, ParallelSpec, PromptLearningSpec, QuantSpec, Regime,
                      RunSetup, TokensSpec, ZeroGrad, method_option_defaults, with_method_defaults)
 from .errors import ConfigError
 
@@ -23,7 +23,7 @@ _ENUM_FIELDS: dict[str, type[Enum]] = {
 }
 _GROUP_FIELDS: dict[str, type] = {
     "lora": LoraSpec, "quant": QuantSpec, "adapter": AdapterSpec, "ia3": IA3Spec, "prompt": PromptLearningSpec,
-    "trainable_tokens": TokensSpec, "overheads": Overheads,
+    "trainable_tokens": TokensSpec, "overheads": Overheads, "parallel": ParallelSpec,
 }
 
 
@@ -75,6 +75,8 @@ FLAG_ALIASES: dict[str, tuple[str, str, float]] = {
     "prompt_encoder_hidden": ("prompt", "projection_hidden", 1), "tokens_trained": ("trainable_tokens", "count", 1),
     "cuda_context_mib": ("overheads", "cuda_context_bytes", 2**20),
     "reserve_frac": ("overheads", "allocator_reserve_frac", 1),
+    "world_size": ("parallel", "world_size", 1), "strategy": ("parallel", "strategy", 1),
+    "offload": ("parallel", "offload", 1), "nodes": ("parallel", "nodes", 1), "shard_size": ("parallel", "shard_size", 1),
 }
 FIELD_ALIASES = {"attn": "attn_impl"}  # flag name -> RunSetup field
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3Spec, Loop, LoraSpec, Method, Optimizer,
-                      OptimizerImpl, Overheads, PromptLearningSpec, QuantSpec, Regime, RunSetup, TokensSpec, ZeroGrad,
+                      OptimizerImpl, Offload, Overheads, ParallelSpec, PromptLearningSpec, QuantSpec, Regime, RunSetup, Strategy, TokensSpec, ZeroGrad,
                       check_runnable, check_timeout, with_method_defaults)
 from ..compat import check_supported
 from ..errors import ConfigError, DeviceUnavailableError
@@ -49,8 +49,9 @@ _SETUP_ENUMS: dict[str, type[Enum]] = {"method": Method, "dtype": Dtype, "regime
                                        "attn_impl": AttnImpl, "device": Device, "loop": Loop,
                                        "optimizer_impl": OptimizerImpl, "zero_grad": ZeroGrad}
 _SETUP_GROUPS: dict[str, type] = {"lora": LoraSpec, "quant": QuantSpec, "adapter": AdapterSpec, "ia3": IA3Spec,
-                                  "prompt": PromptLearningSpec, "trainable_tokens": TokensSpec, "overheads": Overheads}
-_GROUP_ENUMS: dict[str, type[Enum]] = {"variant": AdapterVariant}
+                                  "prompt": PromptLearningSpec, "trainable_tokens": TokensSpec, "overheads": Overheads,
+                                  "parallel": ParallelSpec}
+_GROUP_ENUMS: dict[str, type[Enum]] = {"variant": AdapterVariant, "strategy": Strategy, "offload": Offload}
 
 
 def _plain(value: Any) -> Any:
