@@ -2,7 +2,8 @@
 commands share, and their resolution, are in cli_options.py).
 
 Every user error (a MemprofError from the core) becomes one red line on stderr and exit code 2, as typer does
-for its own usage errors; nothing here computes memory.
+for its own usage errors; nothing here computes memory. Longer than 500 lines because each command's options and
+their one-line help live beside the command (typer); the logic they call lives in the library.
 """
 
 import contextlib
@@ -16,8 +17,10 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .cli_options import (ColumnsOpt, FormatOpt, GpuOpt, ModelArg, ParamsOpt, PeftConfigOpt, resolve_measure_run, resolve_model, resolve_run,
-                          run_console, setup_overrides, sweep_axes, sweep_device, task_overrides, with_run_options)
+from .cli_options import (ColumnsOpt, FormatOpt, GpuOpt, ModelArg, ParamsOpt, PeftConfigOpt, StrategiesOpt, WorldSizesOpt,
+                          resolve_measure_run, resolve_model, resolve_run,
+                          run_console, setup_overrides, sweep_axes, sweep_device, task_overrides, with_parallel_options,
+                          with_run_options)
 from .config import Device, RunSetup
 from .compat import require_torch_stack
 from .errors import ConfigError, LibraryRefusalError, MemprofError
@@ -195,15 +198,24 @@ def fit(
     fmt: FormatOpt = Format.table,
     run: dict | None = None,
 ) -> None:
-    """Find the largest batch size (at --seq-len) and sequence length (at --batch-size) that fit a GPU."""
+    """Find the largest batch size (at --seq-len) and sequence length (at --batch-size) that fit a GPU; with
+    --strategy and no --world-size, first the fewest GPUs (1, 2, 4, ..., 1024) on which one rank fits."""
     with user_errors():
         assert run is not None
         from .analytic import estimate as run_estimate
-        from .analytic.fit import check_fit, max_batch_size, max_seq_len, resolve_gpu
+        from .analytic.fit import PARALLEL_FIELDS, check_fit, fit_world, max_batch_size, max_seq_len, resolve_gpu
 
         spec, note = resolve_model(model, params, run, any_family=False)
-        setup = resolve_run(run)
+        searching = run["strategy"] is not None and run["world_size"] is None  # analytic.fit.fit_world
+        setup = resolve_run({**run, **dict.fromkeys(PARALLEL_FIELDS)} if searching else run)
+        if verify and (searching or setup.parallel is not None):
+            raise ConfigError("--verify runs one device; measure data-parallel ranks with memprof measure --nproc N")
         target = resolve_gpu(gpu)
+        if searching:
+            from .run_documents import render_world_fit
+
+            return render_world_fit(fit_world(spec, setup, target, {k: run[k] for k in PARALLEL_FIELDS}), fmt,
+                                    console, note=note)
         best_b = max_batch_size(spec, setup, target)
         best_s = max_seq_len(spec, setup, target)
         est = run_estimate(spec, setup)
@@ -253,6 +265,7 @@ def trace(
 
 @app.command()
 @with_run_options
+@with_parallel_options
 def measure(
     model: ModelArg = None,
     warmup: Annotated[int, typer.Option("--warmup", min=1, help="Warm-up steps (the first allocates optimizer state).")] = 1,
@@ -269,36 +282,42 @@ def measure(
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
     fmt: FormatOpt = Format.table,
     run: dict | None = None,
+    par: dict | None = None,
 ) -> None:
-    """Measure real training steps (GPU when available, else CPU): peak memory, step time, throughput."""
+    """Measure real training steps (GPU when available, else CPU): peak memory, step time, throughput; with
+    --nproc N, N data-parallel ranks on this machine (a row per rank and the job's max)."""
     with user_errors():
         assert run is not None
         if model is None:
             raise ConfigError("measure needs a model (preset, hub id or config.json)")
         require_torch_stack("memprof measure")
-        from .runtime.runner import measure as run_measure
 
         run = _with_peft_task(run, peft_config)
         spec, _ = resolve_model(model, None, run, any_family=True)
-        setup, defaults_note = resolve_measure_run(run, peft_config, spec)
+        setup, defaults_note = resolve_measure_run(run, peft_config, spec, par)
+        from .runtime.ranks import measure_job, rank_note, ranked_setup
         from .runtime.runner import check_measurable
 
+        setup = ranked_setup(setup)  # one rank is the single-device run; several are checked here, in one line
         check_measurable(setup, spec, peft_config)  # before the progress bar: a refusal is one line
         from .documents import render_measurement
         from .report import progress_bar
 
         with progress_bar(console, enabled=fmt is Format.table and console.is_terminal) as progress:
-            m = run_measure(spec, setup, out_dir=out, name=name, timeout_s=timeout, warmup_steps=warmup,
-                            timed_steps=steps, breakdown=breakdown, pretrained=pretrained, peft_config=peft_config,
-                            cpu_threads=threads, progress=progress)
+            m, ranked = measure_job(spec, setup, out_dir=out, name=name, timeout_s=timeout, warmup_steps=warmup,
+                                    timed_steps=steps, breakdown=breakdown, pretrained=pretrained,
+                                    peft_config=peft_config, cpu_threads=threads, progress=progress)
         if m.status == "n/a":  # refused by the installed libraries inside the worker: one line, as up front
             raise LibraryRefusalError(m.message or "the installed libraries refuse this run")
         from .runtime.runner import concurrency_note, default_name
 
         path = (out / f"{name or default_name(spec)}.jsonl") if out is not None else None
-        note = "; ".join(n for n in (defaults_note, concurrency_note(m)) if n) or None
-        render_measurement(m, fmt, console, note=note, est=_estimate_of(spec, setup, m.device, peft_config),
-                           path=path, plain=_estimate_of(spec, setup, "cuda", peft_config) if m.device == "cpu" else None)
+        note = "; ".join(n for n in (defaults_note, concurrency_note(m), rank_note(ranked)) if n) or None
+        if ranked is not None and fmt is not Format.table:  # every rank's row, then the job's (the max over ranks)
+            render_rows([r.to_row() for r in ranked.rows], fmt, console)
+        else:
+            render_measurement(m, fmt, console, note=note, est=_estimate_of(spec, setup, m.device, peft_config),
+                               path=path, plain=_estimate_of(spec, setup, "cuda", peft_config) if m.device == "cpu" else None)
         if m.status != "ok":
             raise typer.Exit(code=1)
 
@@ -346,6 +365,9 @@ def compare(
                              "(instead of --dtype/--regime).")] = None,
     checkpointing: Annotated[Optional[str], typer.Option(
         "--checkpointing", help="Sweep gradient checkpointing: off,on (instead of --grad-checkpointing).")] = None,
+    world_sizes: WorldSizesOpt = None,
+    strategies: StrategiesOpt = None,
+    gpu: GpuOpt = None,
     do_measure: Annotated[bool, typer.Option(
         "--measure", help="Also measure each run in its own process (GPU when available, else CPU).")] = False,
     do_trace: Annotated[bool, typer.Option(
@@ -369,16 +391,22 @@ def compare(
     fmt: FormatOpt = Format.table,
     run: dict | None = None,
 ) -> None:
-    """Compare methods (full vs PEFT) across sizes and precisions: estimate, and trace / measure when asked."""
+    """Compare methods (full vs PEFT) across sizes and precisions: estimate, and trace / measure when asked;
+    with --world-sizes / --strategies, one rank's estimate on each number of GPUs."""
     with user_errors():
         assert run is not None
         from .comparison import compare as compare_runs
         from .documents import render_comparison
         from .report import progress_bar
+        from .run_documents import render_rank_rows
         from .runtime.runner import default_name
         from .arms import arm_names, labelled, parse_arms
+        from .scaling import check_ranked_flags, plan_worlds, rank_rows
         from .sweep import MeasureOptions, parse_list, plan_setups, run_sweep
 
+        ranked = world_sizes is not None or strategies is not None  # per-rank rows beyond one GPU (scaling.py)
+        check_ranked_flags(ranked, {"--gpu": gpu, "--measure": do_measure, "--trace": do_trace, "--out": out,
+                                    "--plot": plot, "--by-category": by_category, "--retry-failed": retry_failed})
         if plot is not None:
             from .plot import check_plot_path
 
@@ -395,11 +423,16 @@ def compare(
         extra, defaults, device_note = sweep_device(run, axes) if do_measure else ({}, {}, None)
         note = "; ".join(n for n in (note, device_note) if n)
         overrides = {**setup_overrides(run), **task_overrides(spec, run), **extra}
+        parallel_flags = overrides.pop("parallel", {}) if ranked else {}  # swept below, not planned per setup
         setups = plan_setups(parse_list(methods, "--methods"), overrides, file=run["config"], defaults=defaults,
                              arms=arm_options, **axes)
         names = arm_names(spec, arm_options, lambda arm: plan_setups([], overrides, file=run["config"],
                                                                      defaults=defaults, arms=[arm], **axes))
         check_sequence_length(spec, max(s.seq_len for s in setups))  # a length no method can run: refused, as estimate
+        if ranked:  # one rank's estimate per world size and strategy, analytic only
+            ranks = rank_rows(spec, setups, plan_worlds(world_sizes, strategies, parallel_flags), _gpu(gpu))
+            return render_rank_rows([labelled(r, names) for r in ranks], fmt, console, note=note or None,
+                                    columns_wanted=columns)
         if out is None and (do_measure or do_trace):
             out = Path("compare") / f"{default_name(spec)}.jsonl"
         options = MeasureOptions(warmup_steps=warmup, timed_steps=steps, timeout_s=timeout, cpu_threads=threads)

@@ -33,6 +33,13 @@ PeftConfigOpt = Annotated[Optional[Path], typer.Option(
                           "the method and its options (flags override them); trace and measure apply it as given.")]
 GpuOpt = Annotated[Optional[str], typer.Option(
     "--gpu", help="Check the fit on a GPU: a catalog name (A100-80GB, H100, 4090, T4, ...) or a size (24GiB, 80GB).")]
+# compare's sweep beyond one GPU (scaling.py): one rank's estimate per world size and strategy
+WorldSizesOpt = Annotated[Optional[str], typer.Option(
+    "--world-sizes", help="Comma-separated data-parallel world sizes, e.g. 1,2,4,8: one rank's memory on each "
+                          "(1: one device; instead of --world-size; analytic only; --gpu: does one rank fit).")]
+StrategiesOpt = Annotated[Optional[str], typer.Option(
+    "--strategies", help="With --world-sizes: comma-separated strategies, e.g. fsdp,zero3 (instead of --strategy).  "
+                         "\\[default: ddp]")]
 
 RUN_OPTIONS: list[tuple[str, Any]] = [
     ("method", Annotated[Optional[str], typer.Option(
@@ -112,6 +119,18 @@ RUN_OPTIONS: list[tuple[str, Any]] = [
     ("use_cache", Annotated[Optional[bool], typer.Option(
         "--use-cache/--no-use-cache", help="Decoders build a KV cache in training (config.use_cache left on).  "
                                            "\\[default: off]")]),
+    ("world_size", Annotated[Optional[int], typer.Option(
+        "--world-size", help="Data-parallel ranks (one GPU each): the estimate is one rank's.  \\[default: 1]")]),
+    ("strategy", Annotated[Optional[str], typer.Option(
+        "--strategy", help="ddp | fsdp | fsdp-grad-op | hsdp | zero1 | zero2 | zero3: how ranks hold the model states "
+                           "(FSDP2; DeepSpeed ZeRO).  \\[default: ddp]")]),
+    ("offload", Annotated[Optional[str], typer.Option(
+        "--offload", help="none | optimizer (ZeRO) | params (ZeRO-3, FSDP CPUOffloadPolicy): states kept in host "
+                          "memory.  \\[default: none]")]),
+    ("nodes", Annotated[Optional[int], typer.Option(
+        "--nodes", help="Machines the ranks span (HSDP shards within a node).  \\[default: 1]")]),
+    ("shard_size", Annotated[Optional[int], typer.Option(
+        "--shard-size", help="HSDP: ranks one shard group spans.  \\[default: world size / nodes]")]),
     ("cuda_context_mib", Annotated[Optional[float], typer.Option(
         "--cuda-context-mib", help="CUDA context size assumed, MiB.  \\[default: 500]")]),
     ("reserve_frac", Annotated[Optional[float], typer.Option(
@@ -133,6 +152,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "IA3, prefix, prompt and P-tuning, trainable tokens": ("ia3_targets", "ia3_feedforward", "virtual_tokens",
                                                            "prefix_projection", "prompt_encoder_hidden",
                                                            "tokens_trained"),
+    "Beyond one device (per-rank memory)": ("world_size", "strategy", "offload", "nodes", "shard_size"),
     "Overheads and config file": ("cuda_context_mib", "reserve_frac", "config"),
 }
 for _name, _annotation in RUN_OPTIONS:
@@ -144,13 +164,47 @@ def with_run_options(fn: Callable) -> Callable:
     """Give a command every RUN_OPTIONS flag; they arrive as one dict in its ``run`` argument."""
     sig = inspect.signature(fn)
     params = [p for p in sig.parameters.values() if p.name != "run"]
+    own = {p.name for p in params}  # a flag the command declares itself (measure's data-parallel ones) stays its own
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann)
-             for name, ann in RUN_OPTIONS]
+             for name, ann in RUN_OPTIONS if name not in own]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        run = {name: kwargs.pop(name, None) for name, _ in RUN_OPTIONS}
+        run = {name: kwargs.pop(name, None) for name, _ in RUN_OPTIONS if name not in own}
         return fn(*args, run=run, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params + extra)  # type: ignore[attr-defined]
+    return wrapper
+
+
+# measure's data-parallel flags (runtime/ranks.py): --nproc ranks on this machine, torchrun-launched
+PARALLEL_OPTIONS: list[tuple[str, Any]] = [
+    ("nproc", Annotated[Optional[int], typer.Option(
+        "--nproc", min=1, help="Ranks to launch on this machine (torchrun; gloo on CPU, NCCL with a GPU each): a row "
+                               "per rank and the job's max.  \\[default: 1, the single-device run]")]),
+    ("strategy", Annotated[Optional[str], typer.Option(
+        "--strategy", help="With --nproc: ddp | fsdp | fsdp-grad-op | hsdp | zero1 | zero2 | zero3 (ZeRO: "
+                           "memprof[deepspeed], CUDA)  \\[default: ddp]")]),
+    ("world_size", Annotated[Optional[int], typer.Option(
+        "--world-size", min=1, help="With --nproc: the ranks of the job; must equal --nproc.  \\[default: --nproc]")]),
+    ("offload", Annotated[Optional[str], typer.Option("--offload", help="ZeRO: none | optimizer | params.")]),
+    ("shard_size", Annotated[Optional[int], typer.Option("--shard-size", min=1, help="HSDP: ranks per shard group.")]),
+]
+for _name, _annotation in PARALLEL_OPTIONS:
+    _annotation.__metadata__[0].rich_help_panel = "Data parallelism (measure)"
+
+
+def with_parallel_options(fn: Callable) -> Callable:
+    """Give a command the PARALLEL_OPTIONS flags; they arrive as one dict in its ``par`` argument."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.name != "par"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann)
+             for name, ann in PARALLEL_OPTIONS]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        par = {name: kwargs.pop(name, None) for name, _ in PARALLEL_OPTIONS}
+        return fn(*args, par=par, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=params + extra)  # type: ignore[attr-defined]
     return wrapper
@@ -171,6 +225,7 @@ def setup_overrides(run: dict[str, Any]) -> dict[str, Any]:
                    "projection_hidden": run["prompt_encoder_hidden"]},
         "trainable_tokens": {"count": run["tokens_trained"]},
         "overheads": {"allocator_reserve_frac": run["reserve_frac"]},
+        "parallel": {k: run.get(k) for k in ("world_size", "strategy", "offload", "nodes", "shard_size")},
     }
     out: dict[str, Any] = {
         "method": run["method"], "batch_size": run["batch_size"], "seq_len": run["seq_len"], "dtype": run["dtype"],
@@ -245,15 +300,17 @@ def resolve_model(model: str | None, params: float | None, run: dict[str, Any], 
     return resolve_spec(model, params, task=task, num_labels=run["num_labels"])
 
 
-def resolve_measure_run(run: dict[str, Any], peft_config: Path | None = None, spec: ModelSpec | None = None
-                        ) -> tuple[RunSetup, str | None]:
+def resolve_measure_run(run: dict[str, Any], peft_config: Path | None = None, spec: ModelSpec | None = None,
+                        par: dict[str, Any] | None = None) -> tuple[RunSetup, str | None]:
     """The measured run (resolve.resolve_measured: device auto, CPU defaults below the file and the flags); with
-    ``spec``, sized for its task (``task_overrides``: image-cls sets the sequence length, not the CPU default)."""
+    ``spec``, sized for its task (``task_overrides``: image-cls sets the sequence length, not the CPU default);
+    ``par``: measure's data-parallel flags (``ranks.parallel_overrides``)."""
     from .runtime.probes import cuda_available
+    from .runtime.ranks import parallel_overrides
 
     sized = task_overrides(spec, run) if spec is not None else {}
-    setup, note = resolve_measured(run["config"], {**flag_overrides(run, peft_config, modelled=False), **sized},
-                                   cuda_available())
+    flags = {**flag_overrides(run, peft_config, modelled=False), **sized, **parallel_overrides(**(par or {}))}
+    setup, note = resolve_measured(run["config"], flags, cuda_available())
     return (image_run(spec, setup) if spec is not None else setup), note
 
 

@@ -133,13 +133,16 @@ def join(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Mapping[str, Any]]
     """Group rows by join key, in order of first appearance: one ``{kind: row}`` per run.
 
     Of several rows of one kind the last wins, except that a measurement with status ok beats a failed one
-    (a sweep re-run with retries appends the new attempt).
+    (a sweep re-run with retries appends the new attempt). A multi-rank job is compared by its job row (the rank
+    with the highest peak; failed when any rank failed): the per-rank rows beside it do not join (runtime/ranks.py).
     """
     runs: dict[tuple, dict[str, Mapping[str, Any]]] = {}
     for row in rows:
         kind = row.get("kind")
         if kind not in KINDS:
             raise ValueError(f"row kind {kind!r} is not one of {KINDS}")
+        if kind == "measured" and row.get("rank") is not None:
+            continue
         run = runs.setdefault(key_of(row), {})
         previous = run.get(kind)
         if kind == "measured" and previous is not None and previous.get("status") == "ok" \

@@ -391,6 +391,13 @@ class RunSetup:
     def world_size(self) -> int:
         return self.parallel.world_size if self.parallel is not None else 1
 
+    @property
+    def sharded_masters(self) -> bool:
+        """FSDP in the mixed regime: FSDP2's mixed precision keeps fp32 parameters (sharded: they are the masters)
+        and gathers them in the half dtype (MixedPrecisionPolicy), instead of half weights beside fp32 masters."""
+        return (self.parallel is not None and self.parallel.strategy in FSDP_STRATEGIES
+                and self.effective_regime is Regime.mixed)
+
     def on_one_device(self) -> RunSetup:
         """The same step on one device (what every rank computes under data parallelism)."""
         return dataclasses.replace(self, parallel=None) if self.parallel is not None else self

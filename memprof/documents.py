@@ -87,6 +87,8 @@ def estimate_renderables(est: Estimate, fit: Any = None, explain: bool = False, 
                   + (f"after optimizer.step(): {fmt_bytes(est.after_step_bytes)}   "
                      if est.after_step_bytes is not None else "")
                   + f"after zero_grad (between steps): {fmt_bytes(est.steady_bytes)}")]
+    if est.host_bytes is not None:
+        lines.append(Text(f"host (CPU) memory per rank, offloaded states: {fmt_bytes(est.host_bytes)}"))
     if est.elapsed_s is not None:
         lines.append(Text(f"traced in {est.elapsed_s:.1f} s"))
     if fit is not None:

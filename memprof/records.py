@@ -117,6 +117,7 @@ class Estimate:
     elapsed_s: float | None = None              # wall time to produce it (traced)
     after_step_bytes: int | None = None         # allocated right after optimizer.step(), before zero_grad (the
                                                 # gradients still alive): what published benchmarks often read
+    host_bytes: int | None = None               # data parallelism with offload: states held in host (CPU) memory
 
     @property
     def peak_bytes(self) -> int:
@@ -138,6 +139,8 @@ class Estimate:
             row[f"{phase.value}_peak_bytes"] = bd.total_bytes
         if self.elapsed_s is not None:
             row["elapsed_s"] = self.elapsed_s
+        if self.host_bytes is not None:
+            row["host_bytes"] = self.host_bytes
         return row
 
 
@@ -254,9 +257,13 @@ class Measurement:
     timed_steps: int = 0
     env: EnvInfo | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    rank: int | None = None                      # data-parallel rank of this row; None: one device, or the job's row
+    world_size: int | None = None                # ranks of the job (runtime/ranks.py); None: a single-device run
 
     def to_row(self) -> dict[str, Any]:
         row: dict[str, Any] = {"kind": "measured", **self.setup_row, "status": self.status}
+        if self.world_size is not None:
+            row.update(rank=self.rank, world_size=self.world_size)
         for name in ("message", "total_params", "trainable_params", "peak_bytes", "reserved_bytes",
                      "device_used_bytes", "steady_bytes", "after_step_bytes", "rss_peak_bytes", "peak_phase",
                      "tracker_peak_bytes", "unobserved_peak_bytes", "unobserved_phase",
@@ -285,4 +292,6 @@ def loop_description(setup: RunSetup) -> str:
         parts.append("outputs kept through backward")
     if setup.use_cache:
         parts.append("KV cache built" if setup.builds_cache else "use_cache (off under checkpointing)")
+    if setup.parallel is not None:
+        parts.append(f"per rank of {setup.parallel.describe()}")
     return ", ".join(parts)

@@ -100,13 +100,24 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     setup, attention_note = resolve_attention(spec, setup)
     if spec.family is not Family.llama:
         check_sequence_length(spec, setup.seq_len + setup.prepended_tokens)
-    pc, sb, tl = _structure(spec, setup, tracked)
+    share = None
+    if setup.parallel is not None:  # one rank of a data-parallel run: the one-device step, states per strategy
+        from .ranks import one_device_setup, rank_share
+
+        one = one_device_setup(setup)
+        pc, sb, tl = _structure(spec, one, tracked)
+        share = rank_share(spec, setup, sb, tracked)
+        sb, tl = share.states, share.timeline
+    else:
+        pc, sb, tl = _structure(spec, setup, tracked)
+    persistent = share.persistent_grads if share is not None else 0
     b, s = setup.batch_size, setup.seq_len
     bs, bss = b * s, b * s * s
     inputs = input_bytes(spec, setup)
     # gradients a backward finds already there: all of them after the first micro-batch (grad_accum > 1), or
-    # kept between steps (zero_grad=zeros); each new one is added in place (sim.Graph.grads_kept)
-    held_grads = sb.gradients if setup.grads_kept else 0
+    # kept between steps (zero_grad=zeros); each new one is added in place (sim.Graph.grads_kept); and the engine's
+    # gradient buffers of a data-parallel rank (DDP buckets, ZeRO's contiguous bucket)
+    held_grads = (sb.gradients if setup.grads_kept else 0) + persistent
     base = (sb.params_trainable, sb.params_frozen, held_grads, sb.optimizer_states, sb.master_weights, 0, 0, 0,
             inputs)
 
@@ -132,13 +143,22 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     peak_phase, peak = max(phases, key=lambda kv: kv[1].total_bytes)
     first = max(fwd.total_bytes, bwd.total_bytes) - sb.optimizer_states
     first = max(first, opt.total_bytes)
-    steady = sb.params_trainable + sb.params_frozen + sb.optimizer_states + sb.master_weights + inputs + kept
+    steady = sb.params_trainable + sb.params_frozen + sb.optimizer_states + sb.master_weights + inputs + kept \
+        + persistent
     # right after optimizer.step() every gradient is still there (the mixed regime's step has dropped them)
-    after_step = steady + (0 if setup.effective_regime is Regime.mixed else sb.gradients)
+    # (a data-parallel rank keeps its gradient shards or partition: FSDP's fp32 shards are the masters, ZeRO keeps
+    # its partition until zero_grad)
+    dropped = setup.effective_regime is Regime.mixed and (share is None or sb.grads_freed_at_step > 0)
+    after_step = steady + (0 if dropped else sb.gradients)
     if setup.zero_grad is ZeroGrad.zeros and setup.effective_regime is not Regime.mixed:
         steady += sb.gradients  # zeroed in place, not freed
     terms = explain_terms(spec, setup, pc, sb, inputs, peak.total_bytes, peak_phase, kept) if explain else ()
     notes: tuple[str, ...] = (attention_note,) if attention_note else ()
+    if share is not None:  # the one-device state terms give way to the rank's (ranks.state_terms)
+        states = {Category.params_trainable, Category.params_frozen, Category.gradients, Category.optimizer_states,
+                  Category.master_weights}
+        terms = tuple(t for t in terms if t.category not in states) + share.terms if explain else ()
+        notes += share.notes
     refused = refusal_note(spec, setup)
     if refused:
         notes += (refused,)
@@ -154,6 +174,7 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
         peak=peak, peak_phase=peak_phase, phase_peaks=phases, first_step_peak_bytes=first, steady_bytes=steady,
         after_step_bytes=after_step,
         device=device_totals(peak.total_bytes, setup), terms=terms, notes=notes,
+        host_bytes=share.host_bytes if share is not None else None,
     )
 
 

@@ -1,4 +1,5 @@
-"""Does it fit? GPU sizes from the catalog or a size string, and the largest batch / sequence that fits (pure)."""
+"""Does it fit? GPU sizes from the catalog or a size string, the largest batch / sequence that fits, and the
+smallest data-parallel world whose per-rank estimate fits (``fit --strategy``) (pure)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from typing import Any, Mapping
 
-from ..config import RunSetup
+from ..config import ParallelSpec, RunSetup, Strategy
 from ..errors import ConfigError
 from ..presets import gpu_catalog
 from ..records import Estimate
@@ -105,3 +107,73 @@ def max_seq_len(spec: ModelSpec, setup: RunSetup, gpu: Gpu, limit: int | None = 
         return estimate(spec, dataclasses.replace(setup, seq_len=s)).device.device_total_bytes <= gpu.memory_bytes
 
     return max(0, _largest(1, cap, ok))
+
+
+# ---- beyond one GPU ------------------------------------------------------------------------------------------
+PARALLEL_FIELDS = ("strategy", "offload", "nodes", "shard_size")  # ParallelSpec fields besides the world size
+WORLD_SIZES = tuple(2**k for k in range(11))  # fit --strategy tries 1, 2, 4, ..., 1024 ranks
+
+
+def on_world(setup: RunSetup, world_size: int, options: Mapping[str, Any]) -> RunSetup:
+    """The run on ``world_size`` ranks (one GPU each); 1 is the plain one-device run (no engine, no offload).
+
+    Args:
+        options: ParallelSpec fields (``PARALLEL_FIELDS``; None = not given): over ``setup.parallel``'s, if any.
+
+    Raises:
+        ConfigError: a ParallelSpec that cannot be (nodes or an HSDP shard size that do not divide the world).
+    """
+    one = setup.on_one_device()
+    if world_size == 1:
+        return one
+    fields = {k: getattr(setup.parallel, k) for k in PARALLEL_FIELDS} if setup.parallel is not None else {}
+    fields.update({k: v for k, v in options.items() if k in PARALLEL_FIELDS and v is not None})
+    return dataclasses.replace(one, parallel=ParallelSpec(world_size=world_size, **fields))
+
+
+@dataclass(frozen=True)
+class WorldFit:
+    """``fit --strategy``: the smallest world size of ``WORLD_SIZES`` whose per-rank device total fits the GPU."""
+
+    gpu: Gpu
+    strategy: Strategy
+    world_size: int | None                 # None: none of the sizes tried fits
+    tried: tuple[tuple[int, int], ...]     # (world size, per-rank device total bytes), in the order tried
+    estimate: Estimate                     # one rank at world_size (none fits: at the largest size tried)
+    max_batch_size: int                    # at that world size and --seq-len (0: not even 1)
+    max_seq_len: int                       # at that world size and --batch-size
+
+
+def fit_world(spec: ModelSpec, setup: RunSetup, gpu: Gpu, options: Mapping[str, Any],
+              sizes: tuple[int, ...] = WORLD_SIZES) -> WorldFit:
+    """The smallest world size whose per-rank estimate fits ``gpu`` at the setup's batch size and sequence length,
+    and the largest batch size and sequence length at that size. Sizes that ``nodes`` or an HSDP ``shard_size``
+    do not divide are skipped; 1 is the one-device run.
+
+    Args:
+        options: ``strategy`` (required), ``offload``, ``nodes``, ``shard_size`` (ParallelSpec fields).
+
+    Raises:
+        ConfigError: an unknown strategy or offload, or a run the estimator does not model under it.
+    """
+    from . import estimate  # noqa: PLC0415
+
+    given = {k: v for k, v in options.items() if k in PARALLEL_FIELDS and v is not None}
+    nodes, shard = given.get("nodes", 1), given.get("shard_size", 1)
+    step = math.lcm(nodes, shard) if all(isinstance(v, int) and v >= 1 for v in (nodes, shard)) else 1
+    template = ParallelSpec(world_size=step, **given)  # checks every option at the smallest world they allow
+    candidates = [n for n in sizes if n % step == 0]
+    if not candidates:
+        raise ConfigError(f"no world size of {sizes[0]}..{sizes[-1]} is a multiple of {step} (nodes x shard size)")
+    tried: list[tuple[int, int]] = []
+    found = None
+    for n in candidates:
+        at = on_world(setup, n, given)
+        est = estimate(spec, at)
+        tried.append((n, est.device.device_total_bytes))
+        if est.device.device_total_bytes <= gpu.memory_bytes:
+            found = n
+            break
+    best_b = max_batch_size(spec, at, gpu) if found is not None else 0
+    best_s = max_seq_len(spec, at, gpu) if found is not None else 0
+    return WorldFit(gpu, template.strategy, found, tuple(tried), est, best_b, best_s)

@@ -29,7 +29,7 @@ SEQ_CLS_HEADS = ("classifier", "score")
 def storage_dtype(setup: RunSetup) -> torch.dtype:
     """dtype the base weights are stored in: half for pure/mixed/qlora, fp32 for fp32 and AMP."""
     regime = setup.effective_regime
-    if regime in (Regime.pure, Regime.mixed):
+    if regime in (Regime.pure, Regime.mixed) and not setup.sharded_masters:  # FSDP mixed: fp32 parameters
         return TORCH_DTYPE[setup.dtype]
     return torch.float32
 
@@ -449,7 +449,7 @@ class MasterWeightOptimizer:
 
 def make_optimizer(model: nn.Module, setup: RunSetup, device_type: str):  # noqa: ANN201
     params = [p for p in model.parameters() if p.requires_grad]
-    if setup.effective_regime is Regime.mixed:
+    if setup.effective_regime is Regime.mixed and not setup.sharded_masters:  # FSDP's fp32 shards are the masters
         return MasterWeightOptimizer(params, setup, device_type)
     return build_optimizer(params, setup, device_type)
 

@@ -129,9 +129,10 @@ def keep_on_host(model: torch.nn.Module, device: str) -> None:
 
 
 def build_run(spec: ModelSpec, setup: RunSetup, device: str, pretrained: str | None = None,
-              peft_config: Any = None) -> BuiltRun:
+              peft_config: Any = None, wrap: Callable[[nn.Module], nn.Module] | None = None) -> BuiltRun:
     """Build phase: the model on ``device`` (random init unless ``pretrained``), the method, activation
-    checkpointing, the optimizer, a GradScaler for fp16 AMP on CUDA, and the synthetic batch."""
+    checkpointing, ``wrap`` (a data-parallel rank: parallel.wrap_for_strategy, before the optimizer sees the
+    parameters), the optimizer, a GradScaler for fp16 AMP on CUDA, and the synthetic batch."""
     check_positions(spec, setup)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -142,6 +143,8 @@ def build_run(spec: ModelSpec, setup: RunSetup, device: str, pretrained: str | N
         keep_on_host(model, device)
         if setup.grad_checkpointing:
             enable_checkpointing(model)  # non-reentrant; transformers enables input grads for PEFT
+        if wrap is not None:
+            model = wrap(model)
     model.train()
     trainable, total = count_trainable(model)
     optimizer = make_optimizer(model, setup, device)
@@ -292,9 +295,10 @@ def unobserved_step(run: BuiltRun, setup: RunSetup) -> UnobservedStep:
         _step(run, setup, "cpu")
         states = (v for st in getattr(optimizer, "state", {}).values() if isinstance(st, dict)
                   for v in st.values() if isinstance(v, torch.Tensor))
-        live.append(live_storage_bytes([*model.parameters(), *model.buffers(), *run.batch.values(), *states,
-                                        *(p.grad for p in model.parameters()), *_tensors(run.held),
-                                        *_master_weights(optimizer)]))
+        tensors = [*model.parameters(), *model.buffers(), *run.batch.values(), *states,
+                   *(p.grad for p in model.parameters()), *_tensors(run.held), *_master_weights(optimizer)]
+        # a DTensor (FSDP2's sharded parameters, gradients, states) holds its rank's shard: count that
+        live.append(live_storage_bytes(getattr(t, "_local_tensor", t) for t in tensors))
 
     step = unobserved_peak(lambda: _step(run, setup, "cpu", tracker=PhaseMarks()), before_fn=prepare)
     phases = {p.value: step.phase_peak_bytes.get(p.value, -1) for p in Phase}
@@ -347,7 +351,8 @@ def is_oom(exc: BaseException) -> bool:
 
 def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 1, timed_steps: int | None = None,
                     breakdown: bool = True, pretrained: str | None = None, peft_config: Any = None,
-                    progress: ProgressFn | None = None, unobserved_cpu: bool = True) -> Measurement:
+                    progress: ProgressFn | None = None, unobserved_cpu: bool = True,
+                    wrap: Callable[[nn.Module], nn.Module] | None = None) -> Measurement:
     """Measure training steps of ``spec`` under ``setup`` on ``setup.device``, in this process.
 
     Args:
@@ -363,6 +368,8 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 1, 
         unobserved_cpu: on CPU, one more step without the tracker under torch.profiler's memory events
             (``unobserved_step``): ``unobserved_peak_bytes``, what a plain script allocates. Not for a loop that
             keeps its outputs (``keep_outputs``: the profiler was found to miss the kept output's free).
+        wrap: applied to the model after the method and before the optimizer (``build_run``; a rank of
+            ``runtime.rank_worker``).
 
     Returns:
         A Measurement with status "ok", or "oom" (with the phase and the error) when memory ran out.
@@ -387,7 +394,7 @@ def run_measurement(spec: ModelSpec, setup: RunSetup, *, warmup_steps: int = 1, 
     try:
         with library_refusals(what_runs(spec, setup, peft_config)):
             _progress(progress, "build", 0, 1)
-            run = build_run(spec, setup, device, pretrained, peft_config)
+            run = build_run(spec, setup, device, pretrained, peft_config, wrap)
             _progress(progress, "build", 1, 1)
             phase = "warmup"
             run_warmup(run, setup, device, warmup_steps, progress)

@@ -15,7 +15,7 @@ import contextlib
 import copy
 import time
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -96,9 +96,11 @@ def _normalise(peaks: dict[str, tuple[int, MemoryBreakdown]], depth: int) -> dic
 
 
 def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft_config=None,  # noqa: ANN001
-                layer_types: tuple[str, ...] | None = None) -> DepthTrace:
+                layer_types: tuple[str, ...] | None = None,
+                prepare: Callable[[torch.nn.Module, set[int]], torch.nn.Module] | None = None) -> DepthTrace:
     """Trace two steps of ``spec`` cut to ``depth`` blocks (of ``layer_types``, default the first ones) on fake
-    tensors."""
+    tensors. ``prepare(model, host)``, under the fake mode, materialises the meta model and returns the module to
+    train (sharded_trace: wrapped for a data-parallel strategy); default ``materialize``."""
     if layer_types is not None or (depth is not None and depth != spec.num_layers):
         spec = spec.with_layers(depth or spec.num_layers, layer_types)
     check_positions(spec, setup)
@@ -121,7 +123,10 @@ def trace_depth(spec: ModelSpec, setup: RunSetup, depth: int | None = None, peft
             enable_checkpointing(model, **({"context_fn": emulation.checkpoint_contexts} if emulation else {}))
         trainable, total = count_trainable(model)
         with FakeTensorMode(allow_non_fake_inputs=True):
-            materialize(model, "cpu", host)
+            if prepare is None:
+                materialize(model, "cpu", host)
+            else:
+                model = prepare(model, host)
             model.train()
             optimizer = make_optimizer(model, setup, "cuda" if cuda else "cpu")
             batch = synthetic_batch(spec, setup, "cpu")
@@ -368,11 +373,12 @@ def _phase_of(sub: str) -> Phase:
 
 
 def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_config=None) -> Estimate:  # noqa: ANN001
-    """Traced estimate of one steady-state training step.
+    """Traced estimate of one steady-state training step (per rank under data parallelism: sharded_trace).
 
     Args:
         spec: the model (any family transformers can build).
-        setup: the run; ``setup.device`` picks CUDA emulation (default) or plain CPU kernels.
+        setup: the run; ``setup.device`` picks CUDA emulation (default) or plain CPU kernels; ``setup.parallel``
+            over more than one rank traces rank 0 of the strategy (sharded_trace.trace_parallel).
         layers: "auto" traces depths 2 and 3 and extrapolates (full depth when the model has <= 3 blocks);
             "full" traces every block; an int traces that many blocks and extrapolates from it and one more.
         peft_config: an explicit peft config object (``--peft-config``) instead of the method's own.
@@ -380,7 +386,18 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
     Raises:
         ConfigError: the model cannot be built or the method cannot be applied.
         LibraryRefusalError: the installed transformers / peft refuse this method on this model.
+        UnsupportedModelError: a strategy the trace cannot run (ZeRO; sharded_trace).
     """
+    if setup.parallel is not None and setup.world_size > 1:
+        from .sharded_trace import trace_parallel
+
+        return trace_parallel(spec, setup, layers, peft_config)
+    return trace_with(spec, setup, layers, peft_config)
+
+
+def trace_with(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_config=None,  # noqa: ANN001
+               trace_one: Callable[..., DepthTrace] = trace_depth) -> Estimate:
+    """``trace`` with each depth traced by ``trace_one`` (``trace_depth``'s signature)."""
     start = time.perf_counter()
     depth = spec.num_layers
     setup = image_run(spec, setup)  # image-cls: the image size, and seq_len = the tokens of one image
@@ -395,21 +412,21 @@ def trace(spec: ModelSpec, setup: RunSetup, layers: str | int = "auto", peft_con
     cut_note = None
     typed = _typed_depths(spec) if layers == "auto" else None
     if layers == "full" or depth <= max(TRACE_DEPTHS):
-        runs = [trace_depth(spec, setup, depth, peft_config)]
+        runs = [trace_one(spec, setup, depth, peft_config)]
     elif typed is not None:  # per layer type: blocks of each type counted as often as the model has them
-        runs = [trace_depth(spec, setup, len(types), peft_config, types) for types in typed]
+        runs = [trace_one(spec, setup, len(types), peft_config, types) for types in typed]
     else:
         d1 = int(layers) if isinstance(layers, int) else TRACE_DEPTHS[0]
         if not 1 <= d1 < depth - 1:
             raise ConfigError(f"trace depth must be between 1 and {depth - 2} for a {depth}-block model")
         try:
-            runs = [trace_depth(spec, setup, d1, peft_config), trace_depth(spec, setup, d1 + 1, peft_config)]
+            runs = [trace_one(spec, setup, d1, peft_config), trace_one(spec, setup, d1 + 1, peft_config)]
         except (ConfigError, LibraryRefusalError) as exc:
             if peft_config is None or isinstance(exc, ValuesNeededError):
                 raise
             # a config that names blocks the cut model lacks (AdaptionPrompt's adapter_layers, layers_to_transform):
             # its structure does not repeat per block, so the whole model is traced (the answer is exact, slower)
-            runs = [trace_depth(spec, setup, depth, peft_config)]
+            runs = [trace_one(spec, setup, depth, peft_config)]
             cut_note = f"traced at full depth: at {d1} blocks the peft config does not apply ({exc})"
     if len(runs) == 1:
         r = runs[0]

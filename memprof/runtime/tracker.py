@@ -6,10 +6,18 @@ and uncounted when it dies (a weakref callback on the storage). At every peak (o
 of live storages is snapshotted lazily (only when memory starts to fall again), and categories are resolved at
 the end, when it is known which storages became gradients or optimizer states.
 
+Data parallelism (runtime/parallel.py): a DTensor (FSDP2's sharded parameters, their gradients and optimizer
+states) counts as its local shard, the rank's memory. While a process group is initialised, entering the tracker
+also follows what no dispatch mode sees (``follow_data_parallel``): FSDP2's all-gathered parameter storage,
+allocated and freed by ``untyped_storage().resize_`` (weight copies), its all-gather and reduce-scatter buffers
+(temporaries), and DDP's gradient buckets, rebuilt by the C++ Reducer before the second forward (gradients; those
+the Reducer made before the tracker was entered are registered with the module, ``PERSISTENT_GRADIENT_BUFFERS``).
+
 Known limitations: storages created outside the mode (before ``__enter__``) are invisible unless registered
 (parameters, buffers, the batch are); allocator rounding (512-byte blocks on CUDA) is not applied; ops that
 run in C++ without dispatching through Python (e.g. autograd's own buffer accumulation) are seen through the
-ops they call.
+ops they call; a collective backend's own buffers are seen only when an op returns a view of them (gloo's
+reduce-scatter copy is; NCCL's buffers are not).
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ from torch.utils._pytree import tree_flatten
 from ..records import Category, MemoryBreakdown, Phase
 
 _COPY_OPS = {"aten::_to_copy", "aten::to", "aten::clone", "aten::_autocast_to_reduced_precision"}
+# a module attribute holding weakrefs to tensors that persist as gradient storage outside .grad: DDP's buckets, made
+# by the C++ Reducer at construction and rebuilt before the second forward (parallel.wrap_for_strategy's wrapper
+# keeps it current; register_module reads it)
+PERSISTENT_GRADIENT_BUFFERS = "_memprof_gradient_buffers"
 
 
 @dataclass
@@ -83,10 +95,15 @@ class MemoryTracker(TorchDispatchMode):
         self._dirty: set[str] = set()        # peaks reached but not yet snapshotted ("*" = overall)
         self._snap: dict[int, tuple[int, str, Category | None]] = {}
         self._resolved: dict[int, Category] = {}
-        self._param_keys: set[int] = set()
+        self._param_keys: set[int] = set()   # parameter storages (and FSDP's all-gathered ones): copies are weights
+        self._new_label: Category | None = None  # label of every storage made now (``labelled``)
+        self._parallel: contextlib.ExitStack | None = None
 
     # ---- registration -------------------------------------------------------------------------------
     def _key_of(self, t: torch.Tensor) -> tuple[int, Any] | None:
+        local = getattr(t, "_local_tensor", None)  # a DTensor holds its rank's shard (parallel.local_tensor)
+        if isinstance(local, torch.Tensor):
+            t = local
         if t.device.type == "meta":  # no memory: a host-resident tensor in a trace (trace.materialize)
             return None
         try:
@@ -107,6 +124,8 @@ class MemoryTracker(TorchDispatchMode):
         if key is not None:
             info = self._live[key]
             if nbytes != info.nbytes:  # resized in place (resize_, set_)
+                if nbytes < info.nbytes:
+                    self._snapshot()  # a fall: the peak reached so far is snapshotted first, as in _free
                 self._add(nbytes - info.nbytes)
                 info.nbytes = nbytes
             if label is not None and info.label is None:
@@ -137,6 +156,8 @@ class MemoryTracker(TorchDispatchMode):
         self.register(model.buffers(), Category.params_frozen)
         # gradients kept between steps (zero_grad(set_to_none=False))
         self.register((p.grad for p in model.parameters() if p.grad is not None), Category.gradients)
+        buffers = (ref() for ref in getattr(model, PERSISTENT_GRADIENT_BUFFERS, ()))
+        self.register((t for t in buffers if t is not None), Category.gradients)
 
     def register_optimizer(self, optimizer: Any) -> None:
         """Register optimizer tensors created before tracking starts (mixed-regime master weights, and any
@@ -191,7 +212,7 @@ class MemoryTracker(TorchDispatchMode):
                 self._draws[id(out)] = weakref.ref(out)
             elif func is torch.ops.aten.gt.Scalar and _holds(self._draws, args[0]) and float(args[1]) < 1.0:
                 self._kept[id(out)] = weakref.ref(out)
-        label = None
+        label = self._new_label
         if func._schema.name in _COPY_OPS and args and isinstance(args[0], torch.Tensor):
             src = self._key_of(args[0])
             if src is not None and self._keys.get(src[0]) in self._param_keys:
@@ -201,6 +222,39 @@ class MemoryTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self._track(t, label)
         return out
+
+    # ---- data parallelism ---------------------------------------------------------------------------
+    def __enter__(self):  # noqa: ANN204
+        out = super().__enter__()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self._parallel = contextlib.ExitStack()
+            self._parallel.enter_context(follow_data_parallel())
+        return out
+
+    def __exit__(self, *exc: object) -> None:
+        if self._parallel is not None:
+            self._parallel.close()
+            self._parallel = None
+        super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def labelled(self, label: Category) -> Iterator[None]:
+        """Label every storage ops make inside the block (a collective's buffers, DDP's rebuilt buckets)."""
+        previous, self._new_label = self._new_label, label
+        try:
+            yield
+        finally:
+            self._new_label = previous
+
+    def note_storage(self, t: torch.Tensor, label: Category, weight: bool = False) -> None:
+        """Count ``t``'s storage at its size now: after an ``untyped_storage().resize_`` no op reports (FSDP2's
+        alloc_storage / free_storage), or on first sight. ``weight``: its copies are weight copies too."""
+        key = self._track(t, None)
+        if key is None:
+            return
+        self._live[key].label = label
+        if weight:
+            self._param_keys.add(key)
 
     # ---- phases and labels --------------------------------------------------------------------------
     def set_phase(self, phase: Phase | str) -> None:
@@ -300,9 +354,79 @@ class MemoryTracker(TorchDispatchMode):
 def label_in_active_trackers(t: torch.Tensor, label: Category) -> None:
     """File ``t`` under ``label`` in every MemoryTracker now active (for tensors made by ops that say
     nothing of their role, such as an emulated dequantization's ``torch.empty``)."""
+    for tracker in _active_trackers():
+        tracker.register([t], label)
+
+
+def _active_trackers() -> list[MemoryTracker]:
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-    for mode in _get_current_dispatch_mode_stack():
-        if isinstance(mode, MemoryTracker):
-            mode.register([t], label)
+    return [mode for mode in _get_current_dispatch_mode_stack() if isinstance(mode, MemoryTracker)]
 
+
+_patches: contextlib.ExitStack | None = None  # installed by the first follow_data_parallel context open
+_followers = 0
+
+
+@contextlib.contextmanager
+def follow_data_parallel() -> Iterator[None]:
+    """Show every active MemoryTracker what data parallelism does outside the dispatcher (MemoryTracker enters
+    this itself while a process group is initialised):
+
+    - FSDP2 (torch/distributed/fsdp/_fully_shard/_fsdp_param.py ``alloc_storage`` / ``free_storage``, torch 2.13)
+      resizes each unsharded parameter's all-gather output storage to its full size before a block runs and to 0
+      after: counted at each resize, as weight copies (their autocast copies too).
+    - FSDP2's ``foreach_all_gather`` and ``foreach_reduce`` (_fsdp_collectives.py): their buffers are temporaries
+      (the sharded gradients, views of the reduce-scatter output, are labelled gradients when marked).
+    - DDP (torch/nn/parallel/distributed.py ``_pre_forward``): the Reducer rebuilds its gradient buckets before the
+      second forward, in C++ (``Reducer._rebuild_buckets``): the new buckets are gradients.
+    """
+    global _patches, _followers
+    if _followers == 0:
+        _patches = contextlib.ExitStack()
+        _install_patches(_patches)
+    _followers += 1
+    try:
+        yield
+    finally:
+        _followers -= 1
+        if _followers == 0 and _patches is not None:
+            _patches.close()
+            _patches = None
+
+
+def _install_patches(stack: contextlib.ExitStack) -> None:
+    try:
+        import torch.distributed as dist
+        from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+    except ImportError:  # pragma: no cover - a torch build without distributed
+        return
+
+    def patch(owner: Any, name: str, make: Any) -> None:
+        original = getattr(owner, name)
+        setattr(owner, name, make(original))
+        stack.callback(setattr, owner, name, original)
+
+    def resizing(original: Any) -> Any:
+        def resize(tensor: torch.Tensor) -> None:
+            original(tensor)
+            for tracker in _active_trackers():
+                tracker.note_storage(tensor, Category.weight_copies, weight=True)
+        return resize
+
+    def labelling(label: Category) -> Any:
+        def make(original: Any) -> Any:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                with contextlib.ExitStack() as labels:
+                    for tracker in _active_trackers():
+                        labels.enter_context(tracker.labelled(label))
+                    return original(*args, **kwargs)
+            return run
+        return make
+
+    for owner in (_fsdp_param, _fsdp_param_group):  # _fsdp_param_group imports alloc_storage by name
+        patch(owner, "alloc_storage", resizing)
+    patch(_fsdp_param, "free_storage", resizing)
+    patch(_fsdp_param_group, "foreach_all_gather", labelling(Category.temporaries))
+    patch(_fsdp_param_group, "foreach_reduce", labelling(Category.temporaries))
+    patch(dist.Reducer, "_rebuild_buckets", labelling(Category.gradients))

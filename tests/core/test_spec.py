@@ -28,6 +28,7 @@ def test_required_presets_exist() -> None:
                 "roberta-large": 355_361_794, "allenai/scibert_scivocab_uncased": 109_920_002,
                 "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "meta-llama/Llama-2-7b-hf": 6_738_415_616,
                 "Llama-3.2-1B": 1_235_814_400, "Llama-3.2-3B": 3_212_749_824, "Llama-3.1-8B": 8_030_261_248,
+                "Llama-3.1-70B": 70_553_706_496,
                 "Mistral-7B-v0.1": 7_241_732_096, "Qwen2.5-0.5B": 494_032_768, "Qwen2.5-1.5B": 1_543_714_304,
                 "Qwen2.5-7B": 7_615_616_512, "gemma-2-2b": 2_614_341_888, "gemma-3-1b-pt": 999_885_952}
     for name, params in expected.items():

@@ -1,0 +1,134 @@
+"""One rank's share of a data-parallel step (pure): the strategy's model states and timeline, from the one-device
+replay (parallel.py: FSDP2 and DDP, zero.py: DeepSpeed ZeRO), cached per structure as the one-device ones are."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..config import FSDP_STRATEGIES, ZERO_STRATEGIES, Device, Dtype, Offload, Regime, RunSetup, Strategy
+from ..records import Category, Term
+from ..spec import ModelSpec
+from .compose import Timeline, assemble, replay, structural
+from .forward import window_reached
+from .parallel import (ROOT, check_parallel, ddp_bucket_bytes, fsdp_replay, group_bytes, rank_tensors,
+                       sharded_states)
+from .states import StateBytes
+from .zero import zero_replay, zero_states
+
+_SOURCE_FSDP = "torch 2.13 distributed/fsdp/_fully_shard/_fsdp_param_group.py, _fsdp_collectives.py"
+_SOURCE_DDP = "torch 2.13 nn/parallel/distributed.py, csrc/distributed/c10d/reducer.cpp (initialize_buckets)"
+_SOURCE_ZERO = "deepspeed runtime/zero/stage_1_and_2.py, stage3.py, config.py (defaults)"
+
+
+@dataclass(frozen=True)
+class RankShare:
+    states: StateBytes
+    timeline: Timeline
+    persistent_grads: int     # engine buffers of the gradient category alive the whole step (DDP / ZeRO buckets)
+    host_bytes: int | None    # offloaded states in host memory
+    terms: tuple[Term, ...]
+    notes: tuple[str, ...]
+
+
+def state_terms(sb: StateBytes, how: str, source: str) -> tuple[Term, ...]:
+    """The rank's model states, one term per category (``how``: what each rank holds of them)."""
+    rows = ((Category.params_trainable, "trainable weights", sb.params_trainable),
+            (Category.params_frozen, "frozen weights", sb.params_frozen),
+            (Category.gradients, "gradients (the rank's)", sb.gradients),
+            (Category.optimizer_states, "optimizer states", sb.optimizer_states),
+            (Category.master_weights, "fp32 master weights", sb.master_weights))
+    return tuple(Term(cat, f"{name}, per rank", how, f"{nbytes:,} B", nbytes, source) for cat, name, nbytes in rows
+                 if nbytes)
+
+
+def one_device_setup(setup: RunSetup) -> RunSetup:
+    """The step each rank runs, on one device; ZeRO in half precision is DeepSpeed's mixed precision (half
+    weights, fp32 masters and Adam states), whatever regime the flags name."""
+    one = setup.on_one_device()
+    par = setup.parallel
+    if par is not None and par.strategy in ZERO_STRATEGIES and setup.dtype is not Dtype.fp32:
+        one = dataclasses.replace(one, regime=Regime.mixed)
+    return one
+
+
+_CACHE: dict[tuple, RankShare] = {}
+
+
+def rank_share(spec: ModelSpec, setup: RunSetup, one_states: StateBytes, tracked: bool) -> RankShare:
+    """States, timeline and engine terms of one rank of ``setup.parallel`` (cached per structure)."""
+    one = one_device_setup(setup)
+    struct = structural(one)
+    key = (spec, struct, setup.parallel, tracked, window_reached(spec, one), setup.batch_size == 1)
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = _share(spec, setup, one, struct, one_states, tracked)
+        if len(_CACHE) > 4096:
+            _CACHE.clear()
+        _CACHE[key] = hit
+    return hit
+
+
+def _share(spec: ModelSpec, setup: RunSetup, one: RunSetup, struct: RunSetup, one_states: StateBytes,
+           tracked: bool) -> RankShare:
+    par = setup.parallel
+    assert par is not None
+    check_parallel(setup)
+    tensors = rank_tensors(spec, one)
+    rep = replay(spec, struct, tracked, window_reached(spec, one))
+    n = par.shard_group
+    what = par.describe()
+    notes = [f"per rank of {what}: activations are one device's (each rank runs its own micro-batch of "
+             f"{setup.batch_size})"]
+    if par.strategy in FSDP_STRATEGIES:
+        mixed = one.effective_regime is Regime.mixed
+        if mixed:
+            # FSDP2's mixed precision: fp32 shards (they are the masters), a MixedPrecisionPolicy gathering in the
+            # half dtype and reducing gradients in fp32 (torchtitan's default, mixed_precision_reduce="float32")
+            tensors = rank_tensors(spec, dataclasses.replace(one, dtype=Dtype.fp32, regime=None))
+            sb = dataclasses.replace(sharded_states(spec, one, one_states, tensors, n), master_weights=0,
+                                     grad_upcast=0, grads_freed_at_step=0)
+            notes.append("FSDP mixed precision: fp32 shards, MixedPrecisionPolicy(param_dtype="
+                         f"{setup.dtype.value}, reduce_dtype=fp32)")
+        else:
+            sb = sharded_states(spec, one, one_states, tensors, n)
+        half = 2 if mixed else None
+        tl = assemble(fsdp_replay(rep, tensors, par, gloo=one.device is Device.cpu, param_bytes=half,
+                                  reduce_bytes=4 if mixed else None), spec.num_layers)
+        host = None
+        if par.offload is Offload.params:
+            host = sb.params_trainable + sb.params_frozen + sb.gradients + sb.optimizer_states
+            sb = dataclasses.replace(sb, params_trainable=0, params_frozen=0, gradients=0, optimizer_states=0,
+                                     optimizer_temp=0)
+        blk, root = group_bytes(tensors, 0, n, half, 4 if mixed else None), group_bytes(tensors, ROOT, n, half)
+        kept = "until the block's backward" if par.strategy is Strategy.fsdp_grad_op else "for the block's forward"
+        terms = state_terms(sb, f"dim-0 shard of each tensor: ceil(rows / {n}) rows (padded)", _SOURCE_FSDP) + (
+            Term(Category.weight_copies, "unsharded block (FSDP all-gather copy-out)",
+                 f"block params padded to a multiple of {n} rows", f"{blk.unsharded:,} B, kept {kept}",
+                 blk.unsharded, _SOURCE_FSDP),
+            Term(Category.temporaries, "all-gather output buffer (kept to the next block's copy-out in forward; "
+                 "the next block's prefetch in backward)", "= unsharded block", f"{blk.unsharded:,} B",
+                 blk.unsharded, _SOURCE_FSDP),
+            Term(Category.weight_copies, "unsharded root (embeddings, final norm, head: not resharded after "
+                 "forward)", "root params padded", f"{root.unsharded:,} B", root.unsharded, _SOURCE_FSDP),
+            Term(Category.temporaries, "reduce-scatter input (kept to the next group's post-backward)",
+                 "block trainable grads padded", f"{blk.reduce_input:,} B", blk.reduce_input, _SOURCE_FSDP),
+        )
+        return RankShare(sb, tl, 0, host, terms, tuple(notes))
+    if par.strategy is Strategy.ddp:
+        buckets = ddp_bucket_bytes(tensors)
+        terms = state_terms(one_states, "replicated on every rank", _SOURCE_DDP) + (Term(Category.gradients, "DDP gradient buckets (gradient_as_bucket_view=False)",
+                      "one flat copy of the trainable gradients", f"{buckets:,} B", buckets, _SOURCE_DDP),)
+        return RankShare(one_states, assemble(rep, spec.num_layers), buckets, None, terms, tuple(notes))
+    sb, plan = zero_states(setup, one_states, tensors)
+    tl = assemble(zero_replay(rep, setup, plan), spec.num_layers)
+    notes.append("ZeRO is modelled from DeepSpeed's source and default config, not traced or measured (DeepSpeed "
+                 "cannot run on fake tensors)" + ("; bf16/fp16 runs use DeepSpeed's mixed precision (fp32 masters)"
+                                                  if one.regime is Regime.mixed else ""))
+    terms = state_terms(sb, f"partitions of 1/{par.world_size} (weights whole below stage 3)", _SOURCE_ZERO) + (
+        Term(Category.gradients, "contiguous gradient bucket (reduce_bucket_size elements)",
+             "5e8 x half bytes", f"{plan.bucket:,} B", plan.bucket, _SOURCE_ZERO),
+    ) + ((Term(Category.weight_copies, "gathered parameters (one block + prefetch)",
+               "block params + min(block, 5e7 elements)", f"{plan.gathered_block:,} B", plan.gathered_block,
+               _SOURCE_ZERO),) if plan.gathered_block else ())
+    return RankShare(sb, tl, plan.bucket, plan.host or None, terms, tuple(notes))

@@ -1,0 +1,255 @@
+"""Per-rank model states under data parallelism (analytic/parallel.py, ranks.py, zero.py) against independent
+counts: torch's own parameter shapes on a meta model, hand arithmetic, and DeepSpeed's published estimator formulas.
+The per-rank peaks against the sharded trace are in tests/runtime/test_sharded_trace.py and estimates/validation.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from memprof.analytic import estimate
+from memprof.analytic.parallel import rank_tensors, sharded_states
+from memprof.analytic.ranks import one_device_setup, rank_share
+from memprof.analytic.states import state_bytes
+from memprof.analytic.zero import REDUCE_BUCKET
+from memprof.config import ParallelSpec
+from memprof.errors import ConfigError
+from memprof.hub import resolve_spec
+from memprof.resolve import resolve_setup
+from tests.tiny_configs import tiny_spec
+
+METHODS = ("full", "lora", "adapter", "bitfit", "ia3", "prompt", "ln-tuning", "qlora")
+
+
+def _setup(method: str = "full", dtype: str = "fp32", **par: object):
+    over: dict[str, object] = {"method": method, "dtype": dtype, "device": "cpu", "batch_size": 2, "seq_len": 16}
+    over.update(par)
+    return resolve_setup(overrides=over)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_tensors_hold_every_weight_once(family: str, method: str) -> None:
+    """The per-tensor list (torch shapes, groups) sums to the same trainable and frozen bytes as the one-device
+    states (params.py counts modules, not tensors: two enumerations)."""
+    spec, setup = tiny_spec(family), _setup(method, "bf16")
+    try:
+        one = state_bytes(spec, setup)
+    except ConfigError:
+        pytest.skip(f"{method} does not apply to {family}")
+    tensors = rank_tensors(spec, setup)
+    assert sum(t.nbytes(t.numel) for t in tensors if t.trainable) == one.params_trainable
+    frozen = sum(t.nbytes(t.numel) for t in tensors if not t.trainable)
+    if method == "qlora":  # 4-bit weights: block constants rounded up per tensor here, over the model in params.py
+        quantized_tensors = sum(1 for t in tensors if t.elem_bytes < 1)
+        assert abs(frozen - one.params_frozen) <= 5 * quantized_tensors
+    else:
+        assert frozen == one.params_frozen
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_fsdp_shards_match_torch_shapes(family: str, world: int) -> None:
+    """Per-rank parameter bytes = sum over the model's parameters (as transformers builds them, on meta) of
+    ceil(dim0 / n) x (numel / dim0) x 4 B: FSDP2 shards dim 0, padded to a multiple of n
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param.py)."""
+    torch = pytest.importorskip("torch")
+    from memprof.runtime.build import build_base_model
+
+    spec, setup = tiny_spec(family), _setup("full", world_size=world, strategy="fsdp")
+    model = build_base_model(spec, setup.on_one_device(), "meta")
+    seen: set[int] = set()
+    expected = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        dim0 = p.shape[0]
+        expected += math.ceil(dim0 / world) * (p.numel() // dim0) * 4
+    share = rank_share(spec, setup, state_bytes(spec, one_device_setup(setup)), tracked=False)
+    assert share.states.params_trainable == expected
+    assert share.states.gradients == expected
+    assert torch is not None
+
+
+def test_fsdp_hand_arithmetic_tiny_llama() -> None:
+    """Tiny LLaMA (h=32, I=64, 4 heads of 8, 2 kv heads, V=100, 2 layers, untied), full fp32 at n=8:
+    embed 100x32 -> ceil(100/8)=13 rows x 32; per block q 32x32 (4 rows), k 16x32 (2), v 16x32 (2), o 32x32 (4),
+    gate 64x32 (8), up 64x32 (8), down 32x64 (4 rows x 64), 2 norms of 32 (4 each); final norm 32 (4);
+    lm_head 100x32 (13 rows)."""
+    spec, setup = tiny_spec("llama"), _setup("full", world_size=8, strategy="fsdp")
+    block = (4 * 32 + 2 * 32 + 2 * 32 + 4 * 32 + 8 * 32 + 8 * 32 + 4 * 64 + 4 + 4) * 4
+    rank = (13 * 32 + 2 * block // 4 + 4 + 13 * 32) * 4
+    assert block == 4640 and rank == 12624
+    share = rank_share(spec, setup, state_bytes(spec, one_device_setup(setup)), tracked=False)
+    assert share.states.params_trainable == rank
+    # AdamW: exp_avg + exp_avg_sq per shard element, plus one 4-byte step counter per tensor (CPU)
+    tensors = 1 + 2 * 9 + 1 + 1
+    assert share.states.optimizer_states == 2 * rank + 4 * tensors
+
+
+def test_fsdp_mixed_precision_keeps_fp32_shards() -> None:
+    """FSDP2's mixed precision (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) over fp32 parameters):
+    the fp32 shards are the masters, so a rank holds the fp32 case's shards, states and gradients (tiny LLaMA at n=8:
+    12,624 B of shards, hand arithmetic in test_fsdp_hand_arithmetic_tiny_llama) and no separate master copy; the
+    blocks are gathered in bf16 (half the fp32 gather)."""
+    spec = tiny_spec("llama")
+    mixed = _setup("full", "bf16", regime="mixed", world_size=8, strategy="fsdp")
+    share = rank_share(spec, mixed, state_bytes(spec, one_device_setup(mixed)), tracked=False)
+    assert share.states.params_trainable == 12624 and share.states.gradients == 12624
+    assert share.states.master_weights == 0
+    assert share.states.optimizer_states == 2 * 12624 + 4 * 21
+    fp32 = _setup("full", world_size=8, strategy="fsdp")
+    gathered = {t.name: t.bytes for t in rank_share(spec, mixed, state_bytes(spec, one_device_setup(mixed)),
+                                                      tracked=False).terms}
+    gathered32 = {t.name: t.bytes for t in rank_share(spec, fp32, state_bytes(spec, one_device_setup(fp32)),
+                                                        tracked=False).terms}
+    block = "unsharded block (FSDP all-gather copy-out)"
+    assert gathered[block] * 2 == gathered32[block]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp-grad-op", "zero3"])
+def test_full_finetuning_per_rank_peak_falls_with_world_size(strategy: str) -> None:
+    spec = resolve_spec("meta-llama/Llama-3.1-8B")[0]
+    peaks = [estimate(spec, resolve_setup(overrides={"dtype": "bf16", "world_size": n, "strategy": strategy}))
+             .peak_bytes for n in (2, 4, 8, 16)]
+    assert peaks == sorted(peaks, reverse=True)
+
+
+def test_ddp_is_one_device_plus_buckets() -> None:
+    """DDP replicates everything; its Reducer adds one flat copy of the trainable gradients (its buckets)."""
+    spec = tiny_spec("gpt2")
+    for method in ("full", "lora"):
+        one = estimate(spec, _setup(method))
+        ddp = estimate(spec, _setup(method, world_size=4, strategy="ddp"))
+        assert ddp.peak_bytes - one.peak_bytes == one.trainable_params * 4
+        assert ddp.peak.gradients - one.peak.gradients == one.trainable_params * 4
+
+
+def test_hsdp_shards_within_the_group() -> None:
+    """HSDP over 8 ranks in 2 nodes shards like FSDP over the 4 ranks of a node."""
+    spec = tiny_spec("llama")
+    hsdp = estimate(spec, _setup("full", world_size=8, strategy="hsdp", nodes=2))
+    fsdp4 = estimate(spec, _setup("full", world_size=4, strategy="fsdp"))
+    assert hsdp.peak_bytes == fsdp4.peak_bytes
+
+
+def test_lora_frozen_base_is_sharded_under_fsdp_and_replicated_under_ddp_and_zero2() -> None:
+    """What makes PEFT + sharding differ: the frozen base is sharded by FSDP and ZeRO-3 only."""
+    spec = resolve_spec("meta-llama/Llama-3.1-8B")[0]
+    one = state_bytes(spec, _setup("lora", "bf16"))
+    for strategy, divided in (("fsdp", True), ("zero3", True), ("ddp", False), ("zero2", False)):
+        setup = _setup("lora", "bf16", world_size=8, strategy=strategy)
+        share = rank_share(spec, setup, state_bytes(spec, one_device_setup(setup)), tracked=False)
+        if divided:
+            assert share.states.params_frozen < one.params_frozen / 7
+        else:
+            assert share.states.params_frozen == one.params_frozen
+
+
+# ---- DeepSpeed's own estimators (deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs,
+# stage3.py estimate_zero3_model_states_mem_needs), written here as the reference: full fine-tuning, fp16/bf16 -----
+
+def ds_zero2_gpu(total_params: int, gpus: int, cpu_offload: bool) -> int:
+    return 2 * total_params if cpu_offload else 4 * total_params + int(16 * total_params / gpus)
+
+
+def ds_zero3_gpu(total_params: int, largest_layer_params: int, gpus: int, cpu_offload: bool,
+                 cpu_offload_params: bool) -> int:
+    largest = 4 * largest_layer_params
+    if cpu_offload:
+        return largest if cpu_offload_params else largest + int(2 * total_params / gpus)
+    return largest + int(18 * total_params / gpus)
+
+
+@pytest.mark.parametrize("gpus", [1, 8, 64])
+def test_zero_model_states_against_deepspeeds_estimators(gpus: int) -> None:
+    """Full fine-tuning of Llama-3.1-8B in bf16. Where memprof and DeepSpeed's estimators count the same things they
+    agree to rounding; they differ in exactly the gradient terms, which DeepSpeed's functions simplify:
+    - ZeRO-2: DeepSpeed counts 2P of half gradients on every rank; stage 2 copies each gradient into the contiguous
+      bucket as it is made and keeps only its partition (memprof: 2P/n partition + the 5e8-element bucket);
+    - ZeRO-3: DeepSpeed's 18P/n has no half gradient partition; stage3.py keeps one (grad_partitions_flat_buffer,
+      2P/n), and memprof counts it; its 4 x largest-layer term is memprof's gathered block instead.
+    Everything else (half weights, fp32 masters, Adam states, fp32 gradients of the partition) matches."""
+    spec = resolve_spec("meta-llama/Llama-3.1-8B")[0]
+    P = spec_total = estimate(spec, _setup("full", "bf16")).total_params
+    assert P == spec_total
+
+    def states(strategy: str, offload: str = "none"):  # noqa: ANN202
+        setup = resolve_setup(overrides={"dtype": "bf16", "world_size": gpus, "strategy": strategy,
+                                         "offload": offload})
+        return rank_share(spec, setup, state_bytes(spec, one_device_setup(setup)), tracked=False)
+
+    z2 = states("zero2").states
+    ds2 = ds_zero2_gpu(P, gpus, cpu_offload=False)
+    half_grads_ds = 2 * P
+    ours_without_grads = z2.params_trainable + z2.optimizer_states + z2.master_weights + z2.grad_upcast
+    counters = 4 * 0  # state["step"] counters: on the host for a non-fused CUDA AdamW (states.py)
+    assert ours_without_grads - counters == pytest.approx(ds2 - half_grads_ds, rel=1e-6)
+    assert z2.gradients == pytest.approx(2 * P / gpus, rel=1e-6)
+
+    # stage 3 keeps parameters under stage3_param_persistence_threshold (1e5 elements: the norms) whole on each rank
+    whole = sum(t.numel * 2 for t in rank_tensors(spec, _setup("full", "bf16")) if t.numel < 100_000)
+    z3 = states("zero3").states
+    ds3_without_layer = ds_zero3_gpu(P, 0, gpus, False, False)
+    ours3 = z3.params_trainable + z3.optimizer_states + z3.master_weights + z3.grad_upcast
+    assert abs(ours3 - ds3_without_layer) <= whole + 64
+    assert z3.gradients == pytest.approx(2 * P / gpus, rel=2e-3)
+
+    z2o = states("zero2", "optimizer").states
+    assert z2o.params_trainable + z2o.params_frozen + z2o.optimizer_states + z2o.master_weights \
+        == ds_zero2_gpu(P, gpus, cpu_offload=True)
+    z3o = states("zero3", "optimizer").states
+    assert abs(z3o.params_trainable + z3o.optimizer_states + z3o.master_weights
+               - ds_zero3_gpu(P, 0, gpus, True, False)) <= whole + 64
+    z3p = states("zero3", "params")
+    assert z3p.states.params_trainable + z3p.states.optimizer_states == pytest.approx(0, abs=2e6)
+    assert z3p.host_bytes is not None and z3p.host_bytes > 16 * P / gpus
+
+
+def test_zero_bucket_is_deepspeeds_default_size() -> None:
+    """reduce_bucket_size = 5e8 elements of the half dtype, whatever the model (stage_1_and_2.py backward)."""
+    spec = tiny_spec("gpt2")
+    one = estimate(spec, _setup("full", "bf16"))
+    z2 = estimate(spec, _setup("full", "bf16", world_size=2, strategy="zero2"))
+    assert z2.peak.gradients >= REDUCE_BUCKET * 2
+    assert one.peak.gradients < REDUCE_BUCKET
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"world_size": 4, "strategy": "fsdp", "grad_accum": 2}, "gradient accumulation"),
+    ({"world_size": 4, "strategy": "fsdp", "offload": "optimizer"}, "CPUOffloadPolicy"),
+    ({"world_size": 4, "strategy": "fsdp", "method": "lora", "dtype": "bf16", "regime": "mixed"},
+     "full fine-tuning only"),
+])
+def test_unmodelled_combinations_are_one_line(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        estimate(tiny_spec("llama"), _setup(**overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"world_size": 6, "nodes": 4}, "multiple of nodes"),
+    ({"world_size": 4, "strategy": "ddp", "offload": "params"}, "sharded parameters"),
+    ({"world_size": 4, "strategy": "fsdp", "shard_size": 2}, "hsdp only"),
+    ({"world_size": 8, "strategy": "hsdp", "shard_size": 3}, "does not divide"),
+    ({"world_size": 4, "strategy": "zero4"}, "choose one of"),
+])
+def test_bad_parallel_options_are_one_line(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_setup(overrides=overrides)
+
+
+def test_sharded_states_keep_unsharded_buffers_whole() -> None:
+    """VeRA's shared projections are buffers, not parameters: FSDP does not shard them (every rank holds them)."""
+    from memprof.analytic.params import vera_projection_params
+
+    spec = tiny_spec("llama")
+    setup = _setup("vera", world_size=4, strategy="fsdp")
+    one = state_bytes(spec, setup.on_one_device())
+    tensors = rank_tensors(spec, setup.on_one_device())
+    ranked = sharded_states(spec, setup.on_one_device(), one, tensors, 4)
+    frozen_shards = sum(t.nbytes(t.shard_numel(4)) for t in tensors if not t.trainable)
+    assert ranked.params_frozen == frozen_shards + 4 * vera_projection_params(spec, setup.lora)
+    assert ParallelSpec(world_size=4, strategy="fsdp").shard_group == 4
