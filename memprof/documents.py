@@ -23,7 +23,7 @@ CATEGORY_LABELS = {
     Category.gradients: "gradients",
     Category.optimizer_states: "optimizer states",
     Category.master_weights: "fp32 master weights",
-    Category.weight_copies: "weight copies (autocast / dequantized)",
+    Category.weight_copies: "weight copies (autocast / dequantized / gathered)",
     Category.activations: "activations (kept for backward)",
     Category.temporaries: "temporaries",
     Category.inputs: "batch",

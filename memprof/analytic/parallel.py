@@ -37,11 +37,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..config import (FSDP_STRATEGIES, ZERO_STRATEGIES, AdapterVariant, IA3Spec, LoraSpec, Method, Offload,
+from ..config import (FSDP_STRATEGIES, AdapterVariant, IA3Spec, LoraSpec, Method, Offload,
                       ParallelSpec, RunSetup, Strategy)
 from ..errors import ConfigError
 from ..spec import ModelSpec
-from .compose import FATES, Replay, Segment, assemble, vadd, vzero
+from .compose import FATES, Replay, Segment, vadd, vzero
 from .modules import Module, all_module_names, layer_prefix, tied_head
 from .params import (LORA_FAMILY, _saved_match, lora_family_tensors, modules_to_save, resolve_ia3_targets,
                      resolve_lora_targets, resolve_ln_targets, trainable_tensors)
@@ -50,11 +50,6 @@ from .states import StateBytes, quantized_bytes, step_counter_bytes, weight_byte
 
 GRADS, WCOPY, TEMP = FATES.index("gradients"), FATES.index("weight_copies"), FATES.index("temporaries")
 ROOT = -1  # the group of tensors outside the blocks
-
-# DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py DeepSpeedZeroConfig)
-ZERO_REDUCE_BUCKET = 500_000_000        # reduce_bucket_size, elements: the contiguous gradient bucket (ipg_buffer)
-ZERO_MAX_LIVE_PARAMS = 1_000_000_000    # stage3_max_live_parameters, elements
-ZERO_PERSISTENCE = 100_000              # stage3_param_persistence_threshold: smaller parameters stay whole
 
 
 @dataclass(frozen=True)
@@ -264,7 +259,9 @@ def fsdp_replay(rep: Replay, tensors: tuple[RankTensor, ...], par: ParallelSpec,
             fwd.append(_with_events(seg, gather(root, AR) + [(WCOPY, R)], []))
         elif seg.name.startswith("layer"):
             prev = AR if seg.name == "layer0" else A
-            fwd.append(_with_events(seg, gather(blk, A) + [(TEMP, -prev), (WCOPY, U)],
+            # wait_for_unshard drops comm_ctx.all_gather_state, but its local ``prev_all_gather_state`` holds the
+            # previous buffer until the method returns: after this block's copy-out
+            fwd.append(_with_events(seg, gather(blk, A) + [(WCOPY, U), (TEMP, -prev)],
                                     [(WCOPY, -U)] if reshard else []))
         else:                        # head: the root's post-forward frees the last block's kept all-gather buffer;
             # the root reshards too: fully_shard(reshard_after_forward=...) given explicitly (wrap_for_strategy) turns
@@ -349,8 +346,3 @@ def check_parallel(setup: RunSetup) -> None:
 def ddp_bucket_bytes(tensors: tuple[RankTensor, ...]) -> int:
     """DDP's Reducer buckets: one flat copy of every trainable gradient (reducer.cpp ``initialize_buckets``)."""
     return sum(t.nbytes(t.numel) for t in tensors if t.trainable)
-
-
-__all__ = ["RankTensor", "rank_tensors", "group_bytes", "fsdp_replay", "sharded_states", "ddp_bucket_bytes",
-           "check_parallel", "assemble", "ZERO_STRATEGIES", "ZERO_REDUCE_BUCKET", "ZERO_MAX_LIVE_PARAMS",
-           "ZERO_PERSISTENCE"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import Offload, RunSetup, Strategy
-from ..spec import ModelSpec
 from .compose import Replay
 from .parallel import GRADS, ROOT, WCOPY, RankTensor, _with_events
 from .states import StateBytes
@@ -126,10 +125,3 @@ def zero_replay(rep: Replay, setup: RunSetup, plan: ZeroPlan) -> Replay:
             post.append((GRADS, -total))
         bwd.append(_with_events(seg, ev, post))
     return dataclasses.replace(rep, forward=tuple(fwd), backward=tuple(bwd))
-
-
-def zero_model_states_bytes(setup: RunSetup, spec: ModelSpec, sb: StateBytes, plan: ZeroPlan) -> int:
-    """Model states on the device as DeepSpeed's estimators count them (weights, gradients, optimizer states,
-    masters), for the comparison with ``estimate_zero2/3_model_states_mem_needs``."""
-    return sb.params_trainable + sb.params_frozen + sb.gradients + sb.optimizer_states + sb.master_weights \
-        + sb.grad_upcast
