@@ -4,8 +4,9 @@ Known limitations (what the estimate does not capture; see also analytic/overhea
 - allocator behaviour beyond a flat reserve fraction: fragmentation depends on the allocation history;
 - kernel workspaces other than cuBLAS's (cuDNN, flash-attention split buffers) and exact kernel temporaries
   inside backward (modelled for attention, approximated elsewhere);
-- padding masks (synthetic batches have none), KV caches (training only), gradient accumulation across
-  micro-batches (one micro-batch is modelled), data-parallel buckets and communication buffers;
+- data parallelism (ranks.py): torch FSDP2's and DDP's buffers are modelled from their sources and checked against
+  traces and real gloo ranks; DeepSpeed ZeRO's from its source only; NCCL's own buffers, CUDA stream reuse across
+  FSDP2's collective streams and gradient accumulation under data parallelism are not modelled;
 - the scripts mirror transformers 5.x / peft 0.21 modeling code (forward.py, families/*.py, each naming its upstream file); other versions may differ,
   and ``--trace`` runs the real code.
 """
