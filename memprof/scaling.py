@@ -3,8 +3,8 @@ strategies, the table of ``memprof compare --world-sizes 1,2,4,8 --strategies fs
 
 World size 1 is the plain one-device run (no engine, no sharding, no offload): one row per method whatever the
 strategies. Each larger world size gives one row per strategy, with the offload, nodes and HSDP shard size of the
-flags. A combination the estimator refuses (FSDP in the mixed regime, gradient accumulation, nodes that do not
-divide the world) is a row with status n/a and the one-line reason. Nothing here is traced or measured (DeepSpeed
+flags. A combination the estimator refuses (PEFT under FSDP's mixed precision, gradient accumulation, nodes that
+do not divide the world) is a row with status n/a and the one-line reason. Nothing here is traced or measured (DeepSpeed
 cannot run on fake tensors; ``memprof measure --nproc N`` measures a data-parallel run).
 ``fit --strategy`` asks the converse question (analytic/fit.py ``fit_world``): the smallest world that fits.
 """
