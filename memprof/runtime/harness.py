@@ -39,7 +39,7 @@ from .build import (TORCH_DTYPE, apply_method, host_buffers, build_base_model, c
 from .allocator import PhaseMarks, live_storage_bytes, unobserved_peak
 from .refusals import library_refusals, what_runs
 from .step import block_modules, run_step
-from .tracker import MemoryTracker
+from .tracker import MemoryTracker, local_tensor
 
 ProgressFn = Callable[[str, int, int], None]
 CUDA_BLOCK_BYTES = 512  # caching-allocator rounding, so the tracker's CUDA peak compares to max_memory_allocated
@@ -298,7 +298,7 @@ def unobserved_step(run: BuiltRun, setup: RunSetup) -> UnobservedStep:
         tensors = [*model.parameters(), *model.buffers(), *run.batch.values(), *states,
                    *(p.grad for p in model.parameters()), *_tensors(run.held), *_master_weights(optimizer)]
         # a DTensor (FSDP2's sharded parameters, gradients, states) holds its rank's shard: count that
-        live.append(live_storage_bytes(getattr(t, "_local_tensor", t) for t in tensors))
+        live.append(live_storage_bytes(local_tensor(t) for t in tensors))
 
     step = unobserved_peak(lambda: _step(run, setup, "cpu", tracker=PhaseMarks()), before_fn=prepare)
     phases = {p.value: step.phase_peak_bytes.get(p.value, -1) for p in Phase}

@@ -143,9 +143,3 @@ def mixed_param_dtype(setup) -> torch.dtype | None:  # noqa: ANN001 (RunSetup)
     if not setup.sharded_masters:
         return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[setup.dtype.value]
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (what the rank's memory holds), else the tensor itself."""
-    to_local = getattr(t, "_local_tensor", None)
-    return to_local if isinstance(to_local, torch.Tensor) else t

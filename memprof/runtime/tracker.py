@@ -40,6 +40,12 @@ _COPY_OPS = {"aten::_to_copy", "aten::to", "aten::clone", "aten::_autocast_to_re
 PERSISTENT_GRADIENT_BUFFERS = "_memprof_gradient_buffers"
 
 
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (what the rank's memory holds: FSDP2's parameters, gradients, states), else ``t``."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t
+
 @dataclass
 class _Info:
     nbytes: int
@@ -101,9 +107,7 @@ class MemoryTracker(TorchDispatchMode):
 
     # ---- registration -------------------------------------------------------------------------------
     def _key_of(self, t: torch.Tensor) -> tuple[int, Any] | None:
-        local = getattr(t, "_local_tensor", None)  # a DTensor holds its rank's shard (parallel.local_tensor)
-        if isinstance(local, torch.Tensor):
-            t = local
+        t = local_tensor(t)
         if t.device.type == "meta":  # no memory: a host-resident tensor in a trace (trace.materialize)
             return None
         try:
