@@ -133,7 +133,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         except MemprofError as exc:
             notes.append(f"trace: {exc}")
     else:
-        notes.append("ZeRO: analytic only (DeepSpeed's engine cannot run on fake tensors)")
+        notes.append("ZeRO: analytic only (DeepSpeed's engine cannot run on fake tensors; part I measures it)")
     if job["part"] == "H":
         ranks, peaks = _measure(spec, setup)
         if t is not None and any(p is not None and abs(frac(t.peak_bytes, p)) > TRACED_VS_MEASURED for p in peaks):
@@ -224,7 +224,8 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
            "tensors (runtime/sharded_trace.py); *measured*: `memprof measure --nproc 2` (torchrun, gloo), each rank's "
            "tracker peak of a steady-state step. HSDP rows of part G span 2 nodes (shard group N/2; at N=2 a group of "
            "one); part H's run on one machine with --shard-size 1 (two groups of one rank). "
-           "ZeRO rows are analytic only: DeepSpeed's engine cannot run on fake tensors and is not installed here.",
+           "ZeRO rows are analytic only here (DeepSpeed's engine cannot run on fake tensors); part I, the next section, "
+           "measures them against DeepSpeed's engine on real gloo ranks.",
            "", "Targets (issue 12): analytic within 2% of traced per rank; traced within 1% of each measured rank.", "",
            "### Summary", "",
            f"- rows: {len(rows)} (part G {len(g)}, part H {len(h)}); analytic vs traced compared on {len(at)}; "

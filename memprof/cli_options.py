@@ -131,6 +131,15 @@ RUN_OPTIONS: list[tuple[str, Any]] = [
         "--nodes", help="Machines the ranks span (HSDP shards within a node).  \\[default: 1]")]),
     ("shard_size", Annotated[Optional[int], typer.Option(
         "--shard-size", help="HSDP: ranks one shard group spans.  \\[default: world size / nodes]")]),
+    ("zero_bucket", Annotated[Optional[float], typer.Option(
+        "--zero-bucket", help="ZeRO's reduce_bucket_size, elements (HF Trainer's auto: hidden²).  \\[default: 5e8, "
+                              "DeepSpeed's]")]),
+    ("zero_prefetch", Annotated[Optional[float], typer.Option(
+        "--zero-prefetch", help="ZeRO-3's stage3_prefetch_bucket_size, elements (auto: 0.9 hidden²).  \\[default: "
+                                "5e7]")]),
+    ("zero_persistence", Annotated[Optional[float], typer.Option(
+        "--zero-persistence", help="ZeRO-3's stage3_param_persistence_threshold, elements (auto: 10 hidden).  "
+                                   "\\[default: 1e5]")]),
     ("cuda_context_mib", Annotated[Optional[float], typer.Option(
         "--cuda-context-mib", help="CUDA context size assumed, MiB.  \\[default: 500]")]),
     ("reserve_frac", Annotated[Optional[float], typer.Option(
@@ -152,7 +161,8 @@ PANELS: dict[str, tuple[str, ...]] = {
     "IA3, prefix, prompt and P-tuning, trainable tokens": ("ia3_targets", "ia3_feedforward", "virtual_tokens",
                                                            "prefix_projection", "prompt_encoder_hidden",
                                                            "tokens_trained"),
-    "Beyond one device (per-rank memory)": ("world_size", "strategy", "offload", "nodes", "shard_size"),
+    "Beyond one device (per-rank memory)": ("world_size", "strategy", "offload", "nodes", "shard_size", "zero_bucket",
+                                            "zero_prefetch", "zero_persistence"),
     "Overheads and config file": ("cuda_context_mib", "reserve_frac", "config"),
 }
 for _name, _annotation in RUN_OPTIONS:
@@ -184,7 +194,7 @@ PARALLEL_OPTIONS: list[tuple[str, Any]] = [
                                "per rank and the job's max.  \\[default: 1, the single-device run]")]),
     ("strategy", Annotated[Optional[str], typer.Option(
         "--strategy", help="With --nproc: ddp | fsdp | fsdp-grad-op | hsdp | zero1 | zero2 | zero3 (ZeRO: "
-                           "memprof[deepspeed], CUDA)  \\[default: ddp]")]),
+                           "memprof[deepspeed]; gloo on a CPU)  \\[default: ddp]")]),
     ("world_size", Annotated[Optional[int], typer.Option(
         "--world-size", min=1, help="With --nproc: the ranks of the job; must equal --nproc.  \\[default: --nproc]")]),
     ("offload", Annotated[Optional[str], typer.Option("--offload", help="ZeRO: none | optimizer | params.")]),
@@ -225,7 +235,8 @@ def setup_overrides(run: dict[str, Any]) -> dict[str, Any]:
                    "projection_hidden": run["prompt_encoder_hidden"]},
         "trainable_tokens": {"count": run["tokens_trained"]},
         "overheads": {"allocator_reserve_frac": run["reserve_frac"]},
-        "parallel": {k: run.get(k) for k in ("world_size", "strategy", "offload", "nodes", "shard_size")},
+        "parallel": {k: run.get(k) for k in ("world_size", "strategy", "offload", "nodes", "shard_size", "zero_bucket",
+                                             "zero_prefetch", "zero_persistence")},
     }
     out: dict[str, Any] = {
         "method": run["method"], "batch_size": run["batch_size"], "seq_len": run["seq_len"], "dtype": run["dtype"],

@@ -261,13 +261,21 @@ ZERO_STRATEGIES = (Strategy.zero1, Strategy.zero2, Strategy.zero3)
 @dataclass(frozen=True)
 class ParallelSpec:
     """Data parallelism over ``world_size`` ranks (one GPU each): which engine shards what. ``nodes`` only splits the
-    ranks into machines (HSDP's default shard group is one node's ranks); ``shard_size``: HSDP's shard group."""
+    ranks into machines (HSDP's default shard group is one node's ranks); ``shard_size``: HSDP's shard group.
+
+    ZeRO's buffer sizes, in elements, as a DeepSpeed config's ``zero_optimization`` names them; None is DeepSpeed's
+    default (deepspeed/runtime/zero/config.py): ``zero_bucket`` reduce_bucket_size (5e8), ``zero_prefetch``
+    stage3_prefetch_bucket_size (5e7), ``zero_persistence`` stage3_param_persistence_threshold (1e5). HF Trainer's
+    "auto" values are hidden², 0.9 hidden² and 10 hidden (transformers/integrations/deepspeed.py)."""
 
     world_size: int = 1
     strategy: Strategy = Strategy.ddp
     offload: Offload = Offload.none
     nodes: int = 1
     shard_size: int | None = None
+    zero_bucket: int | None = None
+    zero_prefetch: int | None = None
+    zero_persistence: int | None = None
 
     def __post_init__(self) -> None:
         for name, enum in (("strategy", Strategy), ("offload", Offload)):
@@ -296,6 +304,20 @@ class ParallelSpec:
                               f"not {self.strategy.value}")
         if self.offload is Offload.optimizer and self.strategy is Strategy.ddp:
             raise ConfigError("offload optimizer applies to ZeRO (zero1/2/3) and FSDP (CPUOffload); DDP has none")
+        for name, flag, lo, stage3 in (("zero_bucket", "--zero-bucket", 1, False),
+                                       ("zero_prefetch", "--zero-prefetch", 0, True),
+                                       ("zero_persistence", "--zero-persistence", 0, True)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, float) and value.is_integer():  # 5e8 as a TOML or JSON number
+                value = int(value)
+                object.__setattr__(self, name, value)
+            _check_int(flag.lstrip("-").replace("-", " "), value, lo, 1 << 40)
+            allowed = (Strategy.zero3,) if stage3 else ZERO_STRATEGIES
+            if self.strategy not in allowed:
+                raise ConfigError(f"{flag} applies to --strategy {' / '.join(s.value for s in allowed)} only, "
+                                  f"not {self.strategy.value}")
 
     @property
     def gpus_per_node(self) -> int:
@@ -319,6 +341,10 @@ class ParallelSpec:
             text += f", shard group {self.shard_group}"
         if self.offload is not Offload.none:
             text += f", offload {self.offload.value}"
+        for name, label in (("zero_bucket", "bucket"), ("zero_prefetch", "prefetch"),
+                            ("zero_persistence", "persistence")):
+            if getattr(self, name) is not None:
+                text += f", {label} {getattr(self, name):.3g}"
         return text
 
 

@@ -210,7 +210,8 @@ def render_measurement(m: Any, fmt: Format, console: Console, note: str | None =
     share = (m.trainable_params or 0) / (m.total_params or 1)
     table.add_row("parameters (trainable)", f"{fmt_count(m.total_params)} ({fmt_count(m.trainable_params)}, "
                                             f"{fmt_pct(share, 2)})")
-    peak_label = "peak allocated (max_memory_allocated)" if m.device == "cuda" else "peak live tensors (tracker)"
+    peak_label = ("peak allocated (max_memory_allocated)" if m.device == "cuda" else "peak live tensors (tracker)"
+                  if m.tracker_peak_bytes is not None or not unobserved else "peak allocated (allocator level)")
     table.add_row(peak_label, fmt_bytes(m.peak_bytes))
     if predicted is not None:
         table.add_row("memprof's estimate of this run" + (" (+ cuBLAS workspace)" if m.device == "cuda" else

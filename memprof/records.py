@@ -177,7 +177,9 @@ def loop_options_str(setup: RunSetup) -> str:
         parts.append(f"strategy={par.strategy.value} world_size={par.world_size}"
                      + (f" nodes={par.nodes}" if par.nodes > 1 else "")
                      + (f" shard_size={par.shard_group}" if par.shard_size is not None else "")
-                     + (f" offload={par.offload.value}" if par.offload.value != "none" else ""))
+                     + (f" offload={par.offload.value}" if par.offload.value != "none" else "")
+                     + "".join(f" {k}={getattr(par, k)}" for k in ("zero_bucket", "zero_prefetch", "zero_persistence")
+                               if getattr(par, k) is not None))
     return " ".join(parts)
 
 

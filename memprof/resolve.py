@@ -77,6 +77,8 @@ FLAG_ALIASES: dict[str, tuple[str, str, float]] = {
     "reserve_frac": ("overheads", "allocator_reserve_frac", 1),
     "world_size": ("parallel", "world_size", 1), "strategy": ("parallel", "strategy", 1),
     "offload": ("parallel", "offload", 1), "nodes": ("parallel", "nodes", 1), "shard_size": ("parallel", "shard_size", 1),
+    "zero_bucket": ("parallel", "zero_bucket", 1), "zero_prefetch": ("parallel", "zero_prefetch", 1),
+    "zero_persistence": ("parallel", "zero_persistence", 1),
 }
 FIELD_ALIASES = {"attn": "attn_impl"}  # flag name -> RunSetup field
 

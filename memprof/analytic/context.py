@@ -26,6 +26,7 @@ class Ctx:
     setup: RunSetup
     wdt: str                    # storage dtype of base weights (fp32 under fp32/AMP regimes)
     amp: str | None             # autocast dtype (AMP regime) else None
+    adapter_dtype: str = "fp32"  # peft's tensors: fp32 on a half base (autocast_adapter_dtype); DeepSpeed casts them
     lora: dict = field(default_factory=dict)       # full module name -> rank
     ia3: dict = field(default_factory=dict)        # full module name -> is_feedforward
     ln_tuned: set = field(default_factory=set)     # norm layers LN tuning copies (trainable)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..compat import resolve_attention
-from ..config import AttnImpl, Method, Regime, RunSetup
+from ..config import ZERO_STRATEGIES, AttnImpl, Method, Regime, RunSetup
 from ..spec import FULL, SLIDING, Family, ModelSpec
 from . import peft_methods
 from .context import Ctx
@@ -32,7 +32,10 @@ def build_context(g: Graph, spec: ModelSpec, setup: RunSetup) -> Ctx:
     regime = setup.effective_regime
     wdt = setup.dtype.value if regime in (Regime.pure, Regime.mixed) or setup.method is Method.qlora else "fp32"
     amp = setup.dtype.value if regime is Regime.amp else None
-    ctx = Ctx(g, spec, setup, wdt, amp)
+    # DeepSpeed's bf16 / fp16 engine casts every parameter, peft's fp32 adapters too (engine.py
+    # _configure_distributed_model): a ZeRO rank's replay keeps its setup's parallel part to say so (ranks._share)
+    zero = setup.parallel is not None and setup.parallel.strategy in ZERO_STRATEGIES
+    ctx = Ctx(g, spec, setup, wdt, amp, adapter_dtype=wdt if zero and wdt != "fp32" else "fp32")
     peft_methods.configure(ctx)
     return ctx
 

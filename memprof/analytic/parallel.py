@@ -21,12 +21,12 @@ device. What changes per rank is where the model states live and what the engine
     group's post-backward (``reduce_scatter_max_input_buffers`` = 1); the root's is released at the end.
 - **DDP** (torch ``nn/parallel/distributed.py``, ``reducer.cpp``): every state replicated, plus the Reducer's
   gradient buckets (``gradient_as_bucket_view=False``: a flat copy of every trainable gradient), kept for the run.
-- **ZeRO** (DeepSpeed ``runtime/zero/stage_1_and_2.py``, ``stage3.py``, config defaults in ``zero/config.py``):
-  bf16 / fp16 runs are DeepSpeed's mixed precision (half weights, fp32 partitioned masters and Adam states);
-  stage 1 partitions optimizer states and masters, stage 2 also gradients (each gradient is copied into the
-  ``reduce_bucket_size`` contiguous bucket as it is produced), stage 3 also parameters (frozen ones too), gathered
-  module by module with up to ``stage3_max_live_parameters`` kept. ZeRO cannot run on fake tensors: this part is
-  modelled from the source, not traced (README, honest limits).
+- **ZeRO** (DeepSpeed 0.19.8 ``runtime/zero/stage_1_and_2.py``, ``stage3.py``, config defaults in ``zero/config.py``;
+  ``zero.py`` has the detail): bf16 / fp16 runs are DeepSpeed's mixed precision (half weights, fp32 partitioned
+  masters and Adam states); stage 1 partitions optimizer states and masters, stage 2 also gradients (reduced through
+  the contiguous bucket as they are made), stage 3 also parameters (frozen ones too), gathered module by module.
+  ZeRO cannot run on fake tensors: this part is modelled from the source and checked against DeepSpeed's engine on
+  real gloo ranks (benchmarks/validate_zero.py), not traced.
 
 Offloaded states are host (CPU) memory, reported apart (``Estimate.host_bytes``).
 """

@@ -74,7 +74,7 @@ def linear_4bit(ctx: Ctx, x: T, bias: T | None, m: Module, label: str) -> T:
 def lora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str) -> T:
     """peft lora.Linear.forward: result + B(A(dropout(x.to(A.dtype)))) * scaling, then .to(result dtype)."""
     g = ctx.g
-    adt = "fp32"  # peft autocast_adapter_dtype: adapter weights fp32 on a half base
+    adt = ctx.adapter_dtype  # peft autocast_adapter_dtype: adapter weights fp32 on a half base
     a_w = g.param(r * m.d_in, r, adt, True, label + ".lora_A")
     b_w = g.param(m.d_out * r, m.d_out, adt, True, label + ".lora_B")
     xa = g.cast(x, adt, label + " lora input (fp32)")
@@ -113,7 +113,7 @@ def dora(ctx: Ctx, x: T, y: T, r: int, m: Module, label: str, w: T, bias: T | No
         result + ((mns - 1) * base_result + mns * lora_result * scaling)
     """
     g = ctx.g
-    adt = "fp32"  # peft autocast_adapter_dtype: adapter weights (and the magnitude) fp32 on a half base
+    adt = ctx.adapter_dtype  # peft autocast_adapter_dtype: adapter weights (and the magnitude) fp32 on a half base
     a_w = g.param(r * m.d_in, r, adt, True, label + ".lora_A")
     b_w = g.param(m.d_out * r, m.d_out, adt, True, label + ".lora_B")
     mag = g.param(m.d_out, m.d_out, adt, True, label + ".lora_magnitude_vector")
@@ -183,11 +183,12 @@ def bottleneck_adapter(ctx: Ctx, y: T, label: str) -> T:
     ad = ctx.setup.adapter
     assert ad is not None
     h, r = ctx.spec.hidden_size, ad.bottleneck_size(ctx.spec.hidden_size)
-    down_w = g.param(h * r, r, "fp32", True, label + ".down")
-    down_b = g.param(r, r, "fp32", True, label + ".down.bias")
-    up_w = g.param(r * h, h, "fp32", True, label + ".up")
-    up_b = g.param(h, h, "fp32", True, label + ".up.bias")
-    z = g.cast(y, "fp32", label + " adapter input (fp32)")
+    adt = ctx.adapter_dtype
+    down_w = g.param(h * r, r, adt, True, label + ".down")
+    down_b = g.param(r, r, adt, True, label + ".down.bias")
+    up_w = g.param(r * h, h, adt, True, label + ".up")
+    up_b = g.param(h, h, adt, True, label + ".up.bias")
+    z = g.cast(y, adt, label + " adapter input (fp32)")
     zh = ctx.to_half(z, label + " down")
     wd = ctx.weight_for_matmul(down_w, label + " down")
     d = g.linear(zh, down_w, r, label + " adapter down", bias=down_b, w_used=wd, out_dtype=ctx.amp)
@@ -208,9 +209,9 @@ def bottleneck_adapter(ctx: Ctx, y: T, label: str) -> T:
 def ia3_scale_input(ctx: Ctx, x: T, full_name: str, m: Module, label: str) -> T:
     """peft ia3.Linear.forward, feedforward module: the input scaled, x.to(fp32) * l, back to x's dtype."""
     g = ctx.g
-    lvec = g.param(m.d_in, m.d_in, "fp32", True, full_name + ".ia3_l")
-    x32 = g.cast(x, "fp32", label + " ia3 input (fp32)")
-    scaled = g.mul(x32, lvec, label + " ia3 scaled", dtype="fp32")
+    lvec = g.param(m.d_in, m.d_in, ctx.adapter_dtype, True, full_name + ".ia3_l")
+    x32 = g.cast(x, ctx.adapter_dtype, label + " ia3 input (fp32)")
+    scaled = g.mul(x32, lvec, label + " ia3 scaled", dtype=ctx.adapter_dtype)
     g.drop(x32)
     x_in = g.cast(scaled, x.dtype, label + " ia3 scaled (cast back)")
     g.drop(scaled)
@@ -220,8 +221,8 @@ def ia3_scale_input(ctx: Ctx, x: T, full_name: str, m: Module, label: str) -> T:
 def ia3_scale_output(ctx: Ctx, y: T, full_name: str, m: Module, label: str) -> T:
     """peft ia3.Linear.forward, other targets: the output scaled, (y * l).to(y.dtype); consumes y."""
     g = ctx.g
-    lvec = g.param(m.d_out, m.d_out, "fp32", True, full_name + ".ia3_l")
-    prod = g.mul(y, lvec, label + " ia3 scaled", dtype="fp32")
+    lvec = g.param(m.d_out, m.d_out, ctx.adapter_dtype, True, full_name + ".ia3_l")
+    prod = g.mul(y, lvec, label + " ia3 scaled", dtype=ctx.adapter_dtype)
     g.drop(y)
     out = g.cast(prod, ctx.out_dtype, label + " ia3 out")
     g.drop(prod)

@@ -11,6 +11,7 @@ from ..records import Category, Term
 from ..spec import ModelSpec
 from .compose import Timeline, assemble, replay, structural
 from .forward import window_reached
+from .modules import tied_head
 from .parallel import (ROOT, check_parallel, ddp_bucket_bytes, fsdp_replay, group_bytes, rank_tensors,
                        sharded_states)
 from .states import StateBytes
@@ -120,15 +121,29 @@ def _share(spec: ModelSpec, setup: RunSetup, one: RunSetup, struct: RunSetup, on
         terms = state_terms(one_states, "replicated on every rank", _SOURCE_DDP) + (Term(Category.gradients, "DDP gradient buckets (gradient_as_bucket_view=False)",
                       "one flat copy of the trainable gradients", f"{buckets:,} B", buckets, _SOURCE_DDP),)
         return RankShare(one_states, assemble(rep, spec.num_layers), buckets, None, terms, tuple(notes))
-    sb, plan = zero_states(setup, one_states, tensors)
+    sb, plan = zero_states(setup, one_states, tensors, tied=tied_head(spec))
+    if one.regime is Regime.mixed:  # the replay with DeepSpeed's half adapters (forward.build_context)
+        zs = dataclasses.replace(one, parallel=setup.parallel)
+        rep = replay(spec, structural(zs), tracked, window_reached(spec, one))
     tl = assemble(zero_replay(rep, setup, plan), spec.num_layers)
-    notes.append("ZeRO is modelled from DeepSpeed's source and default config, not traced or measured (DeepSpeed "
-                 "cannot run on fake tensors)" + ("; bf16/fp16 runs use DeepSpeed's mixed precision (fp32 masters)"
-                                                  if one.regime is Regime.mixed else ""))
-    terms = state_terms(sb, f"partitions of 1/{par.world_size} (weights whole below stage 3)", _SOURCE_ZERO) + (
-        Term(Category.gradients, "contiguous gradient bucket (reduce_bucket_size elements)",
-             "5e8 x half bytes", f"{plan.bucket:,} B", plan.bucket, _SOURCE_ZERO),
-    ) + ((Term(Category.weight_copies, "gathered parameters (one block + prefetch)",
-               "block params + min(block, 5e7 elements)", f"{plan.gathered_block:,} B", plan.gathered_block,
-               _SOURCE_ZERO),) if plan.gathered_block else ())
-    return RankShare(sb, tl, plan.bucket, plan.host or None, terms, tuple(notes))
+    notes.append("ZeRO is modelled from DeepSpeed 0.19's source (the worst rank at each moment), checked against "
+                 "its engine on 2 gloo ranks, not traced (DeepSpeed cannot run on fake tensors)"
+                 + ("; bf16/fp16 runs use DeepSpeed's mixed precision (fp32 masters)"
+                    if one.regime is Regime.mixed else ""))
+    stage3 = par.strategy is Strategy.zero3
+    terms = state_terms(sb, f"partitions of 1/{par.world_size}" + ("" if stage3 else " (weights whole below stage 3)"),
+                        _SOURCE_ZERO) + (
+        Term(Category.gradients, "contiguous gradient bucket (reduce_bucket_size elements; " +
+             ("kept from the start)" if stage3 else "during the backward)"), "bucket elements x model dtype bytes",
+             f"{plan.bucket:,} B", plan.bucket, _SOURCE_ZERO),
+        Term(Category.temporaries, "the step: the partition's gradients flattened and cast to fp32 (or the "
+             "gradient norm's fp64 copy of one slice), above the end of the backward",
+             "partition x (4 + half) B, or 8 B x largest slice", f"{sb.grad_upcast:,} B", sb.grad_upcast,
+             _SOURCE_ZERO),
+    ) + ((Term(Category.weight_copies, "gathered parameters kept to their backward (max reuse distance)",
+               f"{plan.kept_blocks} blocks x {plan.block_bytes:,} B", f"{plan.gathered_kept:,} B",
+               plan.gathered_kept, _SOURCE_ZERO),
+          Term(Category.temporaries, "a block's fetch: the flat all-gather buffer (and the prefetch)",
+               "block + min(block, prefetch bucket)", f"{plan.gather_temp:,} B", plan.gather_temp,
+               _SOURCE_ZERO)) if stage3 else ())
+    return RankShare(sb, tl, plan.persistent, plan.host or None, terms, tuple(notes))

@@ -1,127 +1,409 @@
-"""DeepSpeed ZeRO stages 1-3 per rank (pure), modelled from DeepSpeed's source with its default config.
+"""DeepSpeed ZeRO stages 1-3 per rank (pure), modelled from DeepSpeed 0.19.8's source with its default config and
+checked against DeepSpeed's engine run on two gloo ranks (estimates/validation.md, part I).
 
-DeepSpeed is not traced (its engine cannot run on fake tensors) and not measured here (no GPU, and its CPU path
-needs oneCCL): this is the one part of memprof's data-parallel answer that rests on reading the engine alone.
-Sources (deepspeed master, ``deepspeed/runtime/zero/``):
+Sources (``deepspeed/runtime/zero/``; Z12 = stage_1_and_2.py, Z3 = stage3.py, ZC = config.py):
 
-- ``config.py`` DeepSpeedZeroConfig: reduce_bucket_size 5e8 elements, contiguous_gradients True, overlap_comm
-  True for stage 3 only, stage3_param_persistence_threshold 1e5, stage3_prefetch_bucket_size 5e7,
-  stage3_max_live_parameters 1e9.
-- ``stage_1_and_2.py`` DeepSpeedZeroOptimizer: the half weights are flattened and kept whole on every rank; each
-  rank holds an fp32 copy of its partition (``single_partition_of_fp32_groups``) and the optimizer's states for
-  it; ``backward`` allocates the contiguous bucket ``ipg_buffer`` (reduce_bucket_size elements of the half dtype,
-  two with overlap_comm) before each backward; stage 2 copies each gradient into it as it is produced and keeps
-  the rank's partition (``grads_in_partition``); stage 1 reduces after the backward, from the full gradients.
-  ``step`` makes the fp32 gradient of the partition. Parameters outside the optimizer (frozen) are not
-  partitioned.
-- ``stage3.py`` DeepSpeedZeroOptimizer_Stage3: parameters are partitioned too (frozen ones included: zero.Init
-  partitions every module parameter), except those under the persistence threshold; a flat gradient partition
-  buffer and the contiguous bucket exist from the start; parameters are gathered module by module before use.
-  memprof counts one block gathered plus the prefetch of the next, up to stage3_prefetch_bucket_size elements.
-- Mixed precision: DeepSpeed's bf16 / fp16 (the ``mixed`` regime: half weights and gradients, fp32 masters and
-  Adam states). Offloading the optimizer moves the masters, the states and the fp32 gradients to the host.
+- Defaults (ZC): reduce_bucket_size 5e8 elements, contiguous_gradients True, overlap_comm True for stage 3 only,
+  stage3_param_persistence_threshold 1e5, stage3_prefetch_bucket_size 5e7, stage3_max_reuse_distance 1e9.
+  "AdamW" is DeepSpeed's FusedAdam on CPU and CUDA alike: in place, its two fp32 states per partition element.
+  bf16 / fp16 runs cast every parameter (adapters too) to the half dtype and keep fp32 masters (engine.py
+  ``_configure_distributed_model``).
+- Stages 1 and 2 (DeepSpeedZeroOptimizer). The trainable parameters become views of one flat buffer padded to a
+  multiple of 2n elements (F; ``flatten_dense_tensors_aligned``), whole on every rank; each rank's partition is
+  S = F / n. The fp32 master partition is a copy (``.clone()``) even in an fp32 run. Frozen parameters are
+  untouched: whole on every rank. Backward: the first gradient hook allocates the contiguous bucket of
+  reduce_bucket_size elements in the model dtype (``setup_buckets``; a second only with overlap_comm), freed at the
+  end of the backward (``_release_ipg_buffers``). Each flush flattens the bucket into a copy (``allreduce_bucket``:
+  ``torch.cat``) and all-reduces it; the rank's first flush holding gradients of its range allocates
+  ``grads_in_partition`` of G_r elements: every parameter overlapping the rank's range, counted whole
+  (``copy_grads_in_partition``), alive into the step. Stage 2 reduces in the gradient hooks, so the last rank
+  (which owns the last parameters, the first to get gradients) allocates it at the first flush, while activations
+  are alive; stage 1 keeps every gradient through the backward and reduces after it, in parameter order, so rank 0
+  allocates it while nearly all gradients are still there. Step: the gradient norm casts each gradient slice of the
+  partition to fp64, one at a time (``get_grad_norm_direct``); the partition's gradients are flattened (S elements)
+  and cast to fp32 (the same tensor in an fp32 run, a new one in bf16), ``grads_in_partition`` is freed, Adam runs,
+  and the updated partitions are all-gathered into the flat buffer (in place with NCCL; gloo allocates an output-size
+  copy, ProcessGroupGloo).
+- Stage 3 (DeepSpeedZeroOptimizer_Stage3). Every parameter, frozen ones included, is partitioned into
+  ceil(numel / n) elements per rank; the fp32 masters are a copy of the trainable partitions (in an fp32 run too:
+  measured, see ``zero_states``); the gradient partition buffer (``grad_partitions_flat_buffer``, the model dtype) and
+  the one contiguous bucket exist from the start. Parameters of up to the persistence threshold are kept gathered.
+  Gathering (``partitioned_param_coordinator``): from the second step on, a parameter stays gathered from its
+  forward use to its backward use while its next use is within stage3_max_reuse_distance elements of fetched
+  parameters, so the last blocks' parameters (the whole model when it has under about 5e8 parameters) are gathered
+  at the end of the forward and released through the backward; each fetch allocates a flat all-gather buffer of
+  the module's parameters beside their gathered storage (gloo: one more output-size copy).
+- Offloading the optimizer moves the masters, the states and the fp32 gradients to the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from ..config import Offload, RunSetup, Strategy
+from ..config import Device, Offload, RunSetup, Strategy
 from .compose import Replay
-from .parallel import GRADS, ROOT, WCOPY, RankTensor, _with_events
+from .parallel import GRADS, ROOT, TEMP, WCOPY, RankTensor, _with_events
 from .states import StateBytes
 
 REDUCE_BUCKET = 500_000_000      # reduce_bucket_size (elements)
 PREFETCH_BUCKET = 50_000_000     # stage3_prefetch_bucket_size (elements)
 PERSISTENCE = 100_000            # stage3_param_persistence_threshold (elements)
+MAX_REUSE = 1_000_000_000        # stage3_max_reuse_distance (elements)
+SUB_GROUP = 1_000_000_000        # sub_group_size (elements): stage 3 steps its partition one sub-group at a time
+NORM_BYTES = 8                   # the gradient norm's fp64 copy of one slice (zero/utils.get_norm_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class ZeroPlan:
-    """What a ZeRO rank holds beyond the one-device step (bytes)."""
+    """What a ZeRO rank allocates beyond the one-device step (bytes; the worst rank's at each moment)."""
 
-    bucket: int            # the contiguous gradient bucket(s)
-    grad_partition: int    # the rank's half-precision gradient partition
-    gathered_block: int    # stage 3: one block's gathered parameters plus the prefetched next
-    gathered_root: int     # stage 3: the embeddings / head gathered for their own segments
+    bucket: int            # the contiguous gradient bucket (stages 1/2: during the backward; stage 3: always)
+    persistent: int        # engine buffers alive through the whole step (stage 3: the bucket and the grad partition)
+    flush_elems: int       # elements flattened at a flush (a full bucket, or every gradient when they fit one)
+    h: int                 # bytes per element of the model dtype
+    p_t: int               # trainable elements
+    grad_early: int        # stage 1: the worst rank's partition gradient buffer
+    grad_end: int          # stages 1/2: the largest one, alive from the end of the backward into the step
+    step_extra: int        # the step's transients above the end of the backward
+    gathered_kept: int     # stage 3: parameters kept gathered from forward to backward (reuse distance)
+    gather_temp: int       # stage 3: a block's fetch: the flat all-gather buffer (block and prefetch)
+    block_bytes: int       # stage 3: one block's gathered parameters
+    root_bytes: int        # stage 3: the embeddings gathered (and the head when tied)
+    head_bytes: int        # stage 3: the modules after the blocks (final norm, head) gathered for the head
+    embed_kept: bool       # stage 3: the embeddings train, so stay gathered to their backward
+    tied_bytes: int        # stage 3: a tied head's embedding, gathered from the embeddings to the head's backward
+    kept_blocks: int       # stage 3: blocks kept gathered to their backward
     host: int              # offloaded states in host memory, per rank
+    gloo: bool = False     # gloo (CPU) copies an all-gather's output during the collective
+    depth: int = 0         # stage 3: the model's blocks
+    oversized: tuple[int, int, int] = (0, 0, 0)  # the largest trainable tensor (elements) made in the head's, a
+                                                 # block's and the embeddings' backward: a flush copies it whole
+    walked: int = 0        # stage 1: the gradients walked (freed into the bucket) when the worst rank allocates it
+    touches: tuple[tuple[str, int], ...] = ()  # stage 2: per rank, where the backward first reaches its range
+                                               # (head | last | first | embed) and its gradient buffer (bytes)
 
 
 def _half(setup: RunSetup) -> int:
     return 2 if setup.dtype.value in ("bf16", "fp16") else 4
 
 
-def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...]) -> tuple[StateBytes, ZeroPlan]:
+def partition_grads(train: list[RankTensor], n: int) -> tuple[int, list[int], list[int], list[int]]:
+    """Stages 1/2: (S, G_r, the largest slice of rank r's range, the index of the first parameter overlapping it) for
+    every rank (or the first and last when there are many): the flat buffer padded to a multiple of 2n (Z12
+    ``flatten_dense_tensors_aligned``, alignment 2 x dp size), ``grads_in_partition`` counting whole every parameter
+    that overlaps the range (Z12 ``copy_grads_in_partition``), the slices as ``get_flat_partition`` cuts them."""
+    p_t = sum(t.numel for t in train)
+    flat = -(-p_t // (2 * n)) * 2 * n
+    s = flat // n
+    ranks = range(n) if n <= 4096 else (0, n - 1)
+    starts, pos = [], 0
+    for t in train:
+        starts.append(pos)
+        pos += t.numel
+    g, big, first_end = [], [], []
+    for r in ranks:
+        lo, hi = r * s, (r + 1) * s
+        over = [(k, a, a + t.numel) for k, (a, t) in enumerate(zip(starts, train)) if a < hi and a + t.numel > lo]
+        g.append(sum(b - a for _, a, b in over))
+        big.append(max((min(b, hi) - max(a, lo) for _, a, b in over), default=0))
+        first_end.append(over[0][0] if over else len(train))
+    return s, g, big, first_end
+
+
+def _touches(tensors: tuple[RankTensor, ...], s: int, n: int) -> list[str]:
+    """Stage 2: for each rank (as ``partition_grads`` lists them), where the backward first makes a gradient of its
+    range: the last real element of the range, in the flat (registration) order, read backwards. ``head`` (the
+    modules after the blocks), ``last`` (the last block, or a middle one: placed there, earlier), ``first`` (block
+    0), ``embed`` (the modules before the blocks)."""
+    train = [t for t in tensors if t.trainable]
+    blocks = sorted({t.group for t in tensors if t.group != ROOT})
+    first_block = next((i for i, t in enumerate(train) if t.group != ROOT), len(train))
+    ends, pos = [], 0
+    for t in train:
+        pos += t.numel
+        ends.append(pos)
+    p_t = pos
+    ranks = range(n) if n <= 4096 else (0, n - 1)
+    out = []
+    for r in ranks:
+        last = min((r + 1) * s, p_t) - 1
+        i = next(k for k, e in enumerate(ends) if e > last)
+        t = train[i]
+        if t.group == ROOT:
+            out.append("embed" if i < first_block else "head")
+        else:
+            out.append("first" if t.group == blocks[0] and len(blocks) > 1 else "last")
+    return out
+
+
+def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...], tied: bool = False
+                ) -> tuple[StateBytes, ZeroPlan]:
     """Per-rank model states and engine buffers of ``setup.parallel.strategy`` (a ZeRO stage) from the one-device
-    states of the same run in DeepSpeed's precision (``mixed`` for a half dtype)."""
+    states of the same run in DeepSpeed's precision (``mixed`` for a half dtype); ``tied``: the head is the input
+    embedding (registered once, with the embeddings)."""
     par = setup.parallel
     assert par is not None
     n, h = par.world_size, _half(setup)
     stage = {Strategy.zero1: 1, Strategy.zero2: 2, Strategy.zero3: 3}[par.strategy]
+    gloo = setup.device is Device.cpu
+    mixed = h == 2
+    reduce_bucket = par.zero_bucket if par.zero_bucket is not None else REDUCE_BUCKET
+    prefetch = par.zero_prefetch if par.zero_prefetch is not None else PREFETCH_BUCKET
+    persistence = par.zero_persistence if par.zero_persistence is not None else PERSISTENCE
     train = [t for t in tensors if t.trainable]
     p_t = sum(t.numel for t in train)
-
-    def split(t: RankTensor) -> bool:  # stage 3 partitions all but the small parameters (persistence threshold)
-        return stage == 3 and t.numel >= PERSISTENCE
-
-    partitioned = [t for t in tensors if split(t)]
-    whole = [t for t in tensors if not split(t)]
-
-    def stored(t: RankTensor) -> float:  # bytes per element: half, or QLoRA's 4-bit weights, which stay packed
-        return t.elem_bytes if t.elem_bytes < 1 else h
-
-    def on_rank(ts: list[RankTensor], trainable: bool) -> int:
-        return round(sum((-(-t.numel // n) if split(t) else t.numel) * stored(t) for t in ts
-                         if t.trainable == trainable))
-
-    masters = 4 * -(-p_t // n)                   # fp32 partition (also in fp32 runs: a separate copy)
-    states = -(-(one.optimizer_states) // n)      # fp32 Adam states of the partition
-    grad_fp32 = 4 * -(-p_t // n)                 # made at step()
     offload_opt = par.offload is not Offload.none
     offload_params = par.offload is Offload.params
-    grad_partition = h * -(-p_t // n)
-    # one bucket: stage 1/2 allocate a second only with overlap_comm, whose default is off below stage 3; stage 3
-    # keeps one flat bucket (__ipg_bucket_flat_buffer). The whole reduce_bucket_size is allocated, whatever the model.
-    bucket = REDUCE_BUCKET * h if p_t else 0
-    blocks = {t.group for t in tensors if t.group != ROOT}
-    block_bytes = round(sum(t.numel * stored(t) for t in partitioned if t.group == min(blocks, default=0))) \
-        if stage == 3 else 0
-    root_bytes = round(sum(t.numel * stored(t) for t in partitioned if t.group == ROOT)) if stage == 3 else 0
-    gathered_block = block_bytes + min(block_bytes, PREFETCH_BUCKET * h) if block_bytes else 0
-    params_t, params_f = on_rank(tensors, True), on_rank(tensors, False)
-    host = (masters + states + grad_fp32 if offload_opt else 0) + (params_t + params_f if offload_params else 0)
+
+    def stored(t: RankTensor) -> float:  # bytes per element: the model dtype, or QLoRA's 4-bit weights, kept packed
+        return t.elem_bytes if t.elem_bytes < 1 else h
+
+    def state_bytes(elems: int) -> int:  # the optimizer's states for ``elems`` partition elements
+        return round(one.optimizer_states * elems / p_t) if p_t else 0
+
+    frozen = round(sum(t.numel * stored(t) for t in tensors if not t.trainable))
+    # a parameter larger than the bucket skips it and is flushed alone: the flush flattens a copy of its gradient
+    # (stage_1_and_2.py allreduce_bucket; stage 3 reduce_scatter_coalesced's torch.cat)
+    first_block = next((i for i, t in enumerate(tensors) if t.group != ROOT), len(tensors))
+
+    def largest(ts: list[RankTensor]) -> int:
+        return max((t.numel for t in ts if t.trainable), default=0)
+
+    oversized = (largest([t for t in tensors[first_block:] if t.group == ROOT]),
+                 largest([t for t in tensors if t.group != ROOT and t.group == min(
+                     (u.group for u in tensors if u.group != ROOT), default=0)]),
+                 largest(list(tensors[:first_block])))
+    bucket = reduce_bucket * h if p_t else 0
+    flush = min(reduce_bucket, p_t)
+    if stage < 3:
+        s, g, big, ends = partition_grads(train, n) if p_t else (0, [0], [0], [0])
+        masters, states = 4 * s, state_bytes(s)
+        upcast = 4 * s + (h * s if mixed else 0)     # the flattened partition and its fp32 cast (one tensor in fp32)
+        step = max(g[i] * h + max(upcast, NORM_BYTES * big[i]) for i in range(len(g)))
+        if gloo:  # the all-gather of the updated partitions into the flat buffer, after the gradients are freed
+            step = max(step, -(-p_t // (2 * n)) * 2 * n * h)
+        grad_end = max(g) * h
+        # stage 1 reduces after the backward, walking the parameters in flat order: rank r allocates its buffer at
+        # the flush holding the first parameter of its range, while every gradient not yet copied into the bucket is
+        # alive (those walked before it, unless larger than the bucket: reduced from their own storage, kept to the
+        # end of the walk); the worst rank has the largest buffer less the gradients freed by then
+        walked = [sum(t.numel for t in train[:k] if t.numel <= reduce_bucket) for k in ends]
+        worst = max(range(len(g)), key=lambda i: g[i] - walked[i])
+        early = g[worst] * h
+        stage1_walked = walked[worst] * h
+        touches = tuple(zip(_touches(tensors, s, n), (x * h for x in g))) if stage == 2 and p_t else ()
+        host = masters + states + 4 * s if offload_opt else 0
+        sb = StateBytes(
+            params_trainable=-(-p_t // (2 * n)) * 2 * n * h, params_frozen=frozen,
+            gradients=grad_end, optimizer_states=0 if offload_opt else states,
+            master_weights=0 if offload_opt else masters, optimizer_temp=0,
+            grad_upcast=0 if offload_opt else step - grad_end, grads_freed_at_step=0)
+        return sb, ZeroPlan(bucket, 0, flush, h, p_t, early, grad_end, 0 if offload_opt else step - grad_end,
+                            0, 0, 0, 0, 0, False, 0, 0, host, gloo, oversized=oversized, walked=stage1_walked, touches=touches)
+    # stage 3
+    def split(t: RankTensor) -> bool:  # partitioned and gathered around its use (the persistence threshold)
+        return t.numel > persistence
+
+    def part(t: RankTensor) -> int:
+        return -(-t.numel // n)
+
+    t_part = sum(part(t) for t in train)
+    r_part = round(sum(part(t) * stored(t) for t in tensors if not t.trainable))
+    # persistent parameters: kept gathered beside their partitions (stage3.py _post_step gathers them again)
+    small_t = round(sum(t.numel * stored(t) for t in train if not split(t)))
+    small_f = round(sum(t.numel * stored(t) for t in tensors if not t.trainable and not split(t)))
+    # a separate fp32 copy even in an fp32 run: _create_fp32_partitions shares the tensor only when its device
+    # equals self.device, a string (current_device_name()), and a torch.device never equals a string
+    masters = 4 * t_part
+    states = state_bytes(t_part)
+    grad_buffer = t_part * h                       # grad_partitions_flat_buffer, from initialisation
+    # the step, one sub-group at a time (stage3.py step: _prepare_sub_group ... _release_sub_group): its flattened
+    # gradients and their fp32 cast; or the norm's fp64 copy of one partition
+    sub = min(t_part, SUB_GROUP)
+    upcast = max(4 * sub + (h * sub if mixed else 0), NORM_BYTES * max((part(t) for t in train), default=0))
+    blocks = sorted({t.group for t in tensors if t.group != ROOT})
+    per_block = {b: round(sum(t.numel * stored(t) for t in tensors if t.group == b and split(t))) for b in blocks}
+    block_elems = {b: sum(t.numel for t in tensors if t.group == b and split(t)) for b in blocks}
+    # the root's tensors in registration order: the embeddings before the first block, the rest after the last
+    first_block = next((i for i, t in enumerate(tensors) if t.group != ROOT), len(tensors))
+    embed_side = [t for t in tensors[:first_block] if split(t)]
+    head_side = [t for t in tensors[first_block:] if t.group == ROOT and split(t)]
+    root_bytes = round(sum(t.numel * stored(t) for t in embed_side))
+    # a frozen embedding's output needs no gradient: no backward hook, released after its forward (the coordinator
+    # sees no later use)
+    embed_kept = any(t.trainable for t in embed_side)
+    head_bytes = round(sum(t.numel * stored(t) for t in head_side))
+    # a tied head uses the embedding again within the reuse distance: it stays gathered from the embeddings'
+    # forward to the head's backward (tied_bytes), the other embeddings are released after their forward
+    tied_bytes = round(embed_side[0].numel * stored(embed_side[0])) if tied and embed_side else 0
+    # a block stays gathered from its forward to its backward when the parameters fetched in between (the later
+    # blocks, forward and backward) are within the reuse distance (partitioned_param_coordinator
+    # __params_to_release); with equal blocks that is the last k blocks
+    elems = block_elems.get(blocks[0], 0) if blocks else 0
+    kept = 0
+    if elems:
+        while kept < len(blocks) and 2 * kept * elems <= MAX_REUSE:
+            kept += 1
+    block = per_block.get(blocks[0], 0) if blocks else 0
+    # a fetch: the flat all-gather buffer of the block and the prefetched next (partition_parameters
+    # _all_gather_dtype), beside gloo's output-size copy during the collective; the parameters' own storage is made
+    # from it after the collective, while the flat buffer is still held (``_stage3_replay``)
+    # modules are fetched one at a time (the pre-forward / pre-backward hooks of each submodule), with the next
+    # ones prefetched up to the prefetch bucket: the flat buffer holds about the largest module and the prefetch
+    largest = max((round(t.numel * stored(t)) for t in tensors if t.group == (blocks[0] if blocks else ROOT)
+                   and split(t)), default=0)
+    gather_temp = min(block, largest + prefetch * h)
+    host = masters + states + 4 * t_part if offload_opt else 0
+    params_t = round(sum(part(t) * stored(t) for t in train)) + small_t
     if offload_params:
-        params_t = round(sum(t.numel * stored(t) for t in whole if t.trainable))
-        params_f = round(sum(t.numel * stored(t) for t in whole if not t.trainable))
-    sb = StateBytes(
-        params_trainable=params_t, params_frozen=params_f,
-        gradients=0 if offload_opt else grad_partition,
-        optimizer_states=0 if offload_opt else states, master_weights=0 if offload_opt else masters,
-        optimizer_temp=0, grad_upcast=0 if offload_opt else grad_fp32, grads_freed_at_step=0,
-    )
-    return sb, ZeroPlan(bucket, grad_partition, gathered_block, root_bytes, host)
+        host += params_t + r_part
+        params_t, r_part = 0, 0
+    sb = StateBytes(params_trainable=params_t, params_frozen=r_part + small_f, gradients=grad_buffer,
+                    optimizer_states=0 if offload_opt else states, master_weights=0 if offload_opt else masters,
+                    optimizer_temp=0, grad_upcast=0 if offload_opt else upcast, grads_freed_at_step=0)
+    return sb, ZeroPlan(bucket, bucket + grad_buffer, flush, h, p_t, 0, 0, 0, kept * block, gather_temp, block,
+                        root_bytes, head_bytes, embed_kept, tied_bytes, kept, host, gloo, depth=len(blocks),
+                        oversized=oversized)
 
 
 def zero_replay(rep: Replay, setup: RunSetup, plan: ZeroPlan) -> Replay:
-    """The one-device replay as a ZeRO rank runs it: stage 2/3 gradients leave for the bucket as they are made
-    (each segment's gradients are dropped at its end, the partition is already counted in the states); stage 1
-    keeps them to the end of the backward; stage 3 gathers each block (and the root modules) around its use."""
+    """The one-device replay as a ZeRO rank runs it (the worst rank at each moment; module docstring)."""
     par = setup.parallel
     assert par is not None
-    stage3 = par.strategy is Strategy.zero3
+    if par.strategy is Strategy.zero3:
+        return _stage3_replay(rep, plan)
+    stage1 = par.strategy is Strategy.zero1
+    h, flush = plan.h, plan.flush_elems
+    fwd, bwd = list(rep.forward), []
+    # stage 2: the first flush is where the gradients made so far (last parameters first) pass the bucket. The
+    # replay has segments, not hooks: the flush is placed at the start of the segment where it falls when it falls
+    # in the segment's first half (a block's first weight gradients: its peak comes after), else at its end; a
+    # flush past the last block (a segment repeated at depth) is placed at the last block's end (earlier: higher)
+    made, first, early = 0, len(rep.backward) - 1, False
+    if not stage1 and plan.p_t > flush:
+        for i, seg in enumerate(rep.backward[:2]):
+            g_elems = seg.delta[GRADS][4] // h if h else 0
+            if made + g_elems >= flush:
+                first, early = i, g_elems > 0 and (flush - made) < g_elems / 2
+                break
+            made += g_elems
+        else:
+            first = min(1, len(rep.backward) - 1)
+    flushed = False
+    # each rank's gradient buffer is allocated at its first flush: where the backward reaches its range, not
+    # before the first flush; the worst rank at each moment is the largest buffer allocated so far (an envelope)
+    n_seg = len(rep.backward)
+    where = {"head": 0, "last": min(1, n_seg - 1), "first": max(n_seg - 2, 0), "embed": n_seg - 1}
+    if plan.p_t <= flush:  # one flush, at the end of the backward
+        at = [(n_seg - 1, False, g_r) for _, g_r in plan.touches]
+    else:
+        at = []
+        for key, g_r in plan.touches:
+            i = max(where[key], first)
+            pre_ok = rep.backward[i].name.startswith("b:layer") and (i != first or early)
+            at.append((i, pre_ok, g_r))
+    envelope = 0
+
+    def grow(i: int, side: int) -> list[tuple[int, int]]:  # side 0: the segment's start, 1: its end
+        nonlocal envelope
+        top = max([envelope] + [g_r for j, at_start, g_r in at if (j, 0 if at_start else 1) <= (i, side)])
+        out = [(GRADS, top - envelope)] if top > envelope else []
+        envelope = top
+        return out
+
+    # the bucket is allocated by the first gradient hook (setup_buckets): in the first segment that makes gradients
+    opens = next((i for i, seg in enumerate(rep.backward) if seg.delta[GRADS][4]), 0)
+    for i, seg in enumerate(rep.backward):
+        g = seg.delta[GRADS][4]
+        # in that segment, after its gradients: its peak (the loss's backward, in the head) comes before them
+        pre: list[tuple[int, int]] = []
+        post: list[tuple[int, int]] = [(GRADS, plan.bucket)] if i == opens and plan.bucket else []
+        last = i == n_seg - 1
+        if not stage1:
+            post.append((GRADS, -g))                      # each gradient leaves for the bucket as it is made
+            if i == first:
+                flushed = True
+            if flushed:
+                f = _flush_bytes(plan, seg.name)
+                (pre if i == first and early else post).extend([(TEMP, f), (TEMP, -f)])
+            pre += grow(i, 0)
+            post += grow(i, 1)
+            if last:
+                post += [(GRADS, plan.grad_end - envelope)] if plan.grad_end > envelope else []
+                post.append((GRADS, -plan.bucket))
+        elif last:  # stage 1: reduce after the backward, rank 0 first, its gradients still all there
+            total = sum(s.delta[GRADS][4] for s in rep.backward)
+            moved = min(plan.walked, total)
+            fill = min(flush * h, total)
+            post += [(GRADS, -moved), (TEMP, fill), (TEMP, -fill), (GRADS, plan.grad_early),
+                     (GRADS, -(total - moved)), (GRADS, plan.grad_end - plan.grad_early), (GRADS, -plan.bucket)]
+        bwd.append(_with_events(seg, pre, post))
+    return dataclasses.replace(rep, forward=tuple(fwd), backward=tuple(bwd))
+
+
+def _flush_bytes(plan: ZeroPlan, name: str) -> int:
+    """The copy a flush in backward segment ``name`` flattens: a bucket's worth, or the segment's largest gradient
+    when it is larger than the bucket (reduced alone)."""
+    head, block, embed = plan.oversized
+    big = head if name == "b:head" else embed if name == "b:embed" else block
+    return max(plan.flush_elems, big if big > plan.flush_elems else 0) * plan.h
+
+
+def _fetch(plan: ZeroPlan, gathered: int, flat: int | None) -> list[tuple[int, int]]:
+    """A stage-3 fetch: the flat buffer (and gloo's copy while the collective runs), then the parameters' storage,
+    then the flat buffer freed. ``flat`` None: a module of one parameter (an embedding, a tied head), gathered into
+    its own storage (partition_parameters ``_all_gather_sequential``), with gloo's copy beside it."""
+    if flat is None:
+        return [(WCOPY, gathered)] + ([(TEMP, gathered), (TEMP, -gathered)] if plan.gloo else [])
+    copy = [(TEMP, flat), (TEMP, -flat)] if plan.gloo else []
+    return [(TEMP, flat), *copy, (WCOPY, gathered), (TEMP, -flat)]
+
+
+def _stage3_replay(rep: Replay, plan: ZeroPlan) -> Replay:
+    """Stage 3: the persistent buffers are states; each block's fetch allocates its flat buffer beside the gathered
+    parameters; the last ``kept_blocks`` blocks stay gathered to their backward, the others are released after their
+    forward and fetched again for their backward; each segment's gradients leave for the partition buffer."""
     fwd, bwd = [], []
+    layers = [s for s in rep.forward if s.name.startswith("layer")]
+    # the replay's layer segments are the first, a middle one (repeated to depth) and the last block: when every
+    # block stays gathered, all of them keep theirs; otherwise the last keeps its own, and the other kept blocks
+    # (the ones before it, inside the repeated middle) are one lump gathered at the end of the forward and released
+    # with the last block's backward (later blocks re-fetch their own)
+    all_kept = plan.kept_blocks >= plan.depth
+    last_layers = {s.name for s in layers} if all_kept else ({layers[-1].name} if plan.kept_blocks else set())
+    lump = 0 if all_kept else max(plan.kept_blocks - 1, 0) * plan.block_bytes
     for seg in rep.forward:
-        gathered = plan.gathered_block if seg.name.startswith("layer") else plan.gathered_root
-        ev = [(WCOPY, gathered)] if stage3 and gathered else []
-        fwd.append(_with_events(seg, ev, [(WCOPY, -b) for _, b in ev]))
-    total = sum(s.delta[GRADS][4] for s in rep.backward)
+        if seg.name.startswith("layer"):
+            gathered = plan.block_bytes
+            keep = seg.name in last_layers
+            pre = _fetch(plan, gathered, plan.gather_temp)
+            post = [] if keep else [(WCOPY, -gathered)]
+            if lump and seg.name == layers[-1].name:
+                post.append((WCOPY, lump))
+            fwd.append(_with_events(seg, pre, post))
+        elif seg.name == "head":
+            b = plan.head_bytes
+            fwd.append(_with_events(seg, _fetch(plan, b, None) if b else [], []))
+        else:  # the embeddings
+            b = plan.root_bytes
+            pre = _fetch(plan, b, None) if b else []
+            fwd.append(_with_events(seg, pre, [] if plan.embed_kept or not b else [(WCOPY, -(b - plan.tied_bytes))]))
     for seg in rep.backward:
-        gathered = plan.gathered_block if seg.name.startswith("b:layer") else plan.gathered_root
-        ev = [(WCOPY, gathered)] if stage3 and gathered else []
-        post = [(WCOPY, -b) for _, b in ev]
-        if par.strategy is not Strategy.zero1:
-            post.append((GRADS, -seg.delta[GRADS][4]))
-        elif seg.name == "b:embed":
-            post.append((GRADS, -total))
-        bwd.append(_with_events(seg, ev, post))
+        g = seg.delta[GRADS][4]
+        pre, post = [], [(GRADS, -g)]
+        if seg.name.startswith("b:layer"):
+            if seg.name[2:] not in last_layers:
+                pre = _fetch(plan, plan.block_bytes, plan.gather_temp)
+            post.append((WCOPY, -plan.block_bytes - (lump if seg.name[2:] == layers[-1].name else 0)))
+        elif seg.name == "b:head" and (plan.head_bytes or plan.tied_bytes):
+            post.append((WCOPY, -plan.head_bytes - (0 if plan.embed_kept else plan.tied_bytes)))
+        elif seg.name == "b:embed" and plan.embed_kept and plan.root_bytes:
+            post.append((WCOPY, -plan.root_bytes))
+        # a flush: reduce_scatter_coalesced's torch.cat of the bucket (skipped for one tensor larger than the
+        # bucket), and gloo reduce-scatters from a clone of its input
+        f = _flush_bytes(plan, seg.name)
+        alone = f > plan.flush_elems * plan.h
+        f = (0 if alone else f) + (f if plan.gloo else 0)
+        post = [(TEMP, f), (TEMP, -f)] + post
+        bwd.append(_with_events(seg, pre, post))
     return dataclasses.replace(rep, forward=tuple(fwd), backward=tuple(bwd))

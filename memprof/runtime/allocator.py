@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import gc
 import itertools
 import os
 import sys
@@ -172,3 +173,16 @@ def live_storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
             st = t.untyped_storage()
             seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
     return sum(seen.values())
+
+
+def process_storage_bytes() -> int:
+    """Bytes of every distinct CPU storage that a Python tensor in this process holds (the garbage collector's
+    objects, after a collection): what was alive before a step whose engine keeps its buffers where no module or
+    optimizer state lists them (DeepSpeed's flat groups, partitions and buckets). Storages held only from C++ are
+    not seen."""
+    gc.collect()
+    tensors = []
+    for obj in gc.get_objects():
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type == "cpu":
+            tensors.append(obj)
+    return live_storage_bytes(tensors)

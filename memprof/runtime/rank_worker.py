@@ -9,7 +9,8 @@ the optimizer is built. Warm-up, timed steps and the tracked step (``MemoryTrack
 resizes and DDP's buckets while a process group is up: on CPU the rank's peak, by category and phase) are the
 single-device ones, and so is the CPU's unobserved step (torch.profiler memory events), except under DDP, whose
 C++ gradient buckets it cannot count alive (``DDP_UNOBSERVED_NOTE``); on CUDA each rank reads its own
-``max_memory_allocated`` and ``max_memory_reserved``. ZeRO runs in DeepSpeed's engine (``_deepspeed_measurement``).
+``max_memory_allocated`` and ``max_memory_reserved``. ZeRO runs in DeepSpeed's engine (``_deepspeed_measurement``: on a
+CPU its CPU accelerator over the gloo group, the allocator-level peak of a step plus every storage alive before it).
 
 Files, next to ``JOB``: ``rank<R>.pid`` at start (the launcher kills each rank's session by it on a timeout),
 ``rank<R>.log`` (this rank's stdout and stderr, from the first line on), ``rank<R>.json`` at the end:
@@ -22,6 +23,7 @@ launcher's failure path: an exception, ``os._exit(3)``, or a sleep until killed)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -70,20 +72,27 @@ def _deepspeed_measurement(spec: Any, setup: Any, job: dict[str, Any], device: s
     """A ZeRO stage in DeepSpeed's engine: the model and method built as the harness builds them, then
     ``deepspeed.initialize(model, model_parameters, config=ranks.deepspeed_config(setup))``; each step
     ``engine(**batch).loss``, ``engine.backward(loss)``, ``engine.step()`` (DeepSpeed's training loop, docs
-    "Getting Started": the engine owns loss scaling, gradient partitioning and the optimizer). CUDA only; the peak
-    is ``max_memory_allocated`` over the timed steps, as the harness reads it.
+    "Getting Started": the engine owns loss scaling, gradient partitioning and the optimizer).
 
-    NB: untested here (DeepSpeed is not installed in CI; ``tests/runtime/test_ranks.py`` skips its test).
+    The peak: on CUDA ``max_memory_allocated`` over the timed steps, as the harness reads it. On a CPU (DeepSpeed's
+    CPU accelerator, ``DS_ACCELERATOR=cpu``, over the gloo group this rank joined) one more step under
+    torch.profiler's memory events (``allocator.unobserved_peak``: every c10 allocation, the engine's own included)
+    plus every CPU storage alive before it (``allocator.process_storage_bytes``: the engine's flat groups, fp32
+    partitions, buckets and gradient partitions are held by the optimizer object, not by the module or a
+    torch.optim state). No categorised breakdown: those buffers are outside the tracker's categories.
     """
     import statistics
     import warnings
 
+    if device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported: it picks its accelerator once
     import deepspeed
 
-    from ..records import Measurement, setup_row
+    from ..records import Measurement, Phase, setup_row
     from . import probes
+    from .allocator import PhaseMarks, process_storage_bytes, unobserved_peak
     from .build import apply_method, build_base_model, count_trainable, enable_checkpointing, synthetic_batch
-    from .harness import _percentile, keep_on_host, median_ci
+    from .harness import _percentile, _real_tokens, keep_on_host, median_ci
     from .ranks import deepspeed_config
 
     with warnings.catch_warnings():
@@ -99,32 +108,55 @@ def _deepspeed_measurement(spec: Any, setup: Any, job: dict[str, Any], device: s
                                            config=deepspeed_config(setup))
     batch = synthetic_batch(spec, setup, engine.device)
 
-    def step() -> None:  # K micro-batches; the engine steps the optimizer at the accumulation boundary
+    def step(marks: Any = None) -> None:  # K micro-batches; the engine steps the optimizer at the boundary
+        phase = marks.phase if marks is not None else (lambda _p: contextlib.nullcontext())
         for _ in range(setup.grad_accum):
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
+            with phase(Phase.forward):
+                loss = engine(**batch).loss
+            with phase(Phase.backward):
+                engine.backward(loss)
+            with phase(Phase.optimizer):
+                engine.step()
 
     for _ in range(job["warmup_steps"]):
         step()
-    probes.cuda_reset_peak()
+    if device == "cuda":
+        probes.cuda_reset_peak()
     timer = probes.StepTimer(device)
     for _ in range(job["timed_steps"]):
         with timer.step():
             step()
-    probes.cuda_synchronize()
+    if device == "cuda":
+        probes.cuda_synchronize()
     times = timer.times_s
     median = statistics.median(times)
+    notes = [f"DeepSpeed {deepspeed.__version__} engine ({setup.parallel.describe()}); no tracked step (the "
+             "engine's partitioned and bucketed buffers are outside the tracker's categories): no breakdown"]
+    if device == "cuda":
+        peak, phase, steady = probes.cuda_max_allocated_bytes(), None, probes.cuda_allocated_bytes()
+    else:
+        live: list[int] = []
+
+        def prepare() -> None:  # one plain step in the profile (what the measured step frees of it is seen freed)
+            step()
+            live.append(process_storage_bytes())
+
+        ap = unobserved_peak(lambda: step(PhaseMarks()), before_fn=prepare)
+        phases = {p.value: ap.phase_peak_bytes.get(p.value, -1) for p in Phase}
+        peak, phase, steady = live[0] + ap.peak_bytes, max(phases, key=lambda p: phases[p]), live[0]
+        notes.append("CPU: peak_bytes is the allocator-level peak of one more step (torch.profiler memory events) "
+                     "plus every CPU storage alive before it, DeepSpeed's buffers included")
     return Measurement(
         spec_name=spec.name, setup_row=setup_row(spec, setup), status="ok", device=device,
         env=probes.env_info(device), total_params=total, trainable_params=trainable,
-        peak_bytes=probes.cuda_max_allocated_bytes(), reserved_bytes=probes.cuda_max_reserved_bytes(),
-        steady_bytes=probes.cuda_allocated_bytes(), rss_peak_bytes=probes.rss_peak_bytes(), step_times_s=tuple(times),
-        step_time_median_s=median, step_time_p10_s=_percentile(times, 0.1), step_time_p90_s=_percentile(times, 0.9),
-        step_time_ci95_s=median_ci(times), samples_per_s=setup.grad_accum * setup.batch_size / median,
-        warmup_steps=job["warmup_steps"], timed_steps=len(times),
-        extra={"notes": [f"DeepSpeed {deepspeed.__version__} engine ({setup.parallel.describe()}); no tracked step "
-                         "(the engine's partitioned and bucketed buffers are outside the tracker): no breakdown"]})
+        peak_bytes=peak, reserved_bytes=probes.cuda_max_reserved_bytes() if device == "cuda" else None,
+        steady_bytes=steady, rss_peak_bytes=probes.rss_peak_bytes(), peak_phase=phase,
+        unobserved_peak_bytes=peak if device == "cpu" else None, unobserved_phase=phase,
+        step_times_s=tuple(times), step_time_median_s=median, step_time_p10_s=_percentile(times, 0.1),
+        step_time_p90_s=_percentile(times, 0.9), step_time_ci95_s=median_ci(times),
+        samples_per_s=setup.grad_accum * setup.batch_size / median,
+        tokens_per_s=setup.grad_accum * _real_tokens(batch, setup) / median,
+        warmup_steps=job["warmup_steps"], timed_steps=len(times), extra={"notes": notes})
 
 
 def main(argv: list[str] | None = None) -> int:

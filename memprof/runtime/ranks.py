@@ -119,6 +119,10 @@ def deepspeed_config(setup: RunSetup) -> dict[str, Any]:
     if setup.optimizer is not Optimizer.adamw:
         raise ConfigError(f"measured ZeRO runs DeepSpeed's AdamW, not {setup.optimizer.value}; use --optimizer adamw")
     zero: dict[str, Any] = {"stage": int(par.strategy.value[-1])}
+    for name, key in (("zero_bucket", "reduce_bucket_size"), ("zero_prefetch", "stage3_prefetch_bucket_size"),
+                      ("zero_persistence", "stage3_param_persistence_threshold")):
+        if getattr(par, name) is not None:
+            zero[key] = getattr(par, name)
     if par.offload in (Offload.optimizer, Offload.params):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if par.offload is Offload.params:
@@ -139,10 +143,10 @@ def check_ranks(setup: RunSetup) -> None:
     """Refuse, before any process starts, a data-parallel run that cannot be measured here.
 
     Raises:
-        ConfigError: several nodes; offload with an FSDP or DDP strategy (not wrapped yet); a ZeRO setup
-            DeepSpeed's engine does not run (``deepspeed_config``).
+        ConfigError: several nodes; offload with an FSDP or DDP strategy (not wrapped yet); ZeRO offload on a CPU
+            (nothing to move); a ZeRO setup DeepSpeed's engine does not run (``deepspeed_config``).
         DependencyMissingError: a ZeRO strategy without DeepSpeed.
-        DeviceUnavailableError: fewer GPUs than ranks; ZeRO on a CPU.
+        DeviceUnavailableError: fewer GPUs than ranks.
     """
     par = setup.parallel
     if par is None:
@@ -153,8 +157,9 @@ def check_ranks(setup: RunSetup) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise DependencyMissingError(f"measuring ZeRO needs DeepSpeed: {DEEPSPEED_HINT} (memprof estimate "
                                          f"--strategy {par.strategy.value} works without it)")
-        if setup.device is not Device.cuda:
-            raise DeviceUnavailableError("measured ZeRO runs in DeepSpeed's engine on GPUs: give --device cuda")
+        if setup.device is not Device.cuda and par.offload is not Offload.none:
+            raise ConfigError(f"offload {par.offload.value} on a CPU moves nothing (host and device memory are one): "
+                              "measure ZeRO offload with --device cuda; memprof estimate models it")
         deepspeed_config(setup)
     elif par.offload is not Offload.none:
         raise ConfigError(f"offload {par.offload.value} with {par.strategy.value} is not measured (FSDP's CPUOffload "

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from tiny_configs import tiny_spec
 from memprof.config import (AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype, IA3Spec, LoraSpec, Method,
-                            Optimizer, Overheads, PromptLearningSpec, QuantSpec, Regime, RunSetup, with_method_defaults)
+                            Optimizer, Overheads, ParallelSpec, PromptLearningSpec, QuantSpec, Regime, RunSetup, Strategy,
+                            with_method_defaults)
 from memprof.errors import ConfigError
 from memprof.hub import resolve_spec
 from memprof.records import EnvInfo, Measurement, MemoryBreakdown
@@ -35,7 +36,9 @@ CPU = {"batch_size": 2, "seq_len": 16, "dtype": Dtype.fp32, "device": Device.cpu
     RunSetup(method=Method.prefix, prompt=PromptLearningSpec(num_virtual_tokens=7, projection=True)),
     RunSetup(dtype=Dtype.fp16, regime=Regime.mixed, optimizer=Optimizer.adamw_8bit, attn_impl=AttnImpl.eager,
              grad_checkpointing=True, dropout=False, overheads=Overheads(cuda_context_bytes=1, allocator_reserve_frac=0.5)),
-], ids=["default", "lora", "qlora", "pfeiffer", "ia3", "prefix", "mixed"])
+    RunSetup(parallel=ParallelSpec(world_size=4, strategy=Strategy.zero3, zero_bucket=4096, zero_prefetch=3686,
+                                   zero_persistence=640)),
+], ids=["default", "lora", "qlora", "pfeiffer", "ia3", "prefix", "mixed", "zero3-buckets"])
 def test_setup_round_trip(setup: RunSetup) -> None:
     data = setup_to_json(setup)
     assert setup_from_json(json.loads(json.dumps(data))) == setup
