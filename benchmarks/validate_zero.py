@@ -236,12 +236,14 @@ def main() -> None:
                 # gloo (CPU) frees some of its buffers from a worker thread, now and then after the step goes on:
                 # one rank then reads higher. A row more than 1% from the estimate is measured again; the first
                 # reading stays in the note
-                row["note"] = (f"re-measured: the first run read {old.get('measured_rank_peaks')} "
-                               f"({_pct(old.get('analytic_vs_measured_frac'))})" + " " + (row.get("note") or "")).strip()
+                first = f"re-measured: the first run read {old.get('measured_rank_peaks')} " \
+                        f"({_pct(old.get('analytic_vs_measured_frac'))})"
+                row["note"] = f"{first} {row.get('note') or ''}".strip()
             rows[key(job)] = row
             write_rows(list(rows.values()))
             print(f"{key(job)}: measured {row.get('measured_rank_peaks')} analytic {row.get('analytic_peak_bytes')} "
-                  f"{_pct(row.get('analytic_vs_measured_frac'))} {row.get('status')} {row.get('elapsed_s')}s", flush=True)
+                  f"{_pct(row.get('analytic_vs_measured_frac'))} {row.get('status')} {row.get('elapsed_s')}s",
+                  flush=True)
     ordered = [reestimate(r) for r in rows.values()]
     write_rows(ordered)
     if not args.no_render:

@@ -55,32 +55,33 @@ NORM_BYTES = 8                   # the gradient norm's fp64 copy of one slice (z
 
 @dataclasses.dataclass(frozen=True)
 class ZeroPlan:
-    """What a ZeRO rank allocates beyond the one-device step (bytes; the worst rank's at each moment)."""
+    """What a ZeRO rank allocates beyond the one-device step (bytes unless named; the worst rank's at each moment)."""
 
-    bucket: int            # the contiguous gradient bucket (stages 1/2: during the backward; stage 3: always)
-    persistent: int        # engine buffers alive through the whole step (stage 3: the bucket and the grad partition)
-    flush_elems: int       # elements flattened at a flush (a full bucket, or every gradient when they fit one)
-    h: int                 # bytes per element of the model dtype
-    p_t: int               # trainable elements
-    grad_early: int        # stage 1: the worst rank's partition gradient buffer
-    grad_end: int          # stages 1/2: the largest one, alive from the end of the backward into the step
-    step_extra: int        # the step's transients above the end of the backward
-    gathered_kept: int     # stage 3: parameters kept gathered from forward to backward (reuse distance)
-    gather_temp: int       # stage 3: a block's fetch: the flat all-gather buffer (block and prefetch)
-    block_bytes: int       # stage 3: one block's gathered parameters
-    root_bytes: int        # stage 3: the embeddings gathered (and the head when tied)
-    head_bytes: int        # stage 3: the modules after the blocks (final norm, head) gathered for the head
-    embed_kept: bool       # stage 3: the embeddings train, so stay gathered to their backward
-    tied_bytes: int        # stage 3: a tied head's embedding, gathered from the embeddings to the head's backward
-    kept_blocks: int       # stage 3: blocks kept gathered to their backward
-    host: int              # offloaded states in host memory, per rank
-    gloo: bool = False     # gloo (CPU) copies an all-gather's output during the collective
-    depth: int = 0         # stage 3: the model's blocks
-    oversized: tuple[int, int, int] = (0, 0, 0)  # the largest trainable tensor (elements) made in the head's, a
-                                                 # block's and the embeddings' backward: a flush copies it whole
-    walked: int = 0        # stage 1: the gradients walked (freed into the bucket) when the worst rank allocates it
+    bucket: int                  # the contiguous gradient bucket (stages 1/2: during the backward; stage 3: always)
+    flush_elems: int             # elements flattened at a flush (a full bucket, or every gradient when they fit one)
+    h: int                       # bytes per element of the model dtype
+    p_t: int                     # trainable elements
+    oversized: tuple[int, int, int]  # the largest trainable tensor (elements) made in the head's, a block's and the
+                                     # embeddings' backward: one larger than the bucket is flushed alone, whole
+    host: int                    # offloaded states in host memory, per rank
+    gloo: bool                   # gloo (CPU) copies an all-gather's output and a reduce-scatter's input
+    # stages 1/2
+    grad_end: int = 0            # the largest partition gradient buffer, alive from the end of the backward
+    grad_early: int = 0          # stage 1: the worst rank's buffer, allocated in the post-backward walk
+    walked: int = 0              # stage 1: the gradients freed into the bucket when the worst rank allocates it
     touches: tuple[tuple[str, int], ...] = ()  # stage 2: per rank, where the backward first reaches its range
-                                               # (head | last | first | embed) and its gradient buffer (bytes)
+                                               # (head | last | first | embed) and its buffer
+    # stage 3
+    persistent: int = 0          # engine buffers alive through the whole step: the bucket and the grad partition
+    gathered_kept: int = 0       # parameters kept gathered from forward to backward (reuse distance)
+    gather_temp: int = 0         # a block's fetch: the flat all-gather buffer (largest module and prefetch)
+    block_bytes: int = 0         # one block's gathered parameters
+    root_bytes: int = 0          # the embeddings gathered
+    head_bytes: int = 0          # the modules after the blocks (final norm, head) gathered for the head
+    embed_kept: bool = False     # the embeddings train, so stay gathered to their backward
+    tied_bytes: int = 0          # a tied head's embedding, gathered from the embeddings to the head's backward
+    kept_blocks: int = 0         # blocks kept gathered to their backward
+    depth: int = 0               # the model's blocks
 
 
 def _half(setup: RunSetup) -> int:
@@ -100,14 +101,14 @@ def partition_grads(train: list[RankTensor], n: int) -> tuple[int, list[int], li
     for t in train:
         starts.append(pos)
         pos += t.numel
-    g, big, first_end = [], [], []
+    g, big, first = [], [], []
     for r in ranks:
         lo, hi = r * s, (r + 1) * s
         over = [(k, a, a + t.numel) for k, (a, t) in enumerate(zip(starts, train)) if a < hi and a + t.numel > lo]
         g.append(sum(b - a for _, a, b in over))
         big.append(max((min(b, hi) - max(a, lo) for _, a, b in over), default=0))
-        first_end.append(over[0][0] if over else len(train))
-    return s, g, big, first_end
+        first.append(over[0][0] if over else len(train))
+    return s, g, big, first
 
 
 def _touches(tensors: tuple[RankTensor, ...], s: int, n: int) -> list[str]:
@@ -198,8 +199,8 @@ def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...
             gradients=grad_end, optimizer_states=0 if offload_opt else states,
             master_weights=0 if offload_opt else masters, optimizer_temp=0,
             grad_upcast=0 if offload_opt else step - grad_end, grads_freed_at_step=0)
-        return sb, ZeroPlan(bucket, 0, flush, h, p_t, early, grad_end, 0 if offload_opt else step - grad_end,
-                            0, 0, 0, 0, 0, False, 0, 0, host, gloo, oversized=oversized, walked=stage1_walked, touches=touches)
+        return sb, ZeroPlan(bucket, flush, h, p_t, oversized, host, gloo, grad_end=grad_end, grad_early=early,
+                            walked=stage1_walked, touches=touches)
     # stage 3
     def split(t: RankTensor) -> bool:  # partitioned and gathered around its use (the persistence threshold)
         return t.numel > persistence
@@ -225,7 +226,6 @@ def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...
     per_block = {b: round(sum(t.numel * stored(t) for t in tensors if t.group == b and split(t))) for b in blocks}
     block_elems = {b: sum(t.numel for t in tensors if t.group == b and split(t)) for b in blocks}
     # the root's tensors in registration order: the embeddings before the first block, the rest after the last
-    first_block = next((i for i, t in enumerate(tensors) if t.group != ROOT), len(tensors))
     embed_side = [t for t in tensors[:first_block] if split(t)]
     head_side = [t for t in tensors[first_block:] if t.group == ROOT and split(t)]
     root_bytes = round(sum(t.numel * stored(t) for t in embed_side))
@@ -245,11 +245,10 @@ def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...
         while kept < len(blocks) and 2 * kept * elems <= MAX_REUSE:
             kept += 1
     block = per_block.get(blocks[0], 0) if blocks else 0
-    # a fetch: the flat all-gather buffer of the block and the prefetched next (partition_parameters
-    # _all_gather_dtype), beside gloo's output-size copy during the collective; the parameters' own storage is made
-    # from it after the collective, while the flat buffer is still held (``_stage3_replay``)
-    # modules are fetched one at a time (the pre-forward / pre-backward hooks of each submodule), with the next
-    # ones prefetched up to the prefetch bucket: the flat buffer holds about the largest module and the prefetch
+    # a fetch (partition_parameters _all_gather_dtype): modules are fetched one at a time (each submodule's
+    # pre-forward / pre-backward hook) with the next prefetched up to the prefetch bucket, into a flat buffer of about
+    # the largest module and the prefetch, beside gloo's output-size copy during the collective; the parameters'
+    # own storage is made from it while it is still held (``_fetch``)
     largest = max((round(t.numel * stored(t)) for t in tensors if t.group == (blocks[0] if blocks else ROOT)
                    and split(t)), default=0)
     gather_temp = min(block, largest + prefetch * h)
@@ -261,9 +260,10 @@ def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...
     sb = StateBytes(params_trainable=params_t, params_frozen=r_part + small_f, gradients=grad_buffer,
                     optimizer_states=0 if offload_opt else states, master_weights=0 if offload_opt else masters,
                     optimizer_temp=0, grad_upcast=0 if offload_opt else upcast, grads_freed_at_step=0)
-    return sb, ZeroPlan(bucket, bucket + grad_buffer, flush, h, p_t, 0, 0, 0, kept * block, gather_temp, block,
-                        root_bytes, head_bytes, embed_kept, tied_bytes, kept, host, gloo, depth=len(blocks),
-                        oversized=oversized)
+    return sb, ZeroPlan(bucket, flush, h, p_t, oversized, host, gloo, persistent=bucket + grad_buffer,
+                        gathered_kept=kept * block, gather_temp=gather_temp, block_bytes=block, root_bytes=root_bytes,
+                        head_bytes=head_bytes, embed_kept=embed_kept, tied_bytes=tied_bytes, kept_blocks=kept,
+                        depth=len(blocks))
 
 
 def zero_replay(rep: Replay, setup: RunSetup, plan: ZeroPlan) -> Replay:
