@@ -270,16 +270,20 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
     return "\n".join(out)
 
 
-def write_markdown(rows: list[dict[str, Any]], command: str) -> None:
-    text = MD_PATH.read_text()
-    section = render(rows, command)
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1] if END in rest else ""
-        text = head + section + tail
+def write_section(path: Path, begin: str, end: str, section: str) -> None:
+    """``section`` (which starts with ``begin`` and ends with ``end``) in place of the text between those markers in
+    ``path``, or appended when the file has none yet."""
+    text = path.read_text()
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + (rest.split(end, 1)[1] if end in rest else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    MD_PATH.write_text(text)
+    path.write_text(text)
+
+
+def write_markdown(rows: list[dict[str, Any]], command: str) -> None:
+    write_section(MD_PATH, BEGIN, END, render(rows, command))
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.validate import NARROW, REGIMES, frac  # noqa: E402
+from benchmarks.validate_parallel import write_section  # noqa: E402
 
 TARGET = 0.02
 RECHECK = 0.01  # a row further than this from the estimate is measured once more (see main)
@@ -205,14 +206,7 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
 
 
 def write_markdown(rows: list[dict[str, Any]], command: str) -> None:
-    text = MD_PATH.read_text()
-    section = render(rows, command)
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + (rest.split(END, 1)[1] if END in rest else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    MD_PATH.write_text(text)
+    write_section(MD_PATH, BEGIN, END, render(rows, command))
 
 
 def main() -> None:

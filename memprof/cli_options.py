@@ -12,7 +12,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from .config import RunSetup
+from .config import ZERO_BUFFER_FIELDS, RunSetup
 from .resolve import measured_device, resolve_measured, resolve_setup
 from .errors import ConfigError
 from .images import image_run
@@ -161,8 +161,8 @@ PANELS: dict[str, tuple[str, ...]] = {
     "IA3, prefix, prompt and P-tuning, trainable tokens": ("ia3_targets", "ia3_feedforward", "virtual_tokens",
                                                            "prefix_projection", "prompt_encoder_hidden",
                                                            "tokens_trained"),
-    "Beyond one device (per-rank memory)": ("world_size", "strategy", "offload", "nodes", "shard_size", "zero_bucket",
-                                            "zero_prefetch", "zero_persistence"),
+    "Beyond one device (per-rank memory)": ("world_size", "strategy", "offload", "nodes", "shard_size",
+                                            *ZERO_BUFFER_FIELDS),
     "Overheads and config file": ("cuda_context_mib", "reserve_frac", "config"),
 }
 for _name, _annotation in RUN_OPTIONS:
@@ -235,8 +235,8 @@ def setup_overrides(run: dict[str, Any]) -> dict[str, Any]:
                    "projection_hidden": run["prompt_encoder_hidden"]},
         "trainable_tokens": {"count": run["tokens_trained"]},
         "overheads": {"allocator_reserve_frac": run["reserve_frac"]},
-        "parallel": {k: run.get(k) for k in ("world_size", "strategy", "offload", "nodes", "shard_size", "zero_bucket",
-                                             "zero_prefetch", "zero_persistence")},
+        "parallel": {k: run.get(k) for k in ("world_size", "strategy", "offload", "nodes", "shard_size",
+                                             *ZERO_BUFFER_FIELDS)},
     }
     out: dict[str, Any] = {
         "method": run["method"], "batch_size": run["batch_size"], "seq_len": run["seq_len"], "dtype": run["dtype"],

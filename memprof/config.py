@@ -256,6 +256,14 @@ class Offload(str, Enum):
 
 FSDP_STRATEGIES = (Strategy.fsdp, Strategy.fsdp_grad_op, Strategy.hsdp)
 ZERO_STRATEGIES = (Strategy.zero1, Strategy.zero2, Strategy.zero3)
+# ZeRO's buffer sizes, ParallelSpec fields (flag: --zero-...): (field, DeepSpeed zero_optimization key, label in
+# ParallelSpec.describe, lowest value, ZeRO-3 only)
+ZERO_BUFFERS: tuple[tuple[str, str, str, int, bool], ...] = (
+    ("zero_bucket", "reduce_bucket_size", "bucket", 1, False),
+    ("zero_prefetch", "stage3_prefetch_bucket_size", "prefetch", 0, True),
+    ("zero_persistence", "stage3_param_persistence_threshold", "persistence", 0, True),
+)
+ZERO_BUFFER_FIELDS = tuple(name for name, *_ in ZERO_BUFFERS)
 
 
 @dataclass(frozen=True)
@@ -304,9 +312,8 @@ class ParallelSpec:
                               f"not {self.strategy.value}")
         if self.offload is Offload.optimizer and self.strategy is Strategy.ddp:
             raise ConfigError("offload optimizer applies to ZeRO (zero1/2/3) and FSDP (CPUOffload); DDP has none")
-        for name, flag, lo, stage3 in (("zero_bucket", "--zero-bucket", 1, False),
-                                       ("zero_prefetch", "--zero-prefetch", 0, True),
-                                       ("zero_persistence", "--zero-persistence", 0, True)):
+        for name, _key, _label, lo, stage3 in ZERO_BUFFERS:
+            flag = "--" + name.replace("_", "-")
             value = getattr(self, name)
             if value is None:
                 continue
@@ -341,8 +348,7 @@ class ParallelSpec:
             text += f", shard group {self.shard_group}"
         if self.offload is not Offload.none:
             text += f", offload {self.offload.value}"
-        for name, label in (("zero_bucket", "bucket"), ("zero_prefetch", "prefetch"),
-                            ("zero_persistence", "persistence")):
+        for name, _key, label, _lo, _stage3 in ZERO_BUFFERS:
             if getattr(self, name) is not None:
                 text += f", {label} {getattr(self, name):.3g}"
         return text

@@ -158,9 +158,7 @@ def estimate(spec: ModelSpec, setup: RunSetup, explain: bool = False, tracked: b
     if share is not None:  # the one-device state terms give way to the rank's (ranks.state_terms)
         states = {Category.params_trainable, Category.params_frozen, Category.gradients, Category.optimizer_states,
                   Category.master_weights}
-        terms = tuple(t for t in terms if t.category not in states and not t.name.startswith("fp32 copies of the "
-                                                                                       "gradients")) + share.terms \
-            if explain else ()
+        terms = tuple(t for t in terms if t.category not in states) + share.terms if explain else ()
         notes += share.notes
     refused = refusal_note(spec, setup)
     if refused:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ..config import Method, Optimizer, Regime, RunSetup
+from ..config import ZERO_STRATEGIES, Method, Optimizer, Regime, RunSetup
 from ..records import Category, Phase, Term
 from ..spec import ModelSpec
 from ..units import fmt_bytes_auto
@@ -189,7 +189,9 @@ def explain_terms(spec: ModelSpec, setup: RunSetup, pc: ParamCounts, sb: StateBy
         terms.append(Term(Category.activations, "the previous step's model output (logits, cache), held by the loop",
                           "as this step's output", "until this step's forward returns", kept_outputs_bytes,
                           "a loop that binds outputs = model(**batch); counted in the forward phase"))
-    if sb.grad_upcast:
+    # a ZeRO rank's step casts its partition, sub-group by sub-group: ranks.py lists that term instead
+    zero_rank = setup.parallel is not None and setup.parallel.strategy in ZERO_STRATEGIES
+    if sb.grad_upcast and not zero_rank:
         terms.append(Term(Category.temporaries, "fp32 copies of the gradients at the step (mixed regime)",
                           "P_t x 4 B", f"{base_t:,} x 4 B", sb.grad_upcast, "memprof MasterWeightOptimizer"))
     ws = cublas_workspace_bytes(setup)

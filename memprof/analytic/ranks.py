@@ -76,6 +76,10 @@ def _share(spec: ModelSpec, setup: RunSetup, one: RunSetup, struct: RunSetup, on
     assert par is not None
     check_parallel(setup)
     tensors = rank_tensors(spec, one)
+    if par.strategy in ZERO_STRATEGIES and one.regime is Regime.mixed:
+        # DeepSpeed's half engine casts peft's adapters too: the replay keeps the parallel part to say so
+        # (forward.build_context)
+        struct = dataclasses.replace(struct, parallel=par)
     rep = replay(spec, struct, tracked, window_reached(spec, one))
     n = par.shard_group
     what = par.describe()
@@ -122,9 +126,6 @@ def _share(spec: ModelSpec, setup: RunSetup, one: RunSetup, struct: RunSetup, on
                       "one flat copy of the trainable gradients", f"{buckets:,} B", buckets, _SOURCE_DDP),)
         return RankShare(one_states, assemble(rep, spec.num_layers), buckets, None, terms, tuple(notes))
     sb, plan = zero_states(setup, one_states, tensors, tied=tied_head(spec))
-    if one.regime is Regime.mixed:  # the replay with DeepSpeed's half adapters (forward.build_context)
-        zs = dataclasses.replace(one, parallel=setup.parallel)
-        rep = replay(spec, structural(zs), tracked, window_reached(spec, one))
     tl = assemble(zero_replay(rep, setup, plan), spec.num_layers)
     notes.append("ZeRO is modelled from DeepSpeed 0.19's source (the worst rank at each moment), checked against "
                  "its engine on 2 gloo ranks, not traced (DeepSpeed cannot run on fake tensors)"

@@ -39,6 +39,7 @@ Sources (``deepspeed/runtime/zero/``; Z12 = stage_1_and_2.py, Z3 = stage3.py, ZC
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 from ..config import Device, Offload, RunSetup, Strategy
 from .compose import Replay
@@ -88,47 +89,45 @@ def _half(setup: RunSetup) -> int:
     return 2 if setup.dtype.value in ("bf16", "fp16") else 4
 
 
-def partition_grads(train: list[RankTensor], n: int) -> tuple[int, list[int], list[int], list[int]]:
-    """Stages 1/2: (S, G_r, the largest slice of rank r's range, the index of the first parameter overlapping it) for
-    every rank (or the first and last when there are many): the flat buffer padded to a multiple of 2n (Z12
-    ``flatten_dense_tensors_aligned``, alignment 2 x dp size), ``grads_in_partition`` counting whole every parameter
-    that overlaps the range (Z12 ``copy_grads_in_partition``), the slices as ``get_flat_partition`` cuts them."""
+class Partitions(NamedTuple):
+    """Stages 1/2, per rank (every rank, or the first and last when there are many)."""
+
+    s: int              # the partition: the flat buffer (padded to a multiple of 2n) / n
+    g: list[int]        # grads_in_partition: every parameter overlapping the range, whole
+    big: list[int]      # the largest slice of the range (one parameter's part)
+    first: list[int]    # the index of the first parameter overlapping the range
+    last: list[int]     # the index of the last one
+
+
+def partition_grads(train: list[RankTensor], n: int) -> Partitions:
+    """The flat buffer padded to a multiple of 2n (Z12 ``flatten_dense_tensors_aligned``, alignment 2 x dp size),
+    ``grads_in_partition`` counting whole every parameter that overlaps the rank's range (Z12
+    ``copy_grads_in_partition``), the slices as ``get_flat_partition`` cuts them."""
     p_t = sum(t.numel for t in train)
-    flat = -(-p_t // (2 * n)) * 2 * n
-    s = flat // n
+    s = -(-p_t // (2 * n)) * 2
     ranks = range(n) if n <= 4096 else (0, n - 1)
     starts, pos = [], 0
     for t in train:
         starts.append(pos)
         pos += t.numel
-    g, big, first = [], [], []
+    out = Partitions(s, [], [], [], [])
     for r in ranks:
         lo, hi = r * s, (r + 1) * s
         over = [(k, a, a + t.numel) for k, (a, t) in enumerate(zip(starts, train)) if a < hi and a + t.numel > lo]
-        g.append(sum(b - a for _, a, b in over))
-        big.append(max((min(b, hi) - max(a, lo) for _, a, b in over), default=0))
-        first.append(over[0][0] if over else len(train))
-    return s, g, big, first
+        out.g.append(sum(b - a for _, a, b in over))
+        out.big.append(max((min(b, hi) - max(a, lo) for _, a, b in over), default=0))
+        out.first.append(over[0][0] if over else len(train))
+        out.last.append(over[-1][0] if over else len(train) - 1)
+    return out
 
 
-def _touches(tensors: tuple[RankTensor, ...], s: int, n: int) -> list[str]:
-    """Stage 2: for each rank (as ``partition_grads`` lists them), where the backward first makes a gradient of its
-    range: the last real element of the range, in the flat (registration) order, read backwards. ``head`` (the
-    modules after the blocks), ``last`` (the last block, or a middle one: placed there, earlier), ``first`` (block
-    0), ``embed`` (the modules before the blocks)."""
-    train = [t for t in tensors if t.trainable]
-    blocks = sorted({t.group for t in tensors if t.group != ROOT})
-    first_block = next((i for i, t in enumerate(train) if t.group != ROOT), len(train))
-    ends, pos = [], 0
-    for t in train:
-        pos += t.numel
-        ends.append(pos)
-    p_t = pos
-    ranks = range(n) if n <= 4096 else (0, n - 1)
+def _touches(train: list[RankTensor], last: list[int], first_block: int, blocks: list[int]) -> list[str]:
+    """Stage 2: for each rank, where the backward first makes a gradient of its range: that of the last parameter
+    overlapping it (``Partitions.last``; the backward runs the registration order backwards). ``head`` (the modules
+    after the blocks), ``last`` (the last block, or a middle one: placed there, earlier), ``first`` (block 0),
+    ``embed`` (the modules before the blocks)."""
     out = []
-    for r in ranks:
-        last = min((r + 1) * s, p_t) - 1
-        i = next(k for k, e in enumerate(ends) if e > last)
+    for i in last:
         t = train[i]
         if t.group == ROOT:
             out.append("embed" if i < first_block else "head")
@@ -163,26 +162,27 @@ def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...
         return round(one.optimizer_states * elems / p_t) if p_t else 0
 
     frozen = round(sum(t.numel * stored(t) for t in tensors if not t.trainable))
+    blocks = sorted({t.group for t in tensors if t.group != ROOT})
+    first_block = next((i for i, t in enumerate(tensors) if t.group != ROOT), len(tensors))
     # a parameter larger than the bucket skips it and is flushed alone: the flush flattens a copy of its gradient
     # (stage_1_and_2.py allreduce_bucket; stage 3 reduce_scatter_coalesced's torch.cat)
-    first_block = next((i for i, t in enumerate(tensors) if t.group != ROOT), len(tensors))
 
     def largest(ts: list[RankTensor]) -> int:
         return max((t.numel for t in ts if t.trainable), default=0)
 
     oversized = (largest([t for t in tensors[first_block:] if t.group == ROOT]),
-                 largest([t for t in tensors if t.group != ROOT and t.group == min(
-                     (u.group for u in tensors if u.group != ROOT), default=0)]),
+                 largest([t for t in tensors if t.group == (blocks[0] if blocks else ROOT) and t.group != ROOT]),
                  largest(list(tensors[:first_block])))
     bucket = reduce_bucket * h if p_t else 0
     flush = min(reduce_bucket, p_t)
     if stage < 3:
-        s, g, big, ends = partition_grads(train, n) if p_t else (0, [0], [0], [0])
+        parts = partition_grads(train, n) if p_t else Partitions(0, [0], [0], [0], [0])
+        s, g, big, ends = parts.s, parts.g, parts.big, parts.first
         masters, states = 4 * s, state_bytes(s)
         upcast = 4 * s + (h * s if mixed else 0)     # the flattened partition and its fp32 cast (one tensor in fp32)
         step = max(g[i] * h + max(upcast, NORM_BYTES * big[i]) for i in range(len(g)))
         if gloo:  # the all-gather of the updated partitions into the flat buffer, after the gradients are freed
-            step = max(step, -(-p_t // (2 * n)) * 2 * n * h)
+            step = max(step, s * n * h)
         grad_end = max(g) * h
         # stage 1 reduces after the backward, walking the parameters in flat order: rank r allocates its buffer at
         # the flush holding the first parameter of its range, while every gradient not yet copied into the bucket is
@@ -192,10 +192,12 @@ def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...
         worst = max(range(len(g)), key=lambda i: g[i] - walked[i])
         early = g[worst] * h
         stage1_walked = walked[worst] * h
-        touches = tuple(zip(_touches(tensors, s, n), (x * h for x in g))) if stage == 2 and p_t else ()
+        train_first_block = next((i for i, t in enumerate(train) if t.group != ROOT), len(train))
+        touches = tuple(zip(_touches(train, parts.last, train_first_block, blocks), (x * h for x in g))) \
+            if stage == 2 and p_t else ()
         host = masters + states + 4 * s if offload_opt else 0
         sb = StateBytes(
-            params_trainable=-(-p_t // (2 * n)) * 2 * n * h, params_frozen=frozen,
+            params_trainable=s * n * h, params_frozen=frozen,
             gradients=grad_end, optimizer_states=0 if offload_opt else states,
             master_weights=0 if offload_opt else masters, optimizer_temp=0,
             grad_upcast=0 if offload_opt else step - grad_end, grads_freed_at_step=0)
@@ -222,7 +224,6 @@ def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...
     # gradients and their fp32 cast; or the norm's fp64 copy of one partition
     sub = min(t_part, SUB_GROUP)
     upcast = max(4 * sub + (h * sub if mixed else 0), NORM_BYTES * max((part(t) for t in train), default=0))
-    blocks = sorted({t.group for t in tensors if t.group != ROOT})
     per_block = {b: round(sum(t.numel * stored(t) for t in tensors if t.group == b and split(t))) for b in blocks}
     block_elems = {b: sum(t.numel for t in tensors if t.group == b and split(t)) for b in blocks}
     # the root's tensors in registration order: the embeddings before the first block, the rest after the last
@@ -346,7 +347,7 @@ def _flush_bytes(plan: ZeroPlan, name: str) -> int:
     when it is larger than the bucket (reduced alone)."""
     head, block, embed = plan.oversized
     big = head if name == "b:head" else embed if name == "b:embed" else block
-    return max(plan.flush_elems, big if big > plan.flush_elems else 0) * plan.h
+    return max(plan.flush_elems, big) * plan.h
 
 
 def _fetch(plan: ZeroPlan, gathered: int, flat: int | None) -> list[tuple[int, int]]:

@@ -42,6 +42,10 @@ class AllocatorPeak:
     end_bytes: int                   # the sum when the step returned (live bytes the step left behind)
     phase_peak_bytes: dict[str, int] = field(default_factory=dict)  # per phase and sub-phase (``PhaseMarks``)
 
+    def top_phase(self, names: Iterable[str]) -> str:
+        """The one of ``names`` whose peak is highest (the first on a tie; a phase never opened counts -1)."""
+        return max(names, key=lambda name: self.phase_peak_bytes.get(name, -1))
+
 
 class PhaseMarks:
     """Duck-typed stand-in for ``MemoryTracker`` in ``step.run_step`` (and ``step.backward_markers``): labels each

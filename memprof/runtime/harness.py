@@ -301,8 +301,7 @@ def unobserved_step(run: BuiltRun, setup: RunSetup) -> UnobservedStep:
         live.append(live_storage_bytes(local_tensor(t) for t in tensors))
 
     step = unobserved_peak(lambda: _step(run, setup, "cpu", tracker=PhaseMarks()), before_fn=prepare)
-    phases = {p.value: step.phase_peak_bytes.get(p.value, -1) for p in Phase}
-    return UnobservedStep(live[0] + step.peak_bytes, max(phases, key=lambda p: phases[p]), live[0])
+    return UnobservedStep(live[0] + step.peak_bytes, step.top_phase(p.value for p in Phase), live[0])
 
 
 def _master_weights(optimizer: Any) -> list[torch.Tensor]:

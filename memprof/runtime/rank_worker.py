@@ -142,8 +142,7 @@ def _deepspeed_measurement(spec: Any, setup: Any, job: dict[str, Any], device: s
             live.append(process_storage_bytes())
 
         ap = unobserved_peak(lambda: step(PhaseMarks()), before_fn=prepare)
-        phases = {p.value: ap.phase_peak_bytes.get(p.value, -1) for p in Phase}
-        peak, phase, steady = live[0] + ap.peak_bytes, max(phases, key=lambda p: phases[p]), live[0]
+        peak, phase, steady = live[0] + ap.peak_bytes, ap.top_phase(p.value for p in Phase), live[0]
         notes.append("CPU: peak_bytes is the allocator-level peak of one more step (torch.profiler memory events) "
                      "plus every CPU storage alive before it, DeepSpeed's buffers included")
     return Measurement(

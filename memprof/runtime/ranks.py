@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..config import (ZERO_STRATEGIES, Device, Dtype, Loop, Offload, Optimizer, Regime, RunSetup, check_timeout,
-                      with_method_defaults)
+from ..config import (ZERO_BUFFERS, ZERO_STRATEGIES, Device, Dtype, Loop, Offload, Optimizer, Regime, RunSetup,
+                      check_timeout, with_method_defaults)
 from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError
 from ..outputs import check_writable
 from ..records import Measurement, setup_row
@@ -119,8 +119,7 @@ def deepspeed_config(setup: RunSetup) -> dict[str, Any]:
     if setup.optimizer is not Optimizer.adamw:
         raise ConfigError(f"measured ZeRO runs DeepSpeed's AdamW, not {setup.optimizer.value}; use --optimizer adamw")
     zero: dict[str, Any] = {"stage": int(par.strategy.value[-1])}
-    for name, key in (("zero_bucket", "reduce_bucket_size"), ("zero_prefetch", "stage3_prefetch_bucket_size"),
-                      ("zero_persistence", "stage3_param_persistence_threshold")):
+    for name, key, *_ in ZERO_BUFFERS:
         if getattr(par, name) is not None:
             zero[key] = getattr(par, name)
     if par.offload in (Offload.optimizer, Offload.params):

@@ -230,7 +230,9 @@ def test_zero_partition_gradients_count_a_straddling_parameter_whole() -> None:
     last two (7 + 5 = 12, largest slice 5). Stage 1 walks them in that order: rank 0's range starts in tensor 0,
     rank 1's in tensor 1 (the straddling one)."""
     train = [RankTensor(10, 1, True, 4, -1), RankTensor(7, 1, True, 4, 0), RankTensor(5, 1, True, 4, -1)]
-    assert partition_grads(train, 2) == (12, [17, 12], [10, 5], [0, 1])  # + each range's first tensor
+    parts = partition_grads(train, 2)
+    assert (parts.s, parts.g, parts.big, parts.first) == (12, [17, 12], [10, 5], [0, 1])  # + each range's first
+    assert parts.last == [1, 2]  # ... and last tensor: stage 2 allocates a rank's buffer when the backward reaches it
 
 
 def test_zero3_fp32_masters_are_a_copy_of_the_partitions() -> None:
