@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from memprof.resolve import resolve_setup
@@ -37,14 +37,22 @@ def _estimate(model: str, options: dict):  # noqa: ANN202
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(model=st.sampled_from(MODELS), options=setups, db=st.integers(1, 16), ds=st.integers(1, 100))
+# found by a CI run: 399 + 94 tokens + prompt tuning's 20 virtual ones pass BERT's 512 learned positions
+@example(model="bert-base-uncased", options={"method": "prompt", "dtype": "fp32", "attn_impl": "sdpa",
+                                             "grad_checkpointing": False, "optimizer": "adamw", "device": "cuda",
+                                             "batch_size": 1, "seq_len": 399}, db=1, ds=94)
 def test_memory_is_monotone_in_batch_and_sequence(model: str, options: dict, db: int, ds: int) -> None:
     spec, est = _estimate(model, options)
     if est is None:
         return
     bigger_b = estimate(spec, dataclasses.replace(est.setup, batch_size=est.setup.batch_size + db))
-    bigger_s = estimate(spec, dataclasses.replace(est.setup, seq_len=est.setup.seq_len + ds))
     assert bigger_b.peak_bytes >= est.peak_bytes
-    assert bigger_s.peak_bytes >= est.peak_bytes
+    try:
+        bigger_s = estimate(spec, dataclasses.replace(est.setup, seq_len=est.setup.seq_len + ds))
+    except ConfigError:  # the longer sequence (with any virtual tokens) passes the learned positions: no such run
+        bigger_s = None
+    if bigger_s is not None:
+        assert bigger_s.peak_bytes >= est.peak_bytes
     for (_, small), (_, big) in zip(est.phase_peaks, bigger_b.phase_peaks):
         assert big.activations >= small.activations
 
