@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .cli_options import (ColumnsOpt, FormatOpt, GpuOpt, ModelArg, ParamsOpt, PeftConfigOpt, StrategiesOpt, WorldSizesOpt,
-                          resolve_measure_run, resolve_model, resolve_run,
+                          apply_deepspeed, resolve_measure_run, resolve_model, resolve_run,
                           run_console, setup_overrides, sweep_axes, sweep_device, task_overrides, with_parallel_options,
                           with_run_options)
 from .config import Device, RunSetup
@@ -99,6 +99,7 @@ def estimate(
         assert run is not None
         run = _with_peft_task(run, peft_config)
         spec, note = resolve_model(model, params, run, any_family=trace)
+        apply_deepspeed(run, spec)
         if seq_lens is not None:
             if trace:
                 raise ConfigError("--seq-lens works with the analytic estimate, not --trace")
@@ -206,6 +207,7 @@ def fit(
         from .analytic.fit import PARALLEL_FIELDS, check_fit, fit_world, max_batch_size, max_seq_len, resolve_gpu
 
         spec, note = resolve_model(model, params, run, any_family=False)
+        apply_deepspeed(run, spec)
         searching = run["strategy"] is not None and run["world_size"] is None  # analytic.fit.fit_world
         setup = resolve_run({**run, **dict.fromkeys(PARALLEL_FIELDS)} if searching else run)
         if verify and (searching or setup.parallel is not None):
@@ -258,6 +260,7 @@ def trace(
             raise ConfigError("trace needs a model (preset, hub id or config.json)")
         run = _with_peft_task(run, peft_config)
         spec, _ = resolve_model(model, None, run, any_family=True)
+        apply_deepspeed(run, spec)
         setup = resolve_run(run, peft_config=peft_config, modelled=False, spec=spec)
         est = _trace(spec, setup, layers, peft_config)
         _render_estimate(est, fmt, fit=_fit(est, gpu))
@@ -294,6 +297,7 @@ def measure(
 
         run = _with_peft_task(run, peft_config)
         spec, _ = resolve_model(model, None, run, any_family=True)
+        apply_deepspeed(run, spec, par)
         setup, defaults_note = resolve_measure_run(run, peft_config, spec, par)
         from .runtime.ranks import measure_job, rank_note, ranked_setup
         from .runtime.runner import check_measurable
@@ -414,6 +418,7 @@ def compare(
         if do_measure or do_trace:
             require_torch_stack("memprof compare " + ("--measure" if do_measure else "--trace"))
         spec, note = resolve_model(model, params, run, any_family=do_measure or do_trace)
+        apply_deepspeed(run, spec)
         if methods is not None and run["method"] is not None:
             raise ConfigError("give --methods or -m/--method, not both")
         if methods is None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from .config import ZERO_BUFFER_FIELDS, RunSetup
+from .config import ZERO_FIELDS, RunSetup
 from .resolve import measured_device, resolve_measured, resolve_setup
 from .errors import ConfigError
 from .images import image_run
@@ -140,6 +140,13 @@ RUN_OPTIONS: list[tuple[str, Any]] = [
     ("zero_persistence", Annotated[Optional[float], typer.Option(
         "--zero-persistence", help="ZeRO-3's stage3_param_persistence_threshold, elements (auto: 10 hidden).  "
                                    "\\[default: 1e5]")]),
+    ("zero_overlap", Annotated[Optional[bool], typer.Option(
+        "--zero-overlap/--no-zero-overlap", help="ZeRO's overlap_comm: stages 1/2 double the bucket (and stage 1 "
+                                                 "then reduces in the backward).  \[default: DeepSpeed's, off below "
+                                                 "stage 3]")]),
+    ("deepspeed", Annotated[Optional[Path], typer.Option(
+        "--deepspeed", help="A DeepSpeed config JSON (HF Trainer's --deepspeed): its ZeRO stage, bucket sizes (\"auto\" "
+                            "as HF fills them), offload, bf16/fp16 and micro-batch size, under the flags.")]),
     ("cuda_context_mib", Annotated[Optional[float], typer.Option(
         "--cuda-context-mib", help="CUDA context size assumed, MiB.  \\[default: 500]")]),
     ("reserve_frac", Annotated[Optional[float], typer.Option(
@@ -162,7 +169,7 @@ PANELS: dict[str, tuple[str, ...]] = {
                                                            "prefix_projection", "prompt_encoder_hidden",
                                                            "tokens_trained"),
     "Beyond one device (per-rank memory)": ("world_size", "strategy", "offload", "nodes", "shard_size",
-                                            *ZERO_BUFFER_FIELDS),
+                                            *ZERO_FIELDS, "deepspeed"),
     "Overheads and config file": ("cuda_context_mib", "reserve_frac", "config"),
 }
 for _name, _annotation in RUN_OPTIONS:
@@ -236,7 +243,7 @@ def setup_overrides(run: dict[str, Any]) -> dict[str, Any]:
         "trainable_tokens": {"count": run["tokens_trained"]},
         "overheads": {"allocator_reserve_frac": run["reserve_frac"]},
         "parallel": {k: run.get(k) for k in ("world_size", "strategy", "offload", "nodes", "shard_size",
-                                             *ZERO_BUFFER_FIELDS)},
+                                             *ZERO_FIELDS)},
     }
     out: dict[str, Any] = {
         "method": run["method"], "batch_size": run["batch_size"], "seq_len": run["seq_len"], "dtype": run["dtype"],
@@ -298,6 +305,22 @@ def task_overrides(spec: ModelSpec, run: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"--image-size applies to --task image-cls only, not to {spec.task.value}; "
                           "give --seq-len")
     return {}
+
+
+def apply_deepspeed(run: dict[str, Any], spec: ModelSpec, par: dict[str, Any] | None = None) -> None:
+    """``--deepspeed FILE``: the flags not given take the DeepSpeed config's values (ds_input.deepspeed_flags; "auto"
+    bucket sizes from the model's width); measure's own data-parallel flags are in ``par``."""
+    if run.get("deepspeed") is None:
+        return
+    from .ds_input import deepspeed_flags, load_deepspeed_config
+
+    if par is not None and (par.get("nproc") or 1) < 2:
+        raise ConfigError("--deepspeed needs --nproc N with N > 1 ranks for memprof measure (a DeepSpeed config runs "
+                          "ZeRO over the ranks the launcher starts)")
+    for name, value in deepspeed_flags(load_deepspeed_config(run["deepspeed"]), spec.hidden_size).items():
+        target = par if par is not None and name in par else run
+        if target.get(name) is None:
+            target[name] = value
 
 
 def resolve_model(model: str | None, params: float | None, run: dict[str, Any], any_family: bool = False

@@ -264,6 +264,7 @@ ZERO_BUFFERS: tuple[tuple[str, str, str, int, bool], ...] = (
     ("zero_persistence", "stage3_param_persistence_threshold", "persistence", 0, True),
 )
 ZERO_BUFFER_FIELDS = tuple(name for name, *_ in ZERO_BUFFERS)
+ZERO_FIELDS = (*ZERO_BUFFER_FIELDS, "zero_overlap")  # every ZeRO option of ParallelSpec
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ class ParallelSpec:
     zero_bucket: int | None = None
     zero_prefetch: int | None = None
     zero_persistence: int | None = None
+    zero_overlap: bool | None = None   # overlap_comm (None: DeepSpeed's default, off below stage 3, on at stage 3)
 
     def __post_init__(self) -> None:
         for name, enum in (("strategy", Strategy), ("offload", Offload)):
@@ -325,6 +327,12 @@ class ParallelSpec:
             if self.strategy not in allowed:
                 raise ConfigError(f"{flag} applies to --strategy {' / '.join(s.value for s in allowed)} only, "
                                   f"not {self.strategy.value}")
+        if self.zero_overlap is not None:
+            if not isinstance(self.zero_overlap, bool):
+                raise ConfigError(f"zero overlap must be true or false, not {self.zero_overlap!r}")
+            if self.strategy not in ZERO_STRATEGIES:
+                raise ConfigError(f"--zero-overlap applies to --strategy zero1 / zero2 / zero3 only, not "
+                                  f"{self.strategy.value}")
 
     @property
     def gpus_per_node(self) -> int:
@@ -351,6 +359,8 @@ class ParallelSpec:
         for name, _key, label, _lo, _stage3 in ZERO_BUFFERS:
             if getattr(self, name) is not None:
                 text += f", {label} {getattr(self, name):.3g}"
+        if self.zero_overlap is not None:
+            text += f", overlap_comm {'on' if self.zero_overlap else 'off'}"
         return text
 
 

@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Any
 
 from .compat import attention_kernel
-from .config import OPTION_GROUPS, ZERO_BUFFER_FIELDS, RunSetup
+from .config import OPTION_GROUPS, ZERO_FIELDS, RunSetup
 from .spec import ModelSpec
 
 
@@ -178,7 +178,7 @@ def loop_options_str(setup: RunSetup) -> str:
                      + (f" nodes={par.nodes}" if par.nodes > 1 else "")
                      + (f" shard_size={par.shard_group}" if par.shard_size is not None else "")
                      + (f" offload={par.offload.value}" if par.offload.value != "none" else "")
-                     + "".join(f" {k}={getattr(par, k)}" for k in ZERO_BUFFER_FIELDS if getattr(par, k) is not None))
+                     + "".join(f" {k}={getattr(par, k)}" for k in ZERO_FIELDS if getattr(par, k) is not None))
     return " ".join(parts)
 
 

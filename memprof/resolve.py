@@ -12,7 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import (CPU_MEASURE_DEFAULTS, ZERO_BUFFER_FIELDS, AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype,
+from .config import (CPU_MEASURE_DEFAULTS, ZERO_FIELDS, AdapterSpec, AdapterVariant, AttnImpl, Device, Dtype,
                      IA3Spec, Loop,
                      LoraSpec, Method, Optimizer, OptimizerImpl, Overheads, ParallelSpec, PromptLearningSpec, QuantSpec, Regime,
                      RunSetup, TokensSpec, ZeroGrad, method_option_defaults, with_method_defaults)
@@ -78,7 +78,7 @@ FLAG_ALIASES: dict[str, tuple[str, str, float]] = {
     "reserve_frac": ("overheads", "allocator_reserve_frac", 1),
     "world_size": ("parallel", "world_size", 1), "strategy": ("parallel", "strategy", 1),
     "offload": ("parallel", "offload", 1), "nodes": ("parallel", "nodes", 1), "shard_size": ("parallel", "shard_size", 1),
-    **{name: ("parallel", name, 1) for name in ZERO_BUFFER_FIELDS},
+    **{name: ("parallel", name, 1) for name in ZERO_FIELDS},
 }
 FIELD_ALIASES = {"attn": "attn_impl"}  # flag name -> RunSetup field
 

@@ -72,6 +72,9 @@ class Replay:
     backward: tuple[Segment, ...]     # b:head [, b:layer2 [, b:layer1]], b:layer0, b:embed
     layers: int                       # blocks in the replay (1, 2, or 3: first, middle, last)
     saved_terms: tuple[tuple[str, str, str, Poly], ...]  # (segment, label, dtype, bytes) alive after forward
+    # (segment, elements, dtype) of each parameter that no op needing a gradient reads: a frozen module whose input
+    # needs none (the first block's under PEFT) has no backward (DeepSpeed ZeRO-3 releases it after its forward)
+    idle_params: tuple[tuple[str, int, str], ...] = ()
 
 
 def _prune(cands: list[Vec]) -> tuple[Vec, ...]:
@@ -122,6 +125,7 @@ def replay(spec: ModelSpec, setup: RunSetup, tracked: bool = False, window_reach
         elif ev.kind == "alloc" and st is not None and st.fate == WCOPY and st.alive:
             saved_terms.append((ev.seg, "[weight copy] " + st.label, st.dtype, st.nbytes))
     n_forward_events = len(g.events)
+    idle = tuple((t.st.seg, t.numel[4], t.st.dtype or t.dtype) for t in g.param_list if id(t.st) not in g.grad_uses)
     seg_of = {name: "b:" + name for name in ("embed", "head", *(f"layer{i}" for i in range(layers)))}
     g.segment("b:head")
     g.backward(loss, seg_of)
@@ -137,7 +141,7 @@ def replay(spec: ModelSpec, setup: RunSetup, tracked: bool = False, window_reach
         forward=tuple(segments.get(n, Segment(n, vzero(), (vzero(),))) for n in fwd_names),
         backward=tuple(segments.get(n, Segment(n, vzero(), (vzero(),))) if n in segments else
                        Segment(n, empty.delta, empty.cands) for n in bwd_names),
-        layers=layers, saved_terms=tuple(saved_terms),
+        layers=layers, saved_terms=tuple(saved_terms), idle_params=idle,
     )
 
 

@@ -42,6 +42,7 @@ class Ctx:
     block_types: tuple = ()     # each replayed block's attention type (spec.layer_types; empty: all full)
     window_reached: bool = False  # the keys reach the sliding window: SDPA gets a sliding mask (forward.py)
     prefix_kv: list = field(default_factory=list)  # per-layer (key, value) prefix views (prefix tuning)
+    last_linear: tuple = ()     # the weight and bias of the last ``linear`` (an adapter's site)
 
     # ---- trainability ----------------------------------------------------------------------------------
     def trainable(self, full_name: str, m: Module, kind: str) -> bool:
@@ -66,12 +67,18 @@ class Ctx:
                 return full_name in self.lora
         return False
 
+    def quantized(self, m: Module) -> bool:
+        """QLoRA stores this projection's weight in 4 bits (bitsandbytes Linear4bit; not the head)."""
+        return self.setup.method is Method.qlora and m.role not in ("head", "classifier", "router")
+
     def param(self, full_name: str, m: Module, kind: str = "weight") -> T:
         key = f"{full_name}.{kind}"
         if key not in self.params:
             numel = m.weight_params if kind == "weight" else m.bias_params
             width = m.d_out if m.kind in ("linear", "conv1d", "embedding") else m.d_in
             self.params[key] = self.g.param(numel, width, self.wdt, self.trainable(full_name, m, kind), key)
+            if kind == "weight" and m.is_linear and self.quantized(m):
+                self.params[key].st.dtype = "nf4"  # stored packed (the handle keeps the compute dtype)
         return self.params[key]
 
     def embed(self, ids: T, full_name: str, m: Module, label: str) -> T:
@@ -160,20 +167,24 @@ class Ctx:
         g = self.g
         w = self.param(full_name, m)
         bias = self.param(full_name, m, "bias") if m.bias else None
+        self.last_linear = (w, bias)
         ia3_ff = self.ia3.get(full_name)
         x_in = x
         if ia3_ff:
             x_in = peft_methods.ia3_scale_input(self, x, full_name, m, label)
         xh = self.to_half(x_in, label)
-        if self.setup.method is Method.qlora and m.role not in ("head", "classifier", "router"):  # bnb: nn.Linear only
+        if self.quantized(m):
             y = peft_methods.linear_4bit(self, xh, bias, m, label)
+            if y.rg:  # the packed weight is the module's, read through its dequantized copy
+                self.g.grad_uses.add(id(w.st))
             if y.dtype != x_in.dtype:  # Linear4bit.forward returns out.to(inp_dtype)
                 back = g.cast(y, x_in.dtype, label + " (back to the input dtype)")
                 g.drop(y)
                 y = back
         else:
             wq = self.weight_for_matmul(w, label)
-            y = g.linear(xh, w, m.d_out, label, bias=bias, w_used=wq, out_dtype=self.amp)
+            y = g.linear(xh, w, m.d_out, label, bias=bias, w_used=wq, out_dtype=self.amp,
+                         f_linear=m.kind != "conv1d")
             if wq is not None:
                 g.drop(wq)
         r = self.lora.get(full_name)
@@ -187,6 +198,11 @@ class Ctx:
         if ia3_ff is False:
             y = peft_methods.ia3_scale_output(self, y, full_name, m, label)
         return y
+
+    def hooked_site(self) -> None:
+        """A forward hook on the last ``linear``'s module returns an output that needs a gradient (an adapter): the
+        hooks registered after it (DeepSpeed ZeRO-3's) see the module take part in the backward."""
+        self.g.grad_uses.update(id(p.st) for p in self.last_linear if p is not None)
 
     def norm(self, x: T, full_name: str, m: Module, label: str) -> T:
         g = self.g

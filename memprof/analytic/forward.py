@@ -14,7 +14,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..compat import resolve_attention
-from ..config import ZERO_STRATEGIES, AttnImpl, Method, Regime, RunSetup
+from ..config import ZERO_STRATEGIES, AttnImpl, Method, Regime, RunSetup, Strategy
 from ..spec import FULL, SLIDING, Family, ModelSpec
 from . import peft_methods
 from .context import Ctx
@@ -36,6 +36,8 @@ def build_context(g: Graph, spec: ModelSpec, setup: RunSetup) -> Ctx:
     # _configure_distributed_model): a ZeRO rank's replay keeps its setup's parallel part to say so (ranks._share)
     zero = setup.parallel is not None and setup.parallel.strategy in ZERO_STRATEGIES
     ctx = Ctx(g, spec, setup, wdt, amp, adapter_dtype=wdt if zero and wdt != "fp32" else "fp32")
+    # ZeRO-3 wraps torch's linear in its own autograd function (sim.Graph.ds_linear)
+    g.ds_linear = zero and setup.parallel.strategy is Strategy.zero3
     peft_methods.configure(ctx)
     return ctx
 

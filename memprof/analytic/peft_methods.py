@@ -236,6 +236,7 @@ def adapter_after(ctx: Ctx, y: T, site: str, i: int) -> T:
         return y
     if site == "attn" and ad.variant is not AdapterVariant.houlsby:
         return y
+    ctx.hooked_site()  # a forward hook on the site's module (runtime/adapters.py)
     return bottleneck_adapter(ctx, y, f"adapter ({site})")
 
 

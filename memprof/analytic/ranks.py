@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..config import FSDP_STRATEGIES, ZERO_STRATEGIES, Device, Dtype, Offload, Regime, RunSetup, Strategy
+from ..config import FSDP_STRATEGIES, ZERO_STRATEGIES, Device, Dtype, Method, Offload, Regime, RunSetup, Strategy
 from ..records import Category, Term
 from ..spec import ModelSpec
 from .compose import Timeline, assemble, replay, structural
@@ -76,9 +76,9 @@ def _share(spec: ModelSpec, setup: RunSetup, one: RunSetup, struct: RunSetup, on
     assert par is not None
     check_parallel(setup)
     tensors = rank_tensors(spec, one)
-    if par.strategy in ZERO_STRATEGIES and one.regime is Regime.mixed:
-        # DeepSpeed's half engine casts peft's adapters too: the replay keeps the parallel part to say so
-        # (forward.build_context)
+    if par.strategy is Strategy.zero3 or (par.strategy in ZERO_STRATEGIES and one.regime is Regime.mixed):
+        # DeepSpeed's half engine casts peft's adapters too, and ZeRO-3 replaces torch's linear: the replay keeps
+        # the parallel part to say so (forward.build_context)
         struct = dataclasses.replace(struct, parallel=par)
     rep = replay(spec, struct, tracked, window_reached(spec, one))
     n = par.shard_group
@@ -128,14 +128,19 @@ def _share(spec: ModelSpec, setup: RunSetup, one: RunSetup, struct: RunSetup, on
     sb, plan = zero_states(setup, one_states, tensors, tied=tied_head(spec))
     tl = assemble(zero_replay(rep, setup, plan), spec.num_layers)
     notes.append("ZeRO is modelled from DeepSpeed 0.19's source (the worst rank at each moment), checked against "
-                 "its engine on 2 gloo ranks, not traced (DeepSpeed cannot run on fake tensors)"
+                 "its engine on 2 to 8 gloo ranks, not traced (DeepSpeed cannot run on fake tensors)"
                  + ("; bf16/fp16 runs use DeepSpeed's mixed precision (fp32 masters)"
                     if one.regime is Regime.mixed else ""))
     stage3 = par.strategy is Strategy.zero3
+    if stage3 and setup.method is not Method.full:
+        notes[0] = (f"per rank of {what}: activations are one device's (each rank runs its own micro-batch of "
+                    f"{setup.batch_size}) and the inputs of the frozen projections: ZeRO-3 runs torch's linear as "
+                    "DeepSpeed's LinearFunctionForZeroStage3, which keeps each projection's input for the backward")
     terms = state_terms(sb, f"partitions of 1/{par.world_size}" + ("" if stage3 else " (weights whole below stage 3)"),
                         _SOURCE_ZERO) + (
         Term(Category.gradients, "contiguous gradient bucket (reduce_bucket_size elements; " +
-             ("kept from the start)" if stage3 else "during the backward)"), "bucket elements x model dtype bytes",
+             ("kept from the start)" if stage3 else "during the backward)"), "bucket elements x model dtype bytes"
+             + (" x 2 (overlap_comm's double buffer)" if par.zero_overlap and not stage3 else ""),
              f"{plan.bucket:,} B", plan.bucket, _SOURCE_ZERO),
         Term(Category.temporaries, "the step: the partition's gradients flattened and cast to fp32 (or the "
              "gradient norm's fp64 copy of one slice), above the end of the backward",

@@ -71,7 +71,7 @@ PARAM_T, PARAM_F, GRAD, OPT, MASTER, WCOPY, ACT, TEMP, INPUT = (
 
 
 class Storage:
-    __slots__ = ("nbytes", "refs", "saved", "alive", "fate", "seg", "label", "dtype", "carried")
+    __slots__ = ("nbytes", "refs", "saved", "alive", "fate", "seg", "label", "dtype", "carried", "param")
 
     def __init__(self, nbytes: Poly, seg: str, label: str, fate: str | None, dtype: str = "") -> None:
         self.dtype = dtype
@@ -85,6 +85,7 @@ class Storage:
         self.fate = fate   # fixed at creation (grads, inputs, weight copies) or resolved after forward
         self.seg = seg
         self.label = label
+        self.param: Storage | None = None  # made from this parameter by ops needing no gradient (Graph._param_of)
 
 
 class T:
@@ -195,6 +196,13 @@ class Graph:
     # parameters standing in for those of blocks the replay does not run (``stand_in``): the gradient the replay
     # hands them is consumed by the composed copies of the middle block, so it is counted as pending (see there)
     stand_ins: set = field(default_factory=set)
+    # DeepSpeed ZeRO-3's memory_efficient_linear (on by default; zero/partition_parameters.py
+    # _enable_mem_efficient_linear): F.linear becomes zero/linear.py LinearFunctionForZeroStage3, which saves its
+    # input, weight and bias whatever needs a gradient (a frozen weight's input too) and returns gradients of its own
+    ds_linear: bool = False
+    param_list: list = field(default_factory=list)      # every parameter handle, in creation order
+    grad_uses: set = field(default_factory=set)         # ids of parameter storages read by an op whose output
+                                                        # needs a gradient (the others' modules get no backward)
 
     # ---- lifetime -----------------------------------------------------------------------------------
     def _alloc(self, nbytes: Poly, label: str, fate: str | None) -> Storage:
@@ -246,7 +254,9 @@ class Graph:
         """A parameter: its bytes are counted by the model-state terms, not here."""
         st = Storage(ZERO, self.seg, label, PARAM_T if trainable else PARAM_F)
         st.refs = 1 << 40
-        return T(P(c=numel), width, dtype, trainable, st, None, label)
+        t = T(P(c=numel), width, dtype, trainable, st, None, label)
+        self.param_list.append(t)
+        return t
 
     def stand_in(self, numel: int, width: int, dtype: str, label: str) -> T:
         """A trainable parameter of a block this replay does not run, used by something outside the blocks (AdaLoRA's
@@ -300,10 +310,18 @@ class Graph:
         flags = alloc or [True] * len(inputs)
         op_views = views or [None if not a else False for a in flags]
         grad_in = [(t, a, grad_arrives_as_view(t, v)) for t, a, v in zip(inputs, flags, op_views) if t.rg]
+        params = [self._param_of(t) for t in inputs]
         if not grad_in:
+            # made from parameters alone, of a size not in b or s (a cast, Gemma's 1 + w; not a lookup's output):
+            # it stands for them
+            if inputs and all(params):
+                for o in outputs:
+                    if o.numel == P(c=o.numel[4]):
+                        o.st.param = params[0]
             return False
         for o in outputs:
             o.rg = True
+        self.grad_uses.update(id(p) for p in params if p is not None)
         kept = []
         for t in saved:
             if t is not None and t.st.nbytes != ZERO:
@@ -318,12 +336,19 @@ class Graph:
         self.nodes.append(node)
         return True
 
+    @staticmethod
+    def _param_of(t: T) -> Storage | None:
+        """The parameter storage ``t`` is, or was made from by ops needing no gradient (``Storage.param``)."""
+        st = t.root.st
+        return st if st.fate in (PARAM_T, PARAM_F) else st.param
+
     # ---- ops ----------------------------------------------------------------------------------------
     def linear(self, x: T, w: T, d_out: int, label: str, bias: T | None = None, w_used: T | None = None,
-               out_dtype: str | None = None) -> T:
+               out_dtype: str | None = None, f_linear: bool = True) -> T:
         """y = x W^T + b (aten addmm/mm): keeps x if W needs a gradient and W if x does. ``w_used`` is the
         tensor the matmul actually reads when it is not the parameter (autocast half copy, dequantized
-        4-bit weight): that one is kept alive by the node."""
+        4-bit weight): that one is kept alive by the node. ``f_linear``: the op is torch.nn.functional.linear (not
+        GPT-2's Conv1D addmm), which ``ds_linear`` replaces."""
         wt = w_used if w_used is not None else w
         out = self.new(pscale(x.rows, d_out), d_out, out_dtype or x.dtype, label)
         ins = [x, wt] + ([bias] if bias is not None else [])
@@ -332,7 +357,12 @@ class Graph:
         # the (b*s, k) mm result reshaped back; the weight's is mm_mat2_backward's result through TBackward (.t())
         folded = x.rows[0] != 0 or x.rows[1] != 0 or x.rows[3] != 0   # rows depend on s: x is (b, s, k)
         views = [folded, True] + ([False] if bias is not None else [])
-        self._node("linear", ins, [out], [x if wt.rg else None, wt if x.rg else None], views=views)
+        saved = [x if wt.rg else None, wt if x.rg else None]
+        if self.ds_linear and f_linear:
+            # LinearFunctionForZeroStage3: ctx.save_for_backward(input, weight, bias); its backward returns
+            # grad_output.matmul(weight) (matmul's _unsafe_view: not a view) and an mm result for the weight
+            saved, views = [x, wt], [False] * len(ins)
+        self._node("linear", ins, [out], saved, views=views)
         return out
 
     def bmm(self, a: T, b_: T, numel: Poly, width: int, label: str) -> T:

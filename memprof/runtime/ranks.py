@@ -122,6 +122,8 @@ def deepspeed_config(setup: RunSetup) -> dict[str, Any]:
     for name, key, *_ in ZERO_BUFFERS:
         if getattr(par, name) is not None:
             zero[key] = getattr(par, name)
+    if par.zero_overlap is not None:
+        zero["overlap_comm"] = par.zero_overlap
     if par.offload in (Offload.optimizer, Offload.params):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if par.offload is Offload.params:

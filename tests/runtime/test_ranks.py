@@ -252,6 +252,8 @@ def test_deepspeed_config_carries_the_bucket_sizes() -> None:
     assert deepspeed_config(setup)["zero_optimization"] == {
         "stage": 3, "reduce_bucket_size": 36864, "stage3_prefetch_bucket_size": 33177,
         "stage3_param_persistence_threshold": 1920}
+    overlap = RunSetup(dtype=Dtype.fp32, parallel=ParallelSpec(world_size=2, strategy="zero1", zero_overlap=False))
+    assert deepspeed_config(overlap)["zero_optimization"] == {"stage": 1, "overlap_comm": False}
 
 
 def test_zero_checks_before_any_rank_starts(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -266,17 +268,20 @@ def test_zero_checks_before_any_rank_starts(monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs DeepSpeed (pip install 'memprof[deepspeed]'); CI installs no "
                                                "extras, benchmarks/validate_zero.py runs it")
-@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
-def test_zero_two_gloo_ranks_against_the_estimate(strategy: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("strategy", "family", "method"), [("zero1", "gpt2", "full"), ("zero2", "gpt2", "full"),
+                                                          ("zero3", "gpt2", "full"), ("zero3", "llama", "lora")])
+def test_zero_two_gloo_ranks_against_the_estimate(strategy: str, family: str, method: str, tmp_path: Path) -> None:
     """DeepSpeed's engine on 2 gloo ranks (its CPU accelerator): each rank's allocator-level peak plus the storages
     alive before the step, against the per-rank estimate with the same bucket sizes (tiny widths: buckets of
-    hidden² elements, HF Trainer's "auto")."""
+    hidden² elements, HF Trainer's "auto"). LLaMA LoRA under ZeRO-3: DeepSpeed's linear keeps the frozen projections'
+    inputs, and releases the first block's frozen q/k/v after their forward."""
     from memprof.analytic import estimate
+    from memprof.resolve import resolve_setup
 
-    par = ParallelSpec(world_size=2, strategy=strategy, zero_bucket=32 * 32,  # n_embd 32
-                       **({"zero_prefetch": 921, "zero_persistence": 320} if strategy == "zero3" else {}))
-    setup = RunSetup(**CPU2, parallel=par)
-    spec = tiny_spec("gpt2")
+    setup = resolve_setup(None, {"batch_size": 2, "seq_len": 16, "dtype": "fp32", "device": "cpu", "method": method,
+                                 "world_size": 2, "strategy": strategy, "zero_bucket": 32 * 32,  # width 32
+                                 **({"zero_prefetch": 921, "zero_persistence": 320} if strategy == "zero3" else {})})
+    spec = tiny_spec(family)
     est = estimate(spec, setup).peak_bytes
     readings = []
     for _ in range(2):  # gloo frees some buffers from a worker thread, now and then late: one more run on a miss

@@ -38,7 +38,8 @@ CPU = {"batch_size": 2, "seq_len": 16, "dtype": Dtype.fp32, "device": Device.cpu
              grad_checkpointing=True, dropout=False, overheads=Overheads(cuda_context_bytes=1, allocator_reserve_frac=0.5)),
     RunSetup(parallel=ParallelSpec(world_size=4, strategy=Strategy.zero3, zero_bucket=4096, zero_prefetch=3686,
                                    zero_persistence=640)),
-], ids=["default", "lora", "qlora", "pfeiffer", "ia3", "prefix", "mixed", "zero3-buckets"])
+    RunSetup(parallel=ParallelSpec(world_size=2, strategy=Strategy.zero2, zero_overlap=True)),
+], ids=["default", "lora", "qlora", "pfeiffer", "ia3", "prefix", "mixed", "zero3-buckets", "zero2-overlap"])
 def test_setup_round_trip(setup: RunSetup) -> None:
     data = setup_to_json(setup)
     assert setup_from_json(json.loads(json.dumps(data))) == setup
