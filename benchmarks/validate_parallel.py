@@ -162,10 +162,10 @@ def _measure(spec: Any, setup: Any) -> tuple[Any, list[int | None]]:
     return ranked.ranks, [r.peak_bytes if r.status == "ok" else None for r in ranked.ranks]
 
 
-def read_rows() -> list[dict[str, Any]]:
-    if not CSV_PATH.exists():
+def read_rows(path: Path = CSV_PATH) -> list[dict[str, Any]]:
+    if not path.exists():
         return []
-    with CSV_PATH.open() as f:
+    with path.open() as f:
         return list(csv.DictReader(f))
 
 

@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.validate import NARROW, REGIMES, frac  # noqa: E402
-from benchmarks.validate_parallel import write_section  # noqa: E402
+from benchmarks.validate_parallel import read_rows, write_section  # noqa: E402
+from benchmarks.validate_parallel import spec_of as parallel_spec_of  # noqa: E402
 
 TARGET = 0.02
 RECHECK = 0.01  # a row further than this from the estimate is measured once more (see main)
@@ -98,12 +99,7 @@ def _bool(v: Any) -> bool | None:
 
 
 def spec_of(job: dict[str, Any]):  # noqa: ANN201
-    from memprof.hub import resolve_spec
-    from memprof.spec import from_hf_config
-
-    base = job["model"].removesuffix(" narrow")
-    spec, _ = resolve_spec(base)
-    return from_hf_config({**spec.hf_config, **NARROW[base]}, job["model"], source="file").with_layers(2)
+    return parallel_spec_of({"part": "H", "model": job["model"]})  # the narrow 2-block copy, as part H builds it
 
 
 def _int(v: Any) -> int | None:
@@ -147,13 +143,6 @@ def reestimate(row: dict[str, Any]) -> dict[str, Any]:
     m = _int(row.get("measured_peak_bytes"))
     out["analytic_vs_measured_frac"] = round(frac(a.peak_bytes, m), 6) if m else None
     return out
-
-
-def read_rows() -> list[dict[str, Any]]:
-    if not CSV_PATH.exists():
-        return []
-    with CSV_PATH.open() as f:
-        return list(csv.DictReader(f))
 
 
 def write_rows(rows: list[dict[str, Any]]) -> None:
@@ -245,7 +234,7 @@ def main() -> None:
     ap.add_argument("--no-render", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    rows = {key(r): r for r in read_rows()}
+    rows = {key(r): r for r in read_rows(CSV_PATH)}
     if not args.render_only:
         for job in jobs(tuple(args.models.split(","))):
             old = rows.get(key(job))

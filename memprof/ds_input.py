@@ -18,11 +18,11 @@ hyper-parameters) are ignored.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .resolve import read_json_file
 
 AUTO = "auto"
 # DeepSpeed 0.19 defaults the ZeRO model assumes (deepspeed/runtime/zero/config.py); a config naming another
@@ -38,12 +38,7 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
         ConfigError: missing, unreadable, not JSON, or not an object.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"DeepSpeed config {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"DeepSpeed config {path} is not a JSON file: {type(exc).__name__}") from None
+    data = read_json_file(path, "DeepSpeed config")
     if not isinstance(data, dict):
         raise ConfigError(f"DeepSpeed config {path} is not a JSON object")
     return data

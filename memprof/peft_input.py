@@ -14,12 +14,12 @@ which runs the real peft code.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 from .config import LORA_FAMILY, Method
 from .errors import ConfigError
+from .resolve import read_json_file
 
 CONFIG_FILE = "adapter_config.json"  # what PeftConfig.save_pretrained writes into its directory
 TASKS = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}
@@ -41,12 +41,7 @@ def load_peft_config(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{path} is a directory without {CONFIG_FILE}; give a peft config file or the "
                               "directory save_pretrained wrote")
         path = path / CONFIG_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"peft config {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"peft config {path} is not a JSON file: {type(exc).__name__}") from None
+    data = read_json_file(path, "peft config")
     if not isinstance(data, dict) or not isinstance(data.get("peft_type"), str):
         raise ConfigError(f"{path} is not a peft config (a JSON object with a peft_type)")
     return data

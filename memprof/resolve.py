@@ -6,6 +6,7 @@ Used by the CLI, the TOML file and the Python API alike (config.py holds the dat
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from enum import Enum
@@ -100,6 +101,20 @@ def read_config_file(file: Path | str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read as text: {type(exc).__name__}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """The JSON in a user's config file (``what``: "peft config", "DeepSpeed config", named in the errors).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or not JSON.
+    """
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{what} {path} is not a JSON file: {type(exc).__name__}") from None
 
 
 def _unflatten(values: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:

@@ -14,7 +14,8 @@ Sources (``deepspeed/runtime/zero/``; Z12 = stage_1_and_2.py, Z3 = stage3.py, ZC
   untouched: whole on every rank. Backward: the first gradient hook allocates the contiguous bucket of
   reduce_bucket_size elements in the model dtype (``setup_buckets``), freed at the end of the backward
   (``_release_ipg_buffers``); ``overlap_comm`` (off by default) allocates a second one beside it, to reduce one while
-  the other fills, and makes stage 1 reduce in the gradient hooks as stage 2 does (``process_gradients``). Each flush flattens the bucket into a copy (``allreduce_bucket``:
+  the other fills, and makes stage 1 reduce in the gradient hooks as stage 2 does (``process_gradients``). Each
+  flush flattens the bucket into a copy (``allreduce_bucket``:
   ``torch.cat``) and all-reduces it; the rank's first flush holding gradients of its range allocates
   ``grads_in_partition`` of G_r elements: every parameter overlapping the rank's range, counted whole
   (``copy_grads_in_partition``), alive into the step. Stage 2 reduces in the gradient hooks, so the last rank
@@ -400,7 +401,8 @@ def _stage3_replay(rep: Replay, plan: ZeroPlan) -> Replay:
             gathered = plan.block_bytes
             keep = seg.name in last_layers
             pre = _fetch(plan, gathered, plan.gather_temp)
-            post = [(WCOPY, -idle[seg.name])] if keep and seg.name in idle else [] if keep else [(WCOPY, -gathered)]
+            released = idle.get(seg.name, 0) if keep else gathered  # a kept block: its idle modules only
+            post = [(WCOPY, -released)] if released or not keep else []
             if lump and seg.name == layers[-1].name:
                 post.append((WCOPY, lump))
             fwd.append(_with_events(seg, pre, post))
