@@ -10,17 +10,19 @@ msgpack einops pydantic pydantic-core annotated-types typing-inspection`` and ``
 built on first use, a few minutes).
 
 Part I: the narrow 2-block copies of BERT, GPT-2 and a LLaMA-style model (validate.py NARROW) x ZeRO stage (1, 2,
-3) x method (full, LoRA, bottleneck adapters) x precision (fp32; bf16 = DeepSpeed's bf16, which keeps fp32 masters:
-memprof's mixed regime) at world size 2 (GPT-2 also 4, and 8 in fp32), b=2, s=64; GPT-2 and LLaMA also with
-``overlap_comm`` on at stages 1 and 2 (``--zero-overlap``; HF's ZeRO-2 example turns it on). DeepSpeed's buffer sizes are HF Trainer's
-``"auto"`` values for the model (reduce_bucket_size hidden², stage3_prefetch_bucket_size 0.9 hidden²,
+3) x method (full, LoRA, bottleneck adapters) x precision (fp32; bf16-mixed = DeepSpeed's bf16, which keeps fp32
+masters: memprof's mixed regime; bf16-amp = DeepSpeed's torch_autocast, fp32 weights under torch.autocast: memprof's
+amp regime) at world size 2 (GPT-2 also 4 and 8), b=2, s=64; GPT-2 and LLaMA also with ``overlap_comm``
+on at stages 1 and 2 (``--zero-overlap``; HF's ZeRO-2 example turns it on) and with ZeRO-3's
+``memory_efficient_linear`` off (``--no-zero-efficient-linear``; PEFT, and LLaMA full). DeepSpeed's buffer sizes are
+HF Trainer's ``"auto"`` values for the model (reduce_bucket_size hidden², stage3_prefetch_bucket_size 0.9 hidden²,
 stage3_param_persistence_threshold 10 hidden; transformers/integrations/deepspeed.py), passed to both sides as
 ``--zero-bucket / --zero-prefetch / --zero-persistence``. *measured*: ``memprof measure --nproc N --strategy zeroK``
 (torchrun, gloo, DeepSpeed's CPU accelerator): each rank's allocator-level peak of a steady-state step (torch.profiler
 memory events) plus every CPU storage alive before it. *analytic*: ``estimate(spec, setup)`` per rank (the worst rank
 at each moment), re-computed whenever this script runs, so the CSV's analytic columns follow the model.
-Target: analytic within 2% of the higher measured rank. DeepSpeed has no pure-bf16 or autocast regime with ZeRO
-(memprof measure refuses them), so those precisions are not rows.
+Target: analytic within 2% of the higher measured rank. DeepSpeed has no pure-bf16 regime with ZeRO (memprof
+measure refuses it), so that precision is not a row. The overlap rows are fp32 and bf16-mixed.
 """
 
 from __future__ import annotations
@@ -50,17 +52,22 @@ BEGIN, END = "<!-- zero:begin -->", "<!-- zero:end -->"
 MODELS = ("bert-base-uncased", "gpt2", "Llama-3.2-1B")
 STAGES = ("zero1", "zero2", "zero3")
 METHODS = ("full", "lora", "adapter")
-PRECISIONS = ("fp32", "bf16-mixed")
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-amp")
+# DeepSpeed's bf16 (half weights, fp32 masters: memprof's mixed regime) and its torch_autocast (fp32 weights, the
+# forward under torch.autocast: memprof's amp regime)
+ZERO_REGIMES = {**REGIMES, "bf16-amp": {"dtype": "bf16", "regime": "amp"}}
+OVERLAP_PRECISIONS = ("fp32", "bf16-mixed")
 SIZE = (2, 64)
-# GPT-2 also at world sizes 4 and 8 (more ranks than the 2 cores: slower; 8 ranks in fp32 only)
+# GPT-2 also at world sizes 4 and 8 (more ranks than the 2 cores: slower)
 WORLDS: dict[str, tuple[int, ...]] = {"gpt2": (2, 4, 8)}
-EIGHT_PRECISIONS = ("fp32",)
 OVERLAP_MODELS = ("gpt2", "Llama-3.2-1B")  # also stages 1 and 2 with overlap_comm on (HF's ZeRO-2 example sets it)
+# also ZeRO-3 with memory_efficient_linear off (torch's own linear: a frozen projection keeps no input)
+LINEAR_MODELS = ("gpt2", "Llama-3.2-1B")
 
 FIELDS = ("model", "method", "precision", "strategy", "world_size", "zero_bucket", "zero_prefetch",
-          "zero_persistence", "zero_overlap", "measured_peak_bytes", "measured_rank", "measured_rank_peaks", "measured_phase",
-          "analytic_peak_bytes", "analytic_phase", "analytic_vs_measured_frac", "deepspeed", "elapsed_s", "status",
-          "note")
+          "zero_persistence", "zero_overlap", "zero_efficient_linear", "measured_peak_bytes", "measured_rank",
+          "measured_rank_peaks", "measured_phase", "analytic_peak_bytes", "analytic_phase",
+          "analytic_vs_measured_frac", "deepspeed", "elapsed_s", "status", "note")
 
 
 def hidden(model: str) -> int:
@@ -74,7 +81,7 @@ def jobs(models: tuple[str, ...]) -> Iterator[dict[str, Any]]:
         for world in WORLDS.get(model, (2,)):
             for strategy in STAGES:
                 for method in METHODS:
-                    for precision in EIGHT_PRECISIONS if world == 8 else PRECISIONS:
+                    for precision in PRECISIONS:
                         yield {"model": f"{model} narrow", "method": method, "precision": precision,
                                "strategy": strategy, "world_size": world, "zero_bucket": hid * hid,
                                "zero_prefetch": int(0.9 * hid * hid) if strategy == "zero3" else None,
@@ -83,15 +90,23 @@ def jobs(models: tuple[str, ...]) -> Iterator[dict[str, Any]]:
         hid = hidden(model)
         for strategy in ("zero1", "zero2"):
             for method in METHODS:
-                for precision in PRECISIONS:
+                for precision in OVERLAP_PRECISIONS:
                     yield {"model": f"{model} narrow", "method": method, "precision": precision, "strategy": strategy,
                            "world_size": 2, "zero_bucket": hid * hid, "zero_prefetch": None, "zero_persistence": None,
                            "zero_overlap": True}
+    for model in (m for m in models if m in LINEAR_MODELS):
+        hid = hidden(model)
+        for method in METHODS if model == "Llama-3.2-1B" else ("lora", "adapter"):
+            for precision in PRECISIONS:
+                yield {"model": f"{model} narrow", "method": method, "precision": precision, "strategy": "zero3",
+                       "world_size": 2, "zero_bucket": hid * hid, "zero_prefetch": int(0.9 * hid * hid),
+                       "zero_persistence": 10 * hid, "zero_overlap": None, "zero_efficient_linear": False}
 
 
 def key(job: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(job[k]) for k in ("model", "method", "precision", "strategy", "world_size")) + (
-        ("overlap",) if _bool(job.get("zero_overlap")) else ())
+        ("overlap",) if _bool(job.get("zero_overlap")) else ()) + (
+        ("linear-off",) if _bool(job.get("zero_efficient_linear")) is False else ())
 
 
 def _bool(v: Any) -> bool | None:
@@ -111,8 +126,9 @@ def setup_of(job: dict[str, Any]):  # noqa: ANN201
 
     zero: dict[str, Any] = {k: _int(job.get(k)) for k in ("zero_bucket", "zero_prefetch", "zero_persistence")}
     zero["zero_overlap"] = _bool(job.get("zero_overlap"))
+    zero["zero_efficient_linear"] = _bool(job.get("zero_efficient_linear"))
     return resolve_setup(None, {"method": job["method"], "batch_size": SIZE[0], "seq_len": SIZE[1], "device": "cpu",
-                                **REGIMES[job["precision"]], "world_size": int(job["world_size"]),
+                                **ZERO_REGIMES[job["precision"]], "world_size": int(job["world_size"]),
                                 "strategy": job["strategy"], **{k: v for k, v in zero.items() if v is not None}})
 
 
@@ -175,10 +191,11 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
         return f"{r['model']} {r['method']} {r['precision']} {stage(r)} x{r['world_size']}"
 
     def stage(r: dict[str, Any]) -> str:
-        return r["strategy"] + (" overlap" if _bool(r.get("zero_overlap")) else "")
+        return r["strategy"] + (" overlap" if _bool(r.get("zero_overlap")) else "") + (
+            " linear-off" if _bool(r.get("zero_efficient_linear")) is False else "")
 
     by_stage = []
-    for st in (*STAGES, "zero1 overlap", "zero2 overlap"):
+    for st in (*STAGES, "zero1 overlap", "zero2 overlap", "zero3 linear-off"):
         sub = [abs(float(r["analytic_vs_measured_frac"])) for r in ok if stage(r) == st]
         if sub:
             by_stage.append(f"{st}: {len(sub)} rows, worst {100 * max(sub):.2f}%, median "
@@ -192,7 +209,10 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
            "gives these models (reduce_bucket_size hidden², stage 3: prefetch 0.9 hidden², persistence 10 hidden); "
            "the higher rank's allocator-level peak of a steady-state step plus every CPU storage alive before it. "
            "*analytic*: `memprof estimate` with the same options (the worst rank at each moment). Narrow 2-block "
-           "copies, b=2, s=64.", "", "Target: analytic within 2% of the measured peak.", "",
+           "copies, b=2, s=64. Precisions: fp32; bf16-mixed, DeepSpeed's `bf16` (half weights, fp32 masters: memprof's "
+           "`--regime mixed`); bf16-amp, DeepSpeed's `torch_autocast` (fp32 weights, the forward under torch.autocast, "
+           "nn.Linear gradients reduced in bf16: memprof's `--regime amp`).", "",
+           "Target: analytic within 2% of the measured peak.", "",
            "### Summary", "",
            f"- rows: {len(rows)}; compared: {len(ok)}; " + "; ".join(by_stage),
            f"- worst: {_pct(worst['analytic_vs_measured_frac']) if worst else 'n/a'}"
@@ -202,9 +222,10 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
            "the note keeps the first reading)",
            f"- rows missing 2%: {len(miss)}" + (": " + "; ".join(
                f"{name(r)} {_pct(r['analytic_vs_measured_frac'])}" for r in miss[:12]) if miss else " (none)"), "",
-           "Reading the misses (allocation timelines of the same configurations, torch.profiler memory events; not kept): the "
-           "narrow BERT's ZeRO-3 PEFT peak is the embeddings' fetch in the forward (its classification head is "
-           "small), where gloo's worker thread holds each all-gather's output-size copy for a variable time and "
+           "Reading the misses (allocation timelines of the same configurations, torch.profiler memory events; not "
+           "kept): the narrow BERT's ZeRO-3 LoRA peak (in each precision) is the embeddings' fetch in the forward (its "
+           "classification head is small), where gloo's worker thread holds each all-gather's output-size copy for "
+           "a variable time and "
            "DeepSpeed's per-module prefetch has already gathered the first block's first projections: the same "
            "configuration reads 9.21 to 9.80 MiB on one rank across runs (bf16 LoRA). With NCCL on a GPU neither "
            "copy exists and the head's backward sets the peak. At 8 ranks on 2 cores one rank now and then reads "

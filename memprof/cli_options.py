@@ -144,10 +144,14 @@ RUN_OPTIONS: list[tuple[str, Any]] = [
         "--zero-overlap/--no-zero-overlap", help="ZeRO's overlap_comm: stages 1/2 double the bucket (and stage 1 "
                                                  "then reduces in the backward).  \\[default: DeepSpeed's, off below "
                                                  "stage 3]")]),
+    ("zero_efficient_linear", Annotated[Optional[bool], typer.Option(
+        "--zero-efficient-linear/--no-zero-efficient-linear", help="ZeRO-3's memory_efficient_linear: its linear keeps "
+                                                                   "every projection's input, a frozen one's too.  "
+                                                                   "\\[default: DeepSpeed's, on]")]),
     ("deepspeed", Annotated[Optional[Path], typer.Option(
         "--deepspeed", help="A DeepSpeed config JSON (HF Trainer's --deepspeed): its ZeRO stage, bucket sizes (\"auto\" "
-                            "as HF fills them), overlap_comm, offload, bf16/fp16 and micro-batch size, under the "
-                            "flags.")]),
+                            "as HF fills them), overlap_comm, memory_efficient_linear, offload, bf16/fp16 or "
+                            "torch_autocast and micro-batch size, under the flags.")]),
     ("cuda_context_mib", Annotated[Optional[float], typer.Option(
         "--cuda-context-mib", help="CUDA context size assumed, MiB.  \\[default: 500]")]),
     ("reserve_frac", Annotated[Optional[float], typer.Option(

@@ -264,7 +264,7 @@ ZERO_BUFFERS: tuple[tuple[str, str, str, int, bool], ...] = (
     ("zero_persistence", "stage3_param_persistence_threshold", "persistence", 0, True),
 )
 ZERO_BUFFER_FIELDS = tuple(name for name, *_ in ZERO_BUFFERS)
-ZERO_FIELDS = (*ZERO_BUFFER_FIELDS, "zero_overlap")  # every ZeRO option of ParallelSpec
+ZERO_FIELDS = (*ZERO_BUFFER_FIELDS, "zero_overlap", "zero_efficient_linear")  # every ZeRO option of ParallelSpec
 
 
 @dataclass(frozen=True)
@@ -286,6 +286,9 @@ class ParallelSpec:
     zero_prefetch: int | None = None
     zero_persistence: int | None = None
     zero_overlap: bool | None = None   # overlap_comm (None: DeepSpeed's default, off below stage 3, on at stage 3)
+    # ZeRO-3's memory_efficient_linear (None: DeepSpeed's default, on): torch's linear replaced by
+    # LinearFunctionForZeroStage3 (zero/partition_parameters.py _enable_mem_efficient_linear)
+    zero_efficient_linear: bool | None = None
 
     def __post_init__(self) -> None:
         for name, enum in (("strategy", Strategy), ("offload", Offload)):
@@ -333,6 +336,12 @@ class ParallelSpec:
             if self.strategy not in ZERO_STRATEGIES:
                 raise ConfigError(f"--zero-overlap applies to --strategy zero1 / zero2 / zero3 only, not "
                                   f"{self.strategy.value}")
+        if self.zero_efficient_linear is not None:
+            if not isinstance(self.zero_efficient_linear, bool):
+                raise ConfigError(f"zero efficient linear must be true or false, not {self.zero_efficient_linear!r}")
+            if self.strategy is not Strategy.zero3:
+                raise ConfigError(f"--zero-efficient-linear applies to --strategy zero3 only (memory_efficient_linear "
+                                  f"is ZeRO-3's), not {self.strategy.value}")
 
     @property
     def gpus_per_node(self) -> int:
@@ -361,6 +370,8 @@ class ParallelSpec:
                 text += f", {label} {getattr(self, name):.3g}"
         if self.zero_overlap is not None:
             text += f", overlap_comm {'on' if self.zero_overlap else 'off'}"
+        if self.zero_efficient_linear is not None:
+            text += f", memory_efficient_linear {'on' if self.zero_efficient_linear else 'off'}"
         return text
 
 

@@ -4,16 +4,16 @@
 Read: ``zero_optimization.stage`` (1-3), ``reduce_bucket_size``, ``stage3_prefetch_bucket_size``,
 ``stage3_param_persistence_threshold`` (numbers, or HF Trainer's ``"auto"``: hidden², 0.9 hidden² and 10 hidden,
 transformers/integrations/deepspeed.py ``trainer_config_finalize``), ``offload_optimizer`` / ``offload_param``
-(device ``cpu``), ``bf16`` / ``fp16`` (``enabled``: DeepSpeed's mixed precision, fp32 masters),
-``overlap_comm``, ``train_micro_batch_size_per_gpu`` and ``gradient_accumulation_steps``. ``"auto"`` elsewhere is left to the flags
+(device ``cpu``), ``bf16`` / ``fp16`` (``enabled``: DeepSpeed's mixed precision, fp32 masters), ``torch_autocast``
+(fp32 weights under torch.autocast: memprof's amp regime), ``overlap_comm``, ``memory_efficient_linear`` (stage 3),
+``train_micro_batch_size_per_gpu`` and ``gradient_accumulation_steps``. ``"auto"`` elsewhere is left to the flags
 (HF Trainer fills it from its own arguments). The world size is the launcher's, not the file's: ``--world-size``.
 
 What would change memory in ways the ZeRO model does not follow is refused in one line naming the key: stage 0,
-NVMe offload, ``torch_autocast``, ZeRO++ (hpZ, quantized weights or gradients), non-contiguous gradients, stage 3
-without ``memory_efficient_linear``,
-optimizers other than Adam / AdamW, and non-default ``stage3_max_live_parameters``, ``stage3_max_reuse_distance``
-and ``sub_group_size``. Keys that leave memory alone (the scheduler, gradient clipping, logging, optimizer
-hyper-parameters) are ignored.
+NVMe offload, ``torch_autocast`` with its own module list, ZeRO++ (hpZ, quantized weights or gradients),
+non-contiguous gradients, optimizers other than Adam / AdamW, and non-default ``stage3_max_live_parameters``,
+``stage3_max_reuse_distance`` and ``sub_group_size``. Keys that leave memory alone (the scheduler, gradient clipping,
+logging, optimizer hyper-parameters) are ignored.
 """
 
 from __future__ import annotations
@@ -74,6 +74,33 @@ def _offload(zero: dict[str, Any], key: str) -> bool:
     return device == "cpu"
 
 
+# torch_autocast.dtype (DeepSpeed's DtypeEnum names) -> memprof's --dtype
+AUTOCAST_DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "torch.bfloat16": "bf16", "float16": "fp16", "fp16": "fp16",
+                   "half": "fp16", "torch.float16": "fp16"}
+
+
+def _autocast(section: Any) -> str | None:
+    """``torch_autocast`` (DeepSpeed 0.16+; runtime/torch_autocast.py): fp32 weights, the forward under
+    torch.autocast in its ``dtype``, the gradients of nn.Linear reduced in that dtype (memprof's amp regime under
+    ZeRO). The dtype (bf16 / fp16), None when off. A non-default ``lower_precision_safe_modules`` is refused: the
+    model reduces nn.Linear's gradients in the half dtype and the rest in fp32, as the default list does for the
+    layers memprof builds. ``"auto"`` when the dtype is not given (torch.autocast's default for the device)."""
+    if not isinstance(section, dict) or not section.get("enabled", False):
+        return None
+    if section.get("lower_precision_safe_modules") not in (None, ["torch.nn.modules.linear.Linear",
+                                                                 "torch.nn.modules.conv.Conv1d",
+                                                                 "torch.nn.modules.conv.Conv2d",
+                                                                 "torch.nn.modules.conv.Conv3d"]):
+        raise ConfigError("DeepSpeed config: torch_autocast.lower_precision_safe_modules other than DeepSpeed's "
+                          "default is not modelled")
+    dtype = section.get("dtype")
+    if dtype is None:  # torch.autocast's own default for the device (CUDA fp16, CPU bf16): --dtype says which
+        return AUTO
+    if str(dtype).lower() not in AUTOCAST_DTYPES:
+        raise ConfigError(f"DeepSpeed config: torch_autocast.dtype must be bfloat16 or float16, not {dtype!r}")
+    return AUTOCAST_DTYPES[str(dtype).lower()]
+
+
 def deepspeed_flags(config: dict[str, Any], hidden: int) -> dict[str, Any]:
     """The run flags (RUN_OPTIONS names) a DeepSpeed config sets, for a model of width ``hidden``.
 
@@ -93,9 +120,6 @@ def deepspeed_flags(config: dict[str, Any], hidden: int) -> dict[str, Any]:
     for key in ("zero_quantized_weights", "zero_quantized_gradients", "zero_quantized_nontrainable_weights"):
         if zero.get(key):
             raise ConfigError(f"DeepSpeed config: zero_optimization.{key} (ZeRO++) is not modelled")
-    if zero.get("memory_efficient_linear", True) is False and stage == 3:
-        raise ConfigError("DeepSpeed config: zero_optimization.memory_efficient_linear false is not modelled (memprof "
-                          "follows DeepSpeed's default, true: ZeRO-3's linear keeps every projection's input)")
     if zero.get("contiguous_gradients", True) is False:
         raise ConfigError("DeepSpeed config: zero_optimization.contiguous_gradients false is not modelled (memprof "
                           "follows DeepSpeed's default, true)")
@@ -104,9 +128,7 @@ def deepspeed_flags(config: dict[str, Any], hidden: int) -> dict[str, Any]:
         if value != AUTO and _number(value, f"zero_optimization.{key}", None) != default:
             raise ConfigError(f"DeepSpeed config: zero_optimization.{key} {value!r} is not modelled; memprof follows "
                               f"DeepSpeed's default, {default:.0e}")
-    if isinstance(config.get("torch_autocast"), dict) and config["torch_autocast"].get("enabled"):
-        raise ConfigError("DeepSpeed config: torch_autocast is not modelled under ZeRO; use bf16 or fp16 (DeepSpeed's "
-                          "mixed precision) or neither (fp32)")
+    autocast = _autocast(config.get("torch_autocast"))
     opt = config.get("optimizer")
     if isinstance(opt, dict) and str(opt.get("type", "adamw")).lower() not in OPTIMIZERS:
         raise ConfigError(f"DeepSpeed config: optimizer {opt.get('type')!r} is not modelled under ZeRO; memprof "
@@ -123,6 +145,11 @@ def deepspeed_flags(config: dict[str, Any], hidden: int) -> dict[str, Any]:
             raise ConfigError(f"DeepSpeed config: zero_optimization.overlap_comm must be true or false, not "
                               f"{zero['overlap_comm']!r}")
         flags["zero_overlap"] = zero["overlap_comm"]
+    if "memory_efficient_linear" in zero and stage == 3:
+        if not isinstance(zero["memory_efficient_linear"], bool):
+            raise ConfigError(f"DeepSpeed config: zero_optimization.memory_efficient_linear must be true or false, not "
+                              f"{zero['memory_efficient_linear']!r}")
+        flags["zero_efficient_linear"] = zero["memory_efficient_linear"]
     opt_off, param_off = _offload(zero, "offload_optimizer"), _offload(zero, "offload_param")
     if param_off and stage != 3:
         raise ConfigError("DeepSpeed config: offload_param needs zero_optimization.stage 3")
@@ -131,7 +158,14 @@ def deepspeed_flags(config: dict[str, Any], hidden: int) -> dict[str, Any]:
     bf16, fp16 = _enabled(config.get("bf16", config.get("bfloat16"))), _enabled(config.get("fp16"))
     if bf16 and fp16:
         raise ConfigError("DeepSpeed config: bf16 and fp16 are both enabled; DeepSpeed refuses that too")
-    if bf16 or fp16:
+    if autocast and (bf16 or fp16):
+        raise ConfigError("DeepSpeed config: torch_autocast and bf16/fp16 are both enabled; use one (torch_autocast "
+                          "keeps fp32 weights, bf16/fp16 half weights with fp32 masters)")
+    if autocast:
+        flags["regime"] = "amp"
+        if autocast != AUTO:
+            flags["dtype"] = autocast
+    elif bf16 or fp16:
         flags["dtype"], flags["regime"] = ("bf16" if bf16 else "fp16"), "mixed"
     elif bf16 is False and fp16 is False:
         flags["dtype"] = "fp32"

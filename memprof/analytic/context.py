@@ -145,12 +145,15 @@ class Ctx:
             return self.g.alias(x)
         return self.g.cast(x, "fp32", label + " (autocast fp32 copy)")
 
-    def weight_for_matmul(self, w: T, label: str) -> T | None:
+    def weight_for_matmul(self, w: T, label: str, f_linear: bool = True) -> T | None:
         """The tensor a matmul reads for weight ``w``: the cached half copy under autocast (rg leaves are
-        cached for the whole forward; frozen weights are cast at every use), else the parameter itself."""
+        cached for the whole forward; frozen weights are cast at every use), else the parameter itself. Under
+        ZeRO-3's linear (``Graph.ds_linear``, for ``f_linear`` calls) the matmul reads ``weight.t()``, a view,
+        which autocast never caches (autocast_mode.cpp ``cached_cast``: leaves that are not views): cast at
+        every use."""
         if self.amp is None or w.dtype != "fp32":
             return None
-        if w.rg:
+        if w.rg and not (self.g.ds_linear and f_linear):
             if id(w) not in self.wcache:
                 self.wcache[id(w)] = self.g.cast(w, self.amp, label + " weight copy", fate=WCOPY)
                 self.wcache[id(w)].st.carried = True
@@ -182,11 +185,15 @@ class Ctx:
                 g.drop(y)
                 y = back
         else:
-            wq = self.weight_for_matmul(w, label)
-            y = g.linear(xh, w, m.d_out, label, bias=bias, w_used=wq, out_dtype=self.amp,
-                         f_linear=m.kind != "conv1d")
+            f_linear = m.kind != "conv1d"
+            wq = self.weight_for_matmul(w, label, f_linear)
+            y = g.linear(xh, w, m.d_out, label, bias=bias, w_used=wq, out_dtype=self.amp, f_linear=f_linear,
+                         x_saved=x_in)
             if wq is not None:
                 g.drop(wq)
+            if g.ds_linear and f_linear and xh is not x_in:  # the autocast copy dies with the function's forward
+                g.drop(xh)
+                xh = None
         r = self.lora.get(full_name)
         if r and self.setup.lora is not None and self.setup.lora.dora:
             y = peft_methods.dora(self, x_in, y, r, m, label, w, bias)
@@ -194,7 +201,8 @@ class Ctx:
             y = peft_methods.LORA_LIKE[self.setup.method](self, x_in, y, r, m, label)
         if x_in is not x:
             g.drop(x_in)
-        g.drop(xh)
+        if xh is not None:
+            g.drop(xh)
         if ia3_ff is False:
             y = peft_methods.ia3_scale_output(self, y, full_name, m, label)
         return y

@@ -36,8 +36,10 @@ def build_context(g: Graph, spec: ModelSpec, setup: RunSetup) -> Ctx:
     # _configure_distributed_model): a ZeRO rank's replay keeps its setup's parallel part to say so (ranks._share)
     zero = setup.parallel is not None and setup.parallel.strategy in ZERO_STRATEGIES
     ctx = Ctx(g, spec, setup, wdt, amp, adapter_dtype=wdt if zero and wdt != "fp32" else "fp32")
-    # ZeRO-3 wraps torch's linear in its own autograd function (sim.Graph.ds_linear)
-    g.ds_linear = zero and setup.parallel.strategy is Strategy.zero3
+    # ZeRO-3 wraps torch's linear in its own autograd function (sim.Graph.ds_linear) unless memory_efficient_linear
+    # is off
+    par = setup.parallel
+    g.ds_linear = zero and par.strategy is Strategy.zero3 and par.zero_efficient_linear is not False
     peft_methods.configure(ctx)
     return ctx
 

@@ -43,7 +43,7 @@ def decoder_head(ctx: Ctx, x: T, held: list[T]) -> T:
         # peft wraps the tied output layer too: F.linear(x, merged), the merged matrix kept for x's gradient
         merged = ctx.merged_tokens(ctx.params[f"{name}.weight"], "lm_head")
         nh, mh = ctx.to_half(n, "lm_head"), ctx.to_half(merged, "lm_head merged matrix")
-        logits = g.linear(nh, merged, V, "logits", w_used=mh, out_dtype=ctx.amp)
+        logits = g.linear(nh, merged, V, "logits", w_used=mh, out_dtype=ctx.amp, x_saved=n)
         g.drop(nh, mh, merged)
     elif tied_head(spec):
         logits = head_linear(ctx, n, ctx.params[f"{name}.weight"], V)
@@ -74,7 +74,7 @@ def head_linear(ctx: Ctx, n: T, w: T, V: int) -> T:
     g = ctx.g
     nh = ctx.to_half(n, "lm_head")
     wq = ctx.weight_for_matmul(w, "lm_head")
-    logits = g.linear(nh, w, V, "logits", w_used=wq, out_dtype=ctx.amp)
+    logits = g.linear(nh, w, V, "logits", w_used=wq, out_dtype=ctx.amp, x_saved=n)
     g.drop(nh, wq)
     return logits
 

@@ -61,6 +61,9 @@ class RankTensor:
     trainable: bool
     elem_bytes: float
     group: int            # block index, or ROOT
+    # a parameter of a torch.nn.Linear (the class itself, not a subclass): DeepSpeed's torch_autocast reduces its
+    # gradient in the autocast dtype (runtime/torch_autocast.py LOWER_PRECISION_SAFE_MODULES, comm_dtype)
+    linear: bool = False
 
     @property
     def numel(self) -> int:
@@ -116,8 +119,10 @@ def rank_tensors(spec: ModelSpec, setup: RunSetup) -> tuple[RankTensor, ...]:
     def group_of(name: str) -> int:
         return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else ROOT
 
-    def add(shapes: list[tuple[int, int]], trainable: bool, elem: float, group: int) -> None:
-        out.extend(RankTensor(d0, rest, trainable, elem, group) for d0, rest in shapes)
+    def add(shapes: list[tuple[int, int]], trainable: bool, elem: float, group: int, linear: bool = False) -> None:
+        out.extend(RankTensor(d0, rest, trainable, elem, group, linear) for d0, rest in shapes)
+
+    tied, word_embedding = tied_head(spec), True
 
     current, copies = ROOT, 0
     for name, m in all_module_names(spec):
@@ -133,18 +138,24 @@ def rank_tensors(spec: ModelSpec, setup: RunSetup) -> tuple[RankTensor, ...]:
         train_b = train_w or method is Method.bitfit or (method in LORA_FAMILY and (
             lora.bias == "all" and not _saved_match(name, saved) or lora.bias == "lora_only" and name in chosen))
         elem = wb
+        # an nn.Linear's parameters (QLoRA's Linear4bit is a subclass); a tied head's nn.Linear holds the word
+        # embedding, the first embedding registered
+        linear = m.kind == "linear" and not (method is Method.qlora and m.role not in ("head", "classifier"))
+        if m.role == "embed":
+            linear, word_embedding = tied and word_embedding, False
         if method is Method.qlora and m.is_linear and m.role not in ("head", "classifier"):
             elem = quantized_bytes(m.weight_params, setup) / m.weight_params
-        add(shapes[:1], train_w, elem, group)
-        add(shapes[1:], train_b, wb, group)
-        if name in chosen:
-            add([_torch_shape(r, c) for r, c in lora_family_tensors(method, m, lora)], True, 4, group)
+        add(shapes[:1], train_w, elem, group, linear)
+        add(shapes[1:], train_b, wb, group, linear)
+        if name in chosen:  # peft's LoRA A and B are nn.Linear; the other methods' factors are bare parameters
+            add([_torch_shape(r, c) for r, c in lora_family_tensors(method, m, lora)], True, 4, group,
+                method in (Method.lora, Method.qlora))
         if name in ia3:
             add([((m.d_in if ia3[name] else m.d_out), 1)], True, 4, group)
         if name in ln:
             add(shapes, True, wb, group)
         if saved and _saved_match(name, saved):
-            add(shapes, True, wb, group)
+            add(shapes, True, wb, group, m.kind == "linear")
             copies += len(shapes)
     if current >= 0 and method is Method.adapter:
         _adapter_tensors(spec, setup, current, add)
@@ -163,7 +174,7 @@ def _adapter_tensors(spec: ModelSpec, setup: RunSetup, block: int, add) -> None:
     assert ad is not None
     h, r = spec.hidden_size, ad.bottleneck_size(spec.hidden_size)
     sites = 2 if ad.variant is AdapterVariant.houlsby else 1
-    add([(r, h), (r, 1), (h, r), (h, 1)] * sites, True, 4, block)
+    add([(r, h), (r, 1), (h, r), (h, 1)] * sites, True, 4, block, True)  # nn.Linear down and up
 
 
 @dataclass(frozen=True)

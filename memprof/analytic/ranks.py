@@ -44,11 +44,13 @@ def state_terms(sb: StateBytes, how: str, source: str) -> tuple[Term, ...]:
 
 
 def one_device_setup(setup: RunSetup) -> RunSetup:
-    """The step each rank runs, on one device; ZeRO in half precision is DeepSpeed's mixed precision (half
-    weights, fp32 masters and Adam states), whatever regime the flags name."""
+    """The step each rank runs, on one device. ZeRO in half precision is DeepSpeed's mixed precision (its bf16 /
+    fp16: half weights, fp32 masters and Adam states), unless the flags name ``--regime amp``: DeepSpeed's
+    torch_autocast (fp32 weights, the forward under torch.autocast)."""
     one = setup.on_one_device()
     par = setup.parallel
-    if par is not None and par.strategy in ZERO_STRATEGIES and setup.dtype is not Dtype.fp32:
+    if par is not None and par.strategy in ZERO_STRATEGIES and setup.dtype is not Dtype.fp32 \
+            and setup.regime is not Regime.amp:
         one = dataclasses.replace(one, regime=Regime.mixed)
     return one
 
@@ -130,16 +132,21 @@ def _share(spec: ModelSpec, setup: RunSetup, one: RunSetup, struct: RunSetup, on
     notes.append("ZeRO is modelled from DeepSpeed 0.19's source (the worst rank at each moment), checked against "
                  "its engine on 2 to 8 gloo ranks, not traced (DeepSpeed cannot run on fake tensors)"
                  + ("; bf16/fp16 runs use DeepSpeed's mixed precision (fp32 masters)"
-                    if one.regime is Regime.mixed else ""))
+                    if one.regime is Regime.mixed else "")
+                 + ("; --regime amp is DeepSpeed's torch_autocast (fp32 weights; nn.Linear gradients reduced in "
+                    f"{setup.dtype.value})" if one.regime is Regime.amp else ""))
     stage3 = par.strategy is Strategy.zero3
-    if stage3 and setup.method is not Method.full:
+    if stage3 and setup.method is not Method.full and par.zero_efficient_linear is not False:
         notes[0] = (f"per rank of {what}: activations are one device's (each rank runs its own micro-batch of "
                     f"{setup.batch_size}) and the inputs of the frozen projections: ZeRO-3 runs torch's linear as "
                     "DeepSpeed's LinearFunctionForZeroStage3, which keeps each projection's input for the backward")
     terms = state_terms(sb, f"partitions of 1/{par.world_size}" + ("" if stage3 else " (weights whole below stage 3)"),
                         _SOURCE_ZERO) + (
         Term(Category.gradients, "contiguous gradient bucket (reduce_bucket_size elements; " +
-             ("kept from the start)" if stage3 else "during the backward)"), "bucket elements x model dtype bytes"
+             ("kept from the start)" if stage3 else "during the backward)"),
+             ("bucket elements x model dtype bytes" if len(plan.bucket_dtypes) < 2 else
+              f"bucket elements x ({' + '.join(map(str, plan.bucket_dtypes))}) B: one bucket per communication "
+              "dtype (torch_autocast: nn.Linear gradients in the half dtype, the others in fp32)")
              + (" x 2 (overlap_comm's double buffer)" if par.zero_overlap and not stage3 else ""),
              f"{plan.bucket:,} B", plan.bucket, _SOURCE_ZERO),
         Term(Category.temporaries, "the step: the partition's gradients flattened and cast to fp32 (or the "

@@ -344,11 +344,12 @@ class Graph:
 
     # ---- ops ----------------------------------------------------------------------------------------
     def linear(self, x: T, w: T, d_out: int, label: str, bias: T | None = None, w_used: T | None = None,
-               out_dtype: str | None = None, f_linear: bool = True) -> T:
+               out_dtype: str | None = None, f_linear: bool = True, x_saved: T | None = None) -> T:
         """y = x W^T + b (aten addmm/mm): keeps x if W needs a gradient and W if x does. ``w_used`` is the
         tensor the matmul actually reads when it is not the parameter (autocast half copy, dequantized
         4-bit weight): that one is kept alive by the node. ``f_linear``: the op is torch.nn.functional.linear (not
-        GPT-2's Conv1D addmm), which ``ds_linear`` replaces."""
+        GPT-2's Conv1D addmm), which ``ds_linear`` replaces. ``x_saved``: the input the call was given, before
+        autocast's cast to ``x`` (what ``ds_linear`` keeps)."""
         wt = w_used if w_used is not None else w
         out = self.new(pscale(x.rows, d_out), d_out, out_dtype or x.dtype, label)
         ins = [x, wt] + ([bias] if bias is not None else [])
@@ -361,7 +362,9 @@ class Graph:
         if self.ds_linear and f_linear:
             # LinearFunctionForZeroStage3: ctx.save_for_backward(input, weight, bias); its backward returns
             # grad_output.matmul(weight) (matmul's _unsafe_view: not a view) and an mm result for the weight
-            saved, views = [x, wt], [False] * len(ins)
+            # under autocast it is called with the fp32 input and parameter and keeps those: the half copies its
+            # matmul makes are temporaries (weight.t() is a view, which autocast's weight cache skips)
+            saved, views = [x_saved if x_saved is not None else x, w], [False] * len(ins)
         self._node("linear", ins, [out], saved, views=views)
         return out
 

@@ -41,6 +41,15 @@ Sources (``deepspeed/runtime/zero/``; Z12 = stage_1_and_2.py, Z3 = stage3.py, ZC
   ``LinearFunctionForZeroStage3`` (linear.py; ``memory_efficient_linear``, on by default), which saves its input
   whatever needs a gradient: a frozen projection keeps the input torch's linear would not (``sim.Graph.ds_linear``;
   GPT-2's Conv1D does not call it). Measured: LLaMA LoRA +2.5% per rank from these inputs at the peak.
+- torch_autocast (``--regime amp``; runtime/torch_autocast.py): the weights stay fp32 and the forward runs under
+  torch.autocast, so the replay is the one-device AMP step with the model dtype fp32 throughout the engine (masters a
+  copy, as in an fp32 run). The parameters of each exact ``torch.nn.Linear`` get ``comm_dtype`` = the autocast dtype:
+  their gradients are copied into a bucket of that dtype, the others into an fp32 one (``ipg_buckets[comm_dtype]``,
+  each of reduce_bucket_size elements); a gradient reduced alone is cast to its communication dtype beside its fp32
+  storage (``allreduce_bucket``; stage 3 ``__avg_scatter_grads``). Under ZeRO-3 the linear is
+  ``LinearFunctionForZeroStage3`` called with the fp32 input and weight: it keeps those, and its matmul's half copies
+  (of ``weight.t()``, a view autocast does not cache) are temporaries (``sim.Graph.linear`` ``x_saved``,
+  ``Ctx.weight_for_matmul``).
 - Offloading the optimizer moves the masters, the states and the fp32 gradients to the host.
 """
 
@@ -49,7 +58,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from ..config import Device, Offload, RunSetup, Strategy
+from ..config import Device, Offload, Regime, RunSetup, Strategy
 from .compose import Replay
 from .parallel import GRADS, ROOT, TEMP, WCOPY, RankTensor, _with_events
 from .sim import BYTES
@@ -70,9 +79,13 @@ class ZeroPlan:
     bucket: int                  # the contiguous gradient bucket (stages 1/2: during the backward; stage 3: always)
     flush_elems: int             # elements flattened at a flush (a full bucket, or every gradient when they fit one)
     h: int                       # bytes per element of the model dtype
+    comm: int                    # bytes per element of the bucket a flush flattens (torch_autocast: the largest of
+                                 # the communication dtypes; else the model dtype)
     p_t: int                     # trainable elements
     oversized: tuple[int, int, int]  # the largest trainable tensor (elements) made in the head's, a block's and the
                                      # embeddings' backward: one larger than the bucket is flushed alone, whole
+    oversized_comm: tuple[int, int, int]  # their communication dtype's bytes per element
+    bucket_dtypes: tuple[int, ...]  # bytes per element of each bucket (one per communication dtype)
     host: int                    # offloaded states in host memory, per rank
     gloo: bool                   # gloo (CPU) copies an all-gather's output and a reduce-scatter's input
     # stages 1/2
@@ -93,6 +106,8 @@ class ZeroPlan:
     kept_blocks: int = 0         # blocks kept gathered to their backward
     depth: int = 0               # the model's blocks
     persistence: int = 0         # parameters of up to this many elements stay gathered
+    tied_grad: int = 0           # a tied, trainable embedding's gradient (the head's share of it): autograd hands it
+                                 # to AccumulateGrad, and so to the engine's hook, only after the embeddings' backward
 
 
 def _half(setup: RunSetup) -> int:
@@ -153,10 +168,18 @@ def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...
     embedding (registered once, with the embeddings)."""
     par = setup.parallel
     assert par is not None
-    n, h = par.world_size, _half(setup)
+    # torch_autocast (--regime amp): fp32 weights; each trainable nn.Linear's gradient is reduced in the autocast
+    # dtype, through a bucket of its own (torch_autocast.py init_autocast_params sets comm_dtype; stage_1_and_2.py
+    # and stage3.py keep ipg_buckets[comm_dtype], each of reduce_bucket_size elements)
+    amp = setup.regime is Regime.amp
+    n, h = par.world_size, 4 if amp else _half(setup)
     stage = {Strategy.zero1: 1, Strategy.zero2: 2, Strategy.zero3: 3}[par.strategy]
     gloo = setup.device is Device.cpu
     mixed = h == 2
+
+    def comm(t: RankTensor) -> int:
+        return _half(setup) if amp and t.linear else h
+
     reduce_bucket = par.zero_bucket if par.zero_bucket is not None else REDUCE_BUCKET
     prefetch = par.zero_prefetch if par.zero_prefetch is not None else PREFETCH_BUCKET
     persistence = par.zero_persistence if par.zero_persistence is not None else PERSISTENCE
@@ -177,17 +200,26 @@ def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...
     # a parameter larger than the bucket skips it and is flushed alone: the flush flattens a copy of its gradient
     # (stage_1_and_2.py allreduce_bucket; stage 3 reduce_scatter_coalesced's torch.cat)
 
-    def largest(ts: list[RankTensor]) -> int:
-        return max((t.numel for t in ts if t.trainable), default=0)
+    def largest(ts: list[RankTensor]) -> tuple[int, int]:
+        return max(((t.numel, comm(t)) for t in ts if t.trainable), default=(0, h))
 
-    oversized = (largest([t for t in tensors[first_block:] if t.group == ROOT]),
-                 largest([t for t in tensors if t.group == (blocks[0] if blocks else ROOT) and t.group != ROOT]),
-                 largest(list(tensors[:first_block])))
+    regions = (largest([t for t in tensors[first_block:] if t.group == ROOT]),
+               largest([t for t in tensors if t.group == (blocks[0] if blocks else ROOT) and t.group != ROOT]),
+               largest(list(tensors[:first_block])))
+    oversized = tuple(e for e, _ in regions)
+    oversized_comm = tuple(c for _, c in regions)
     # overlap_comm (off by default below stage 3) double-buffers the bucket (stage_1_and_2.py setup_buckets); stage
     # 3's single bucket is the same either way
     buckets = 2 if stage < 3 and par.zero_overlap else 1
-    bucket = buckets * reduce_bucket * h if p_t else 0
+    comms = {comm(t) for t in train}
+    bucket = buckets * reduce_bucket * sum(comms) if p_t else 0
     flush = min(reduce_bucket, p_t)
+    common = {"flush_elems": flush, "h": h, "comm": max(comms, default=h), "p_t": p_t, "oversized": oversized,
+              "oversized_comm": oversized_comm, "bucket_dtypes": tuple(sorted(comms)), "gloo": gloo}
+    # a tied head's gradient of the embedding waits in autograd's input buffer of the embedding's AccumulateGrad
+    # until the embeddings' backward adds theirs (one node, run once): the hook sees one gradient, at the end
+    word = tensors[0] if tied and tensors and tensors[0].trainable else None
+    tied_grad = word.numel * h if word is not None else 0
     if stage < 3:
         parts = partition_grads(train, n) if p_t else Partitions(0, [0], [0], [0], [0])
         s, g, big, ends = parts.s, parts.g, parts.big, parts.first
@@ -217,8 +249,8 @@ def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...
             gradients=grad_end, optimizer_states=0 if offload_opt else states,
             master_weights=0 if offload_opt else masters, optimizer_temp=0,
             grad_upcast=0 if offload_opt else step - grad_end, grads_freed_at_step=0)
-        return sb, ZeroPlan(bucket, flush, h, p_t, oversized, host, gloo, grad_end=grad_end, grad_early=early,
-                            walked=stage1_walked, touches=touches)
+        return sb, ZeroPlan(bucket=bucket, host=host, grad_end=grad_end, grad_early=early, walked=stage1_walked,
+                            touches=touches, tied_grad=tied_grad, **common)
     # stage 3
     def split(t: RankTensor) -> bool:  # partitioned and gathered around its use (the persistence threshold)
         return t.numel > persistence
@@ -277,10 +309,21 @@ def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...
     sb = StateBytes(params_trainable=params_t, params_frozen=r_part + small_f, gradients=grad_buffer,
                     optimizer_states=0 if offload_opt else states, master_weights=0 if offload_opt else masters,
                     optimizer_temp=0, grad_upcast=0 if offload_opt else upcast, grads_freed_at_step=0)
-    return sb, ZeroPlan(bucket, flush, h, p_t, oversized, host, gloo, persistent=bucket + grad_buffer,
+    return sb, ZeroPlan(bucket=bucket, host=host, persistent=bucket + grad_buffer,
                         gathered_kept=kept * block, gather_temp=gather_temp, block_bytes=block, root_bytes=root_bytes,
                         head_bytes=head_bytes, embed_kept=embed_kept, tied_bytes=tied_bytes, kept_blocks=kept,
-                        depth=len(blocks), persistence=persistence)
+                        depth=len(blocks), persistence=persistence, tied_grad=tied_grad, **common)
+
+
+def _handed(rep: Replay, plan: ZeroPlan) -> list[int]:
+    """Per backward segment, the gradient bytes it hands to the engine's hooks: what it makes, with a tied head's
+    share of the embedding's gradient moved from the head to the embeddings (``ZeroPlan.tied_grad``)."""
+    out = [seg.delta[GRADS][4] for seg in rep.backward]
+    if plan.tied_grad and len(out) > 1 and rep.backward[0].name == "b:head" and rep.backward[-1].name == "b:embed":
+        moved = min(plan.tied_grad, out[0])
+        out[0] -= moved
+        out[-1] += moved
+    return out
 
 
 def zero_replay(rep: Replay, setup: RunSetup, plan: ZeroPlan) -> Replay:
@@ -297,9 +340,10 @@ def zero_replay(rep: Replay, setup: RunSetup, plan: ZeroPlan) -> Replay:
     # in the segment's first half (a block's first weight gradients: its peak comes after), else at its end; a
     # flush past the last block (a segment repeated at depth) is placed at the last block's end (earlier: higher)
     made, first, early = 0, len(rep.backward) - 1, False
+    handed = _handed(rep, plan)
     if not stage1 and plan.p_t > flush:
         for i, seg in enumerate(rep.backward[:2]):
-            g_elems = seg.delta[GRADS][4] // h if h else 0
+            g_elems = handed[i] // h if h else 0
             if made + g_elems >= flush:
                 first, early = i, g_elems > 0 and (flush - made) < g_elems / 2
                 break
@@ -331,7 +375,7 @@ def zero_replay(rep: Replay, setup: RunSetup, plan: ZeroPlan) -> Replay:
     # the bucket is allocated by the first gradient hook (setup_buckets): in the first segment that makes gradients
     opens = next((i for i, seg in enumerate(rep.backward) if seg.delta[GRADS][4]), 0)
     for i, seg in enumerate(rep.backward):
-        g = seg.delta[GRADS][4]
+        g = handed[i]
         # in that segment, after its gradients: its peak (the loss's backward, in the head) comes before them
         pre: list[tuple[int, int]] = []
         post: list[tuple[int, int]] = [(GRADS, plan.bucket)] if i == opens and plan.bucket else []
@@ -351,19 +395,30 @@ def zero_replay(rep: Replay, setup: RunSetup, plan: ZeroPlan) -> Replay:
         elif last:  # stage 1: reduce after the backward, rank 0 first, its gradients still all there
             total = sum(s.delta[GRADS][4] for s in rep.backward)
             moved = min(plan.walked, total)
-            fill = min(flush * h, total)
+            fill = min(flush * plan.comm, total)
             post += [(GRADS, -moved), (TEMP, fill), (TEMP, -fill), (GRADS, plan.grad_early),
                      (GRADS, -(total - moved)), (GRADS, plan.grad_end - plan.grad_early), (GRADS, -plan.bucket)]
         bwd.append(_with_events(seg, pre, post))
     return dataclasses.replace(rep, forward=tuple(fwd), backward=tuple(bwd))
 
 
+def _flush(plan: ZeroPlan, name: str) -> tuple[int, int, bool]:
+    """What a flush in backward segment ``name`` reduces: (elements, bytes per element of the communication dtype,
+    alone). A bucket's worth, or the segment's largest gradient when it is larger than the bucket (reduced alone,
+    from its own storage in the model dtype)."""
+    k = 0 if name == "b:head" else 2 if name == "b:embed" else 1
+    big = plan.oversized[k]
+    if big > plan.flush_elems:
+        return big, plan.oversized_comm[k], True
+    return plan.flush_elems, plan.comm, False
+
+
 def _flush_bytes(plan: ZeroPlan, name: str) -> int:
-    """The copy a flush in backward segment ``name`` flattens: a bucket's worth, or the segment's largest gradient
-    when it is larger than the bucket (reduced alone)."""
-    head, block, embed = plan.oversized
-    big = head if name == "b:head" else embed if name == "b:embed" else block
-    return max(plan.flush_elems, big) * plan.h
+    """Stages 1/2: the copy a flush flattens (allreduce_bucket's ``self.flatten``), in the bucket's dtype; a gradient
+    reduced alone is flattened in the model dtype and, under torch_autocast, cast to its communication dtype beside
+    that (``tensor.to(communication_data_type)``)."""
+    elems, c, alone = _flush(plan, name)
+    return elems * (plan.h + (c if c != plan.h else 0)) if alone else elems * c
 
 
 def _fetch(plan: ZeroPlan, gathered: int, flat: int | None) -> list[tuple[int, int]]:
@@ -413,8 +468,7 @@ def _stage3_replay(rep: Replay, plan: ZeroPlan) -> Replay:
             b = plan.root_bytes
             pre = _fetch(plan, b, None) if b else []
             fwd.append(_with_events(seg, pre, [] if plan.embed_kept or not b else [(WCOPY, -(b - plan.tied_bytes))]))
-    for seg in rep.backward:
-        g = seg.delta[GRADS][4]
+    for seg, g in zip(rep.backward, _handed(rep, plan)):
         pre, post = [], [(GRADS, -g)]
         if seg.name.startswith("b:layer"):
             own = plan.block_bytes - idle.get(seg.name[2:], 0)
@@ -427,9 +481,10 @@ def _stage3_replay(rep: Replay, plan: ZeroPlan) -> Replay:
             post.append((WCOPY, -plan.root_bytes))
         # a flush: reduce_scatter_coalesced's torch.cat of the bucket (skipped for one tensor larger than the
         # bucket), and gloo reduce-scatters from a clone of its input
-        f = _flush_bytes(plan, seg.name)
-        alone = f > plan.flush_elems * plan.h
-        f = (0 if alone else f) + (f if plan.gloo else 0)
+        # (__avg_scatter_grads: a gradient reduced alone is first cast to its communication dtype when that differs)
+        elems, c, alone = _flush(plan, seg.name)
+        f = elems * c
+        f = (0 if alone and c == plan.h else f) + (f if plan.gloo else 0)
         post = [(TEMP, f), (TEMP, -f)] + post
         bwd.append(_with_events(seg, pre, post))
     return dataclasses.replace(rep, forward=tuple(fwd), backward=tuple(bwd))

@@ -99,6 +99,10 @@ def is_ranked(setup: RunSetup) -> bool:
     return setup.parallel is not None and setup.parallel.world_size > 1
 
 
+# DeepSpeed's torch_autocast dtype names (runtime/config.py get_torch_autocast_dtype: DtypeEnum values)
+TORCH_AUTOCAST_NAME = {Dtype.bf16: "bfloat16", Dtype.fp16: "float16"}
+
+
 def deepspeed_config(setup: RunSetup) -> dict[str, Any]:
     """The DeepSpeed config of a ZeRO run (DeepSpeed docs, "DeepSpeed Configuration JSON"): ``zero_optimization``
     with the stage and ``offload_optimizer`` / ``offload_param`` (device cpu) as ``setup.parallel.offload`` says,
@@ -113,9 +117,9 @@ def deepspeed_config(setup: RunSetup) -> dict[str, Any]:
     if par is None or par.strategy not in ZERO_STRATEGIES:
         raise ConfigError("a DeepSpeed config is for --strategy zero1, zero2 or zero3")
     regime = setup.effective_regime
-    if regime in (Regime.pure, Regime.amp):
-        raise ConfigError(f"DeepSpeed's engine has no {regime.value} regime (it keeps fp32 master weights beside "
-                          "half ones); measure ZeRO with --regime mixed or --dtype fp32")
+    if regime is Regime.pure:
+        raise ConfigError("DeepSpeed's engine has no pure half regime (it keeps fp32 master weights beside half "
+                          "ones); measure ZeRO with --regime mixed, --regime amp or --dtype fp32")
     if setup.optimizer is not Optimizer.adamw:
         raise ConfigError(f"measured ZeRO runs DeepSpeed's AdamW, not {setup.optimizer.value}; use --optimizer adamw")
     zero: dict[str, Any] = {"stage": int(par.strategy.value[-1])}
@@ -124,6 +128,8 @@ def deepspeed_config(setup: RunSetup) -> dict[str, Any]:
             zero[key] = getattr(par, name)
     if par.zero_overlap is not None:
         zero["overlap_comm"] = par.zero_overlap
+    if par.zero_efficient_linear is not None:
+        zero["memory_efficient_linear"] = par.zero_efficient_linear
     if par.offload in (Offload.optimizer, Offload.params):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if par.offload is Offload.params:
@@ -135,6 +141,8 @@ def deepspeed_config(setup: RunSetup) -> dict[str, Any]:
     }
     if regime is Regime.mixed:
         config["fp16" if setup.dtype is Dtype.fp16 else "bf16"] = {"enabled": True}
+    elif regime is Regime.amp:  # fp32 parameters, the forward under torch.autocast (runtime/torch_autocast.py)
+        config["torch_autocast"] = {"enabled": True, "dtype": TORCH_AUTOCAST_NAME[setup.dtype]}
     if setup.loop is Loop.trainer:
         config["gradient_clipping"] = 1.0
     return config

@@ -266,6 +266,8 @@ def test_zero_bucket_option_sets_the_bucket() -> None:
     ({"world_size": 2, "strategy": "zero2", "zero_prefetch": 1000}, "applies to --strategy zero3 only"),
     ({"world_size": 2, "strategy": "zero3", "zero_bucket": 0}, "between 1 and"),
     ({"world_size": 2, "strategy": "zero3", "zero_persistence": 1.5}, "must be an integer"),
+    ({"world_size": 2, "strategy": "zero2", "zero_efficient_linear": False}, "applies to --strategy zero3 only"),
+    ({"world_size": 2, "strategy": "zero3", "zero_efficient_linear": "off"}, "must be true or false"),
 ])
 def test_bad_zero_options_are_one_line(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -328,7 +330,7 @@ def test_deepspeed_linear_keeps_a_frozen_weights_input() -> None:
     assert live == {False: 8, True: 20}
 
 
-def _zero3_replays(method: str):  # noqa: ANN202
+def _zero3_replays(method: str, efficient_linear: bool | None = None):  # noqa: ANN202
     import dataclasses
 
     from memprof.analytic.compose import replay, structural
@@ -336,7 +338,8 @@ def _zero3_replays(method: str):  # noqa: ANN202
     spec = tiny_spec("llama")
     one = structural(resolve_setup(None, {"method": method, "batch_size": 2, "seq_len": 16, "device": "cpu",
                                           "dtype": "fp32"}))
-    z3 = dataclasses.replace(one, parallel=ParallelSpec(world_size=2, strategy="zero3"))
+    z3 = dataclasses.replace(one, parallel=ParallelSpec(world_size=2, strategy="zero3",
+                                                        zero_efficient_linear=efficient_linear))
     return replay(spec, one), replay(spec, z3)
 
 
@@ -353,6 +356,9 @@ def test_zero3_saves_the_inputs_of_frozen_linears() -> None:
         ("head", "final norm out"): 32 * 4}
     full_plain, full_z3 = _zero3_replays("full")
     assert full_plain.saved_terms == full_z3.saved_terms  # every weight trains: torch keeps those inputs already
+    # memory_efficient_linear off (--no-zero-efficient-linear): torch's own linear, nothing extra kept
+    _, off = _zero3_replays("lora", efficient_linear=False)
+    assert off.saved_terms == plain.saved_terms
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])
@@ -403,3 +409,77 @@ def test_zero3_releases_nothing_a_backward_needs(model: str) -> None:
         z3 = dataclasses.replace(structural(one_device_setup(setup)), parallel=setup.parallel)
         idle = {seg for seg, _, _ in replay(spec, z3).idle_params}
         assert idle <= ({"embed", "layer0"} if method == "adapter" else set()), (method, idle)
+
+
+# ---- ZeRO under torch_autocast (--regime amp) -------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("method", ["full", "lora", "adapter", "ia3", "qlora"])
+def test_linear_flags_follow_deepspeeds_autocast_rule(family: str, method: str) -> None:
+    """DeepSpeed's torch_autocast reduces a gradient in the autocast dtype when its parameter belongs to a module whose
+    class is exactly torch.nn.Linear (runtime/torch_autocast.py init_autocast_params: ``module.__class__ in
+    LOWER_PRECISION_SAFE_MODULES``, then ``module.parameters(recurse=False)``): that rule run on the real model with
+    the real method, built on meta, gives the same trainable (numel, linear) multiset as rank_tensors. GPT-2's Conv1D
+    and QLoRA's Linear4bit are not nn.Linear; a tied head's nn.Linear holds the word embedding."""
+    torch = pytest.importorskip("torch")
+    from collections import Counter
+
+    from memprof.runtime.build import apply_method, build_base_model
+
+    spec, setup = tiny_spec(family), _setup(method, "bf16", regime="amp")
+    try:
+        tensors = rank_tensors(spec, setup)
+    except ConfigError:
+        pytest.skip(f"{method} is not placed per tensor")
+    try:
+        model = apply_method(build_base_model(spec, setup, "meta"), spec, setup)
+    except Exception as e:  # noqa: BLE001 - bitsandbytes' 4-bit layers need their package
+        pytest.skip(f"{method} on meta: {e}")
+    linear = {id(p) for m in model.modules() if m.__class__ is torch.nn.Linear for p in m.parameters(recurse=False)}
+    seen: dict[int, object] = {}
+    for p in model.parameters():
+        seen.setdefault(id(p), p)
+    real = Counter((p.numel(), id(p) in linear) for p in seen.values() if p.requires_grad)
+    ours = Counter((t.numel, t.linear) for t in tensors if t.trainable)
+    assert ours == real
+
+
+def test_zero_autocast_buckets_one_per_communication_dtype() -> None:
+    """Under torch_autocast each communication dtype has its own bucket of reduce_bucket_size elements
+    (stage_1_and_2.py / stage3.py ``ipg_buckets[comm_dtype]``). Stage 3 holds its bucket from the start, so between
+    steps (bucket 1,024): tiny GPT-2 full trains Conv1D and norm weights (fp32 bucket) and the tied embedding, the
+    head's nn.Linear (a bf16 bucket too): 1,024 x (4 + 2) B against the fp32 run's 1,024 x 4 B, +2,048 B with every
+    other state equal (fp32 weights, gradients, masters and Adam states); tiny LLaMA LoRA trains only nn.Linear
+    (lora_A / lora_B): one bf16 bucket, -2,048 B."""
+    for family, method, diff in (("gpt2", "full", 1024 * 2), ("llama", "lora", -1024 * 2)):
+        spec = tiny_spec(family)
+
+        def steady(dtype: str, **kw: object) -> int:
+            return estimate(spec, _setup(method, dtype, world_size=2, strategy="zero3", zero_bucket=1024,
+                                         **kw)).steady_bytes
+
+        assert steady("bf16", regime="amp") - steady("fp32") == diff, family
+
+
+def test_zero3_autocast_keeps_fp32_inputs_and_caches_no_weight() -> None:
+    """ZeRO-3's linear under autocast (zero/linear.py): LinearFunctionForZeroStage3 is called with the fp32 input
+    and parameter and saves those; its matmul reads ``weight.t()``, a view, which autocast's cache skips. Tiny LLaMA
+    full fine-tuning, b*s = 32 tokens: each block keeps its input norm's output once in fp32 (32 x 32 x 4 B) where
+    torch's autocast linear keeps q's, k's and v's half copies (3 x 32 x 32 x 2 B), and no half weight copy is
+    carried through the forward."""
+    import dataclasses
+
+    from memprof.analytic.compose import replay, structural
+
+    spec = tiny_spec("llama")
+    one = structural(resolve_setup(None, {"method": "full", "batch_size": 2, "seq_len": 16, "device": "cpu",
+                                          "dtype": "bf16", "regime": "amp"}))
+    plain, z3 = replay(spec, one), replay(spec, dataclasses.replace(one, parallel=ParallelSpec(
+        world_size=2, strategy="zero3")))
+
+    def kept(rep, seg: str, label: str) -> int:  # noqa: ANN001
+        return sum(n[0] * 32 for s, lab, _, n in rep.saved_terms if s == seg and lab == label)
+
+    assert kept(z3, "layer0", "input_layernorm out") == 32 * 32 * 4
+    assert sum(kept(plain, "layer0", f"self_attn.{p}_proj (autocast half copy)") for p in "qkv") == 3 * 32 * 32 * 2
+    assert not any("weight copy" in lab for _, lab, _, _ in z3.saved_terms)
+    assert any("weight copy" in lab for _, lab, _, _ in plain.saved_terms)

@@ -57,10 +57,13 @@ def test_numbers_offload_precision_and_micro_batch() -> None:
     ({"stage": 3, "zero_hpz_partition_size": 8}, {}, "hpZ"),
     ({"stage": 3, "zero_quantized_weights": True}, {}, "ZeRO++"),
     ({"stage": 2, "contiguous_gradients": False}, {}, "contiguous_gradients false"),
-    ({"stage": 3, "memory_efficient_linear": False}, {}, "memory_efficient_linear false is not modelled"),
+    ({"stage": 3, "memory_efficient_linear": "no"}, {}, "memory_efficient_linear must be true or false"),
     ({"stage": 3, "sub_group_size": 1e8}, {}, "sub_group_size 100000000.0 is not modelled"),
     ({"stage": 3, "reduce_bucket_size": "big"}, {}, "reduce_bucket_size must be a number"),
-    ({"stage": 2}, {"torch_autocast": {"enabled": True}}, "torch_autocast is not modelled"),
+    ({"stage": 2}, {"torch_autocast": {"enabled": True, "lower_precision_safe_modules": ["torch.nn.Embedding"]}},
+     "lower_precision_safe_modules other than DeepSpeed's default"),
+    ({"stage": 2}, {"torch_autocast": {"enabled": True, "dtype": "float8"}}, "bfloat16 or float16, not 'float8'"),
+    ({"stage": 2}, {"torch_autocast": {"enabled": True}, "bf16": {"enabled": True}}, "torch_autocast and bf16/fp16"),
     ({"stage": 2}, {"optimizer": {"type": "Lion"}}, "optimizer 'Lion' is not modelled"),
     ({"stage": 2}, {"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both enabled"),
     ({"stage": 2}, {"train_micro_batch_size_per_gpu": 0}, "positive integer"),
@@ -103,3 +106,45 @@ def test_cli_bad_deepspeed_input_is_one_line(tmp_path: Path, args: list[str], me
     result = runner.invoke(app, [a.format(**paths) for a in args])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
     assert len([line for line in result.output.splitlines() if line.strip()]) <= 2, result.output
+
+
+def test_torch_autocast_is_the_amp_regime() -> None:
+    """DeepSpeed's torch_autocast (runtime/torch_autocast.py): fp32 weights, the forward under torch.autocast in its
+    dtype; without a dtype, torch.autocast's own default for the device, so --dtype decides."""
+    flags = deepspeed_flags({"zero_optimization": {"stage": 3}, "torch_autocast": {"enabled": True,
+                                                                                 "dtype": "bfloat16"}}, 64)
+    assert (flags["regime"], flags["dtype"]) == ("amp", "bf16")
+    flags = deepspeed_flags({"zero_optimization": {"stage": 2}, "torch_autocast": {"enabled": True}}, 64)
+    assert flags["regime"] == "amp" and "dtype" not in flags
+    off = deepspeed_flags({"zero_optimization": {"stage": 2}, "torch_autocast": {"enabled": False}}, 64)
+    assert "regime" not in off
+
+
+def test_memory_efficient_linear_is_read_at_stage_3() -> None:
+    """zero_optimization.memory_efficient_linear (ZeRO-3's, default true): false is --no-zero-efficient-linear;
+    below stage 3 DeepSpeed never reads it, nor does memprof."""
+    assert deepspeed_flags({"zero_optimization": {"stage": 3, "memory_efficient_linear": False}}, 64)[
+        "zero_efficient_linear"] is False
+    assert "zero_efficient_linear" not in deepspeed_flags({"zero_optimization": {"stage": 2,
+                                                                                "memory_efficient_linear": False}}, 64)
+
+
+def test_cli_autocast_and_linear_keys_equal_their_flags(tmp_path: Path) -> None:
+    """torch_autocast and memory_efficient_linear in the file equal --dtype bf16 --regime amp and
+    --no-zero-efficient-linear by hand. Under autocast the two linears keep different things: ZeRO-3's keeps the fp32
+    input of every projection, torch's the half copies (and, for a frozen weight such as GPT-2's tied head, its half
+    copy for the input's gradient: here 50,257 x 768 x 2 B), so the default is smaller by that copy less the fp32
+    inputs ZeRO-3's linear keeps beyond torch's half ones (under a tenth of it at b=1, s=256)."""
+    cfg = dict(HF_ZERO3, torch_autocast={"enabled": True, "dtype": "bfloat16"}, bf16={"enabled": False})
+    cfg["zero_optimization"] = dict(HF_ZERO3["zero_optimization"], memory_efficient_linear=False)
+    ds = _write(tmp_path, cfg)
+    common = ["estimate", "gpt2", "--world-size", "4", "--seq-len", "256", "--method", "lora", "--format", "json"]
+    by_file = runner.invoke(app, common + ["--deepspeed", ds])
+    hand = common + ["--strategy", "zero3", "--zero-bucket", "589824", "--zero-prefetch", "530841",
+                     "--zero-persistence", "7680", "--zero-overlap", "--dtype", "bf16", "--regime", "amp"]
+    by_hand = runner.invoke(app, hand + ["--no-zero-efficient-linear"])
+    default = runner.invoke(app, hand)
+    assert all(r.exit_code == 0 for r in (by_file, by_hand, default)), by_file.output + by_hand.output
+    assert json.loads(by_file.output)["estimate"] == json.loads(by_hand.output)["estimate"]
+    off, on = (json.loads(r.output)["estimate"]["peak_bytes"] for r in (by_hand, default))
+    assert off - on >= 50_257 * 768 * 2 * 0.9

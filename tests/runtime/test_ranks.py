@@ -241,8 +241,12 @@ def test_deepspeed_config_follows_the_setup() -> None:
     assert config["gradient_clipping"] == 1.0 and config["optimizer"]["type"] == "AdamW"
     zero1 = deepspeed_config(RunSetup(dtype=Dtype.fp32, parallel=ParallelSpec(world_size=2, strategy="zero1")))
     assert zero1["zero_optimization"] == {"stage": 1} and "bf16" not in zero1 and "fp16" not in zero1
-    with pytest.raises(ConfigError, match="no pure regime"):
+    with pytest.raises(ConfigError, match="no pure half regime"):
         deepspeed_config(RunSetup(dtype=Dtype.bf16, parallel=ParallelSpec(world_size=2, strategy="zero2")))
+    # --regime amp: DeepSpeed's torch_autocast (fp32 weights; runtime/torch_autocast.py), not its bf16 / fp16
+    amp = deepspeed_config(RunSetup(dtype=Dtype.fp16, regime=Regime.amp,
+                                    parallel=ParallelSpec(world_size=2, strategy="zero2")))
+    assert amp["torch_autocast"] == {"enabled": True, "dtype": "float16"} and "fp16" not in amp and "bf16" not in amp
 
 
 def test_deepspeed_config_carries_the_bucket_sizes() -> None:
@@ -254,6 +258,9 @@ def test_deepspeed_config_carries_the_bucket_sizes() -> None:
         "stage3_param_persistence_threshold": 1920}
     overlap = RunSetup(dtype=Dtype.fp32, parallel=ParallelSpec(world_size=2, strategy="zero1", zero_overlap=False))
     assert deepspeed_config(overlap)["zero_optimization"] == {"stage": 1, "overlap_comm": False}
+    linear = RunSetup(dtype=Dtype.fp32, parallel=ParallelSpec(world_size=2, strategy="zero3",
+                                                              zero_efficient_linear=False))
+    assert deepspeed_config(linear)["zero_optimization"] == {"stage": 3, "memory_efficient_linear": False}
 
 
 def test_zero_checks_before_any_rank_starts(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,17 +275,21 @@ def test_zero_checks_before_any_rank_starts(monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs DeepSpeed (pip install 'memprof[deepspeed]'); CI installs no "
                                                "extras, benchmarks/validate_zero.py runs it")
-@pytest.mark.parametrize(("strategy", "family", "method"), [("zero1", "gpt2", "full"), ("zero2", "gpt2", "full"),
-                                                          ("zero3", "gpt2", "full"), ("zero3", "llama", "lora")])
-def test_zero_two_gloo_ranks_against_the_estimate(strategy: str, family: str, method: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("strategy", "family", "method", "precision"), [
+    ("zero1", "gpt2", "full", "fp32"), ("zero2", "gpt2", "full", "fp32"), ("zero3", "gpt2", "full", "fp32"),
+    ("zero3", "llama", "lora", "fp32"), ("zero2", "gpt2", "full", "amp"), ("zero3", "llama", "lora", "amp")])
+def test_zero_two_gloo_ranks_against_the_estimate(strategy: str, family: str, method: str, precision: str,
+                                                  tmp_path: Path) -> None:
     """DeepSpeed's engine on 2 gloo ranks (its CPU accelerator): each rank's allocator-level peak plus the storages
     alive before the step, against the per-rank estimate with the same bucket sizes (tiny widths: buckets of
     hidden² elements, HF Trainer's "auto"). LLaMA LoRA under ZeRO-3: DeepSpeed's linear keeps the frozen projections'
-    inputs, and releases the first block's frozen q/k/v after their forward."""
+    inputs, and releases the first block's frozen q/k/v after their forward. amp: DeepSpeed's torch_autocast (fp32
+    weights; a bf16 bucket for nn.Linear gradients beside the fp32 one)."""
     from memprof.analytic import estimate
     from memprof.resolve import resolve_setup
 
-    setup = resolve_setup(None, {"batch_size": 2, "seq_len": 16, "dtype": "fp32", "device": "cpu", "method": method,
+    dtype = {"fp32": {"dtype": "fp32"}, "amp": {"dtype": "bf16", "regime": "amp"}}[precision]
+    setup = resolve_setup(None, {"batch_size": 2, "seq_len": 16, **dtype, "device": "cpu", "method": method,
                                  "world_size": 2, "strategy": strategy, "zero_bucket": 32 * 32,  # width 32
                                  **({"zero_prefetch": 921, "zero_persistence": 320} if strategy == "zero3" else {})})
     spec = tiny_spec(family)
