@@ -237,7 +237,8 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
         peaks = " / ".join(_mib(p) for p in (r.get("measured_rank_peaks") or "").split() if p != "None")
         out.append("| " + " | ".join([
             r["model"], r["method"], r["precision"], stage(r), str(r["world_size"]),
-            _mib(r.get("measured_peak_bytes")), str(r.get("measured_rank") or ""), r.get("measured_phase") or "",
+            _mib(r.get("measured_peak_bytes")),
+            "" if r.get("measured_rank") in (None, "") else str(r["measured_rank"]), r.get("measured_phase") or "",
             peaks, _mib(r.get("analytic_peak_bytes")), r.get("analytic_phase") or "",
             _pct(r.get("analytic_vs_measured_frac")), (r.get("note") or "").replace("|", "/")[:120]]) + " |")
     out.append(END)

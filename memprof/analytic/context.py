@@ -191,7 +191,7 @@ class Ctx:
                          x_saved=x_in)
             if wq is not None:
                 g.drop(wq)
-            if g.ds_linear and f_linear and xh is not x_in:  # the autocast copy dies with the function's forward
+            if g.ds_linear and f_linear:  # its autocast copy of the input dies with the function's forward
                 g.drop(xh)
                 xh = None
         r = self.lora.get(full_name)

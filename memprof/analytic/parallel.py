@@ -138,12 +138,13 @@ def rank_tensors(spec: ModelSpec, setup: RunSetup) -> tuple[RankTensor, ...]:
         train_b = train_w or method is Method.bitfit or (method in LORA_FAMILY and (
             lora.bias == "all" and not _saved_match(name, saved) or lora.bias == "lora_only" and name in chosen))
         elem = wb
+        quantized = method is Method.qlora and m.is_linear and m.role not in ("head", "classifier")
         # an nn.Linear's parameters (QLoRA's Linear4bit is a subclass); a tied head's nn.Linear holds the word
         # embedding, the first embedding registered
-        linear = m.kind == "linear" and not (method is Method.qlora and m.role not in ("head", "classifier"))
+        linear = m.kind == "linear" and not quantized
         if m.role == "embed":
             linear, word_embedding = tied and word_embedding, False
-        if method is Method.qlora and m.is_linear and m.role not in ("head", "classifier"):
+        if quantized:
             elem = quantized_bytes(m.weight_params, setup) / m.weight_params
         add(shapes[:1], train_w, elem, group, linear)
         add(shapes[1:], train_b, wb, group, linear)
