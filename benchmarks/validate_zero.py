@@ -75,38 +75,42 @@ def hidden(model: str) -> int:
     return cfg.get("hidden_size") or cfg["n_embd"]
 
 
+def _job(model: str, method: str, precision: str, strategy: str, world: int = 2, overlap: bool | None = None,
+         efficient_linear: bool | None = None) -> dict[str, Any]:
+    """One row's options: HF Trainer's "auto" buffer sizes for the model's width (the stage-3 ones at stage 3)."""
+    hid, stage3 = hidden(model), strategy == "zero3"
+    return {"model": f"{model} narrow", "method": method, "precision": precision, "strategy": strategy,
+            "world_size": world, "zero_bucket": hid * hid, "zero_prefetch": int(0.9 * hid * hid) if stage3 else None,
+            "zero_persistence": 10 * hid if stage3 else None, "zero_overlap": overlap,
+            "zero_efficient_linear": efficient_linear}
+
+
 def jobs(models: tuple[str, ...]) -> Iterator[dict[str, Any]]:
     for model in models:
-        hid = hidden(model)
         for world in WORLDS.get(model, (2,)):
             for strategy in STAGES:
                 for method in METHODS:
                     for precision in PRECISIONS:
-                        yield {"model": f"{model} narrow", "method": method, "precision": precision,
-                               "strategy": strategy, "world_size": world, "zero_bucket": hid * hid,
-                               "zero_prefetch": int(0.9 * hid * hid) if strategy == "zero3" else None,
-                               "zero_persistence": 10 * hid if strategy == "zero3" else None, "zero_overlap": None}
+                        yield _job(model, method, precision, strategy, world)
     for model in (m for m in models if m in OVERLAP_MODELS):
-        hid = hidden(model)
         for strategy in ("zero1", "zero2"):
             for method in METHODS:
                 for precision in OVERLAP_PRECISIONS:
-                    yield {"model": f"{model} narrow", "method": method, "precision": precision, "strategy": strategy,
-                           "world_size": 2, "zero_bucket": hid * hid, "zero_prefetch": None, "zero_persistence": None,
-                           "zero_overlap": True}
+                    yield _job(model, method, precision, strategy, overlap=True)
     for model in (m for m in models if m in LINEAR_MODELS):
-        hid = hidden(model)
         for method in METHODS if model == "Llama-3.2-1B" else ("lora", "adapter"):
             for precision in PRECISIONS:
-                yield {"model": f"{model} narrow", "method": method, "precision": precision, "strategy": "zero3",
-                       "world_size": 2, "zero_bucket": hid * hid, "zero_prefetch": int(0.9 * hid * hid),
-                       "zero_persistence": 10 * hid, "zero_overlap": None, "zero_efficient_linear": False}
+                yield _job(model, method, precision, "zero3", efficient_linear=False)
+
+
+def _variants(row: dict[str, Any]) -> tuple[str, ...]:
+    """The non-default ZeRO switches of a row, as its key and table name them."""
+    return (("overlap",) if _bool(row.get("zero_overlap")) else ()) + (
+        ("linear-off",) if _bool(row.get("zero_efficient_linear")) is False else ())
 
 
 def key(job: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(str(job[k]) for k in ("model", "method", "precision", "strategy", "world_size")) + (
-        ("overlap",) if _bool(job.get("zero_overlap")) else ()) + (
-        ("linear-off",) if _bool(job.get("zero_efficient_linear")) is False else ())
+    return tuple(str(job[k]) for k in ("model", "method", "precision", "strategy", "world_size")) + _variants(job)
 
 
 def _bool(v: Any) -> bool | None:
@@ -191,8 +195,7 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
         return f"{r['model']} {r['method']} {r['precision']} {stage(r)} x{r['world_size']}"
 
     def stage(r: dict[str, Any]) -> str:
-        return r["strategy"] + (" overlap" if _bool(r.get("zero_overlap")) else "") + (
-            " linear-off" if _bool(r.get("zero_efficient_linear")) is False else "")
+        return " ".join((r["strategy"], *_variants(r)))
 
     by_stage = []
     for st in (*STAGES, "zero1 overlap", "zero2 overlap", "zero3 linear-off"):

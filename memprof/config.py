@@ -264,7 +264,13 @@ ZERO_BUFFERS: tuple[tuple[str, str, str, int, bool], ...] = (
     ("zero_persistence", "stage3_param_persistence_threshold", "persistence", 0, True),
 )
 ZERO_BUFFER_FIELDS = tuple(name for name, *_ in ZERO_BUFFERS)
-ZERO_FIELDS = (*ZERO_BUFFER_FIELDS, "zero_overlap", "zero_efficient_linear")  # every ZeRO option of ParallelSpec
+# ZeRO's on/off options, ParallelSpec fields (flag: --zero-... / --no-zero-...; None: DeepSpeed's default): (field,
+# DeepSpeed zero_optimization key, also ParallelSpec.describe's label, ZeRO-3 only)
+ZERO_SWITCHES: tuple[tuple[str, str, bool], ...] = (
+    ("zero_overlap", "overlap_comm", False),
+    ("zero_efficient_linear", "memory_efficient_linear", True),
+)
+ZERO_FIELDS = (*ZERO_BUFFER_FIELDS, *(name for name, *_ in ZERO_SWITCHES))  # every ZeRO option of ParallelSpec
 
 
 @dataclass(frozen=True)
@@ -330,18 +336,16 @@ class ParallelSpec:
             if self.strategy not in allowed:
                 raise ConfigError(f"{flag} applies to --strategy {' / '.join(s.value for s in allowed)} only, "
                                   f"not {self.strategy.value}")
-        if self.zero_overlap is not None:
-            if not isinstance(self.zero_overlap, bool):
-                raise ConfigError(f"zero overlap must be true or false, not {self.zero_overlap!r}")
-            if self.strategy not in ZERO_STRATEGIES:
-                raise ConfigError(f"--zero-overlap applies to --strategy zero1 / zero2 / zero3 only, not "
-                                  f"{self.strategy.value}")
-        if self.zero_efficient_linear is not None:
-            if not isinstance(self.zero_efficient_linear, bool):
-                raise ConfigError(f"zero efficient linear must be true or false, not {self.zero_efficient_linear!r}")
-            if self.strategy is not Strategy.zero3:
-                raise ConfigError(f"--zero-efficient-linear applies to --strategy zero3 only (memory_efficient_linear "
-                                  f"is ZeRO-3's), not {self.strategy.value}")
+        for name, _key, stage3 in ZERO_SWITCHES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name.replace('_', ' ')} must be true or false, not {value!r}")
+            allowed = (Strategy.zero3,) if stage3 else ZERO_STRATEGIES
+            if self.strategy not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} applies to --strategy "
+                                  f"{' / '.join(s.value for s in allowed)} only, not {self.strategy.value}")
 
     @property
     def gpus_per_node(self) -> int:
@@ -368,10 +372,9 @@ class ParallelSpec:
         for name, _key, label, _lo, _stage3 in ZERO_BUFFERS:
             if getattr(self, name) is not None:
                 text += f", {label} {getattr(self, name):.3g}"
-        if self.zero_overlap is not None:
-            text += f", overlap_comm {'on' if self.zero_overlap else 'off'}"
-        if self.zero_efficient_linear is not None:
-            text += f", memory_efficient_linear {'on' if self.zero_efficient_linear else 'off'}"
+        for name, key, _stage3 in ZERO_SWITCHES:
+            if getattr(self, name) is not None:
+                text += f", {key} {'on' if getattr(self, name) else 'off'}"
         return text
 
 

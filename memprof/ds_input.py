@@ -74,7 +74,9 @@ def _offload(zero: dict[str, Any], key: str) -> bool:
     return device == "cpu"
 
 
-# torch_autocast.dtype (DeepSpeed's DtypeEnum names) -> memprof's --dtype
+# memprof's --dtype -> DeepSpeed's torch_autocast.dtype (runtime/config.py get_torch_autocast_dtype: DtypeEnum
+# values), and every name DeepSpeed accepts back to --dtype
+AUTOCAST_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 AUTOCAST_DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "torch.bfloat16": "bf16", "float16": "fp16", "fp16": "fp16",
                    "half": "fp16", "torch.float16": "fp16"}
 

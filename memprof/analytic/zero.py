@@ -79,12 +79,10 @@ class ZeroPlan:
     bucket: int                  # the contiguous gradient bucket (stages 1/2: during the backward; stage 3: always)
     flush_elems: int             # elements flattened at a flush (a full bucket, or every gradient when they fit one)
     h: int                       # bytes per element of the model dtype
-    comm: int                    # bytes per element of the bucket a flush flattens (torch_autocast: the largest of
-                                 # the communication dtypes; else the model dtype)
     p_t: int                     # trainable elements
-    oversized: tuple[int, int, int]  # the largest trainable tensor (elements) made in the head's, a block's and the
-                                     # embeddings' backward: one larger than the bucket is flushed alone, whole
-    oversized_comm: tuple[int, int, int]  # their communication dtype's bytes per element
+    # the largest trainable tensor made in the head's, a block's and the embeddings' backward, (elements, bytes per
+    # element of its communication dtype): one larger than the bucket is flushed alone, whole
+    oversized: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
     bucket_dtypes: tuple[int, ...]  # bytes per element of each bucket (one per communication dtype)
     host: int                    # offloaded states in host memory, per rank
     gloo: bool                   # gloo (CPU) copies an all-gather's output and a reduce-scatter's input
@@ -108,6 +106,12 @@ class ZeroPlan:
     persistence: int = 0         # parameters of up to this many elements stay gathered
     tied_grad: int = 0           # a tied, trainable embedding's gradient (the head's share of it): autograd hands it
                                  # to AccumulateGrad, and so to the engine's hook, only after the embeddings' backward
+
+    @property
+    def comm(self) -> int:
+        """Bytes per element of the bucket a flush flattens: the largest communication dtype (torch_autocast), else
+        the model dtype."""
+        return max(self.bucket_dtypes, default=self.h)
 
 
 def _half(setup: RunSetup) -> int:
@@ -203,19 +207,17 @@ def zero_states(setup: RunSetup, one: StateBytes, tensors: tuple[RankTensor, ...
     def largest(ts: list[RankTensor]) -> tuple[int, int]:
         return max(((t.numel, comm(t)) for t in ts if t.trainable), default=(0, h))
 
-    regions = (largest([t for t in tensors[first_block:] if t.group == ROOT]),
-               largest([t for t in tensors if t.group == (blocks[0] if blocks else ROOT) and t.group != ROOT]),
-               largest(list(tensors[:first_block])))
-    oversized = tuple(e for e, _ in regions)
-    oversized_comm = tuple(c for _, c in regions)
+    oversized = (largest([t for t in tensors[first_block:] if t.group == ROOT]),
+                 largest([t for t in tensors if t.group == (blocks[0] if blocks else ROOT) and t.group != ROOT]),
+                 largest(list(tensors[:first_block])))
     # overlap_comm (off by default below stage 3) double-buffers the bucket (stage_1_and_2.py setup_buckets); stage
     # 3's single bucket is the same either way
     buckets = 2 if stage < 3 and par.zero_overlap else 1
     comms = {comm(t) for t in train}
     bucket = buckets * reduce_bucket * sum(comms) if p_t else 0
     flush = min(reduce_bucket, p_t)
-    common = {"flush_elems": flush, "h": h, "comm": max(comms, default=h), "p_t": p_t, "oversized": oversized,
-              "oversized_comm": oversized_comm, "bucket_dtypes": tuple(sorted(comms)), "gloo": gloo}
+    common = {"flush_elems": flush, "h": h, "p_t": p_t, "oversized": oversized, "bucket_dtypes": tuple(sorted(comms)),
+              "gloo": gloo}
     # a tied head's gradient of the embedding waits in autograd's input buffer of the embedding's AccumulateGrad
     # until the embeddings' backward adds theirs (one node, run once): the hook sees one gradient, at the end
     word = tensors[0] if tied and tensors and tensors[0].trainable else None
@@ -406,10 +408,9 @@ def _flush(plan: ZeroPlan, name: str) -> tuple[int, int, bool]:
     """What a flush in backward segment ``name`` reduces: (elements, bytes per element of the communication dtype,
     alone). A bucket's worth, or the segment's largest gradient when it is larger than the bucket (reduced alone,
     from its own storage in the model dtype)."""
-    k = 0 if name == "b:head" else 2 if name == "b:embed" else 1
-    big = plan.oversized[k]
+    big, c = plan.oversized[0 if name == "b:head" else 2 if name == "b:embed" else 1]
     if big > plan.flush_elems:
-        return big, plan.oversized_comm[k], True
+        return big, c, True
     return plan.flush_elems, plan.comm, False
 
 

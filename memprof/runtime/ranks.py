@@ -41,8 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..config import (ZERO_BUFFERS, ZERO_STRATEGIES, Device, Dtype, Loop, Offload, Optimizer, Regime, RunSetup,
-                      check_timeout, with_method_defaults)
+from ..config import (ZERO_BUFFERS, ZERO_STRATEGIES, ZERO_SWITCHES, Device, Dtype, Loop, Offload, Optimizer, Regime,
+                      RunSetup, check_timeout, with_method_defaults)
+from ..ds_input import AUTOCAST_NAMES
 from ..errors import ConfigError, DependencyMissingError, DeviceUnavailableError
 from ..outputs import check_writable
 from ..records import Measurement, setup_row
@@ -99,10 +100,6 @@ def is_ranked(setup: RunSetup) -> bool:
     return setup.parallel is not None and setup.parallel.world_size > 1
 
 
-# DeepSpeed's torch_autocast dtype names (runtime/config.py get_torch_autocast_dtype: DtypeEnum values)
-TORCH_AUTOCAST_NAME = {Dtype.bf16: "bfloat16", Dtype.fp16: "float16"}
-
-
 def deepspeed_config(setup: RunSetup) -> dict[str, Any]:
     """The DeepSpeed config of a ZeRO run (DeepSpeed docs, "DeepSpeed Configuration JSON"): ``zero_optimization``
     with the stage and ``offload_optimizer`` / ``offload_param`` (device cpu) as ``setup.parallel.offload`` says,
@@ -123,13 +120,9 @@ def deepspeed_config(setup: RunSetup) -> dict[str, Any]:
     if setup.optimizer is not Optimizer.adamw:
         raise ConfigError(f"measured ZeRO runs DeepSpeed's AdamW, not {setup.optimizer.value}; use --optimizer adamw")
     zero: dict[str, Any] = {"stage": int(par.strategy.value[-1])}
-    for name, key, *_ in ZERO_BUFFERS:
+    for name, key, *_ in (*ZERO_BUFFERS, *ZERO_SWITCHES):
         if getattr(par, name) is not None:
             zero[key] = getattr(par, name)
-    if par.zero_overlap is not None:
-        zero["overlap_comm"] = par.zero_overlap
-    if par.zero_efficient_linear is not None:
-        zero["memory_efficient_linear"] = par.zero_efficient_linear
     if par.offload in (Offload.optimizer, Offload.params):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if par.offload is Offload.params:
@@ -142,7 +135,7 @@ def deepspeed_config(setup: RunSetup) -> dict[str, Any]:
     if regime is Regime.mixed:
         config["fp16" if setup.dtype is Dtype.fp16 else "bf16"] = {"enabled": True}
     elif regime is Regime.amp:  # fp32 parameters, the forward under torch.autocast (runtime/torch_autocast.py)
-        config["torch_autocast"] = {"enabled": True, "dtype": TORCH_AUTOCAST_NAME[setup.dtype]}
+        config["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_NAMES[setup.dtype.value]}
     if setup.loop is Loop.trainer:
         config["gradient_clipping"] = 1.0
     return config
